@@ -1,0 +1,197 @@
+//! What happened to connections and messages, published in-process for the consumers
+//! that keep records: the trusted-sender list and the flow summary. Stages publish; they
+//! never know who listens.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::envelope::{ContentFlags, Millis, QueueId, Reply};
+
+/// Why a connection was turned away before its first command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalReason {
+    IpNotAllowed,
+    Limit,
+}
+
+impl RefusalReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            RefusalReason::IpNotAllowed => "ip_not_allowed",
+            RefusalReason::Limit => "limit",
+        }
+    }
+}
+
+/// How the sender's SPF record decided the route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpfOutcome {
+    /// The record includes a region's (or the global) gateway include.
+    Authorized,
+    /// No gateway include, or no record at all.
+    Unauthorized,
+    /// The lookup failed; a cached or default answer was used.
+    DnsError,
+    /// Not looked up: null sender, SPF-aware routing off, or the internal route.
+    NotChecked,
+}
+
+impl SpfOutcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            SpfOutcome::Authorized => "authorized",
+            SpfOutcome::Unauthorized => "unauthorized",
+            SpfOutcome::DnsError => "dns_error",
+            SpfOutcome::NotChecked => "not_checked",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Delivered,
+    Deferred,
+    Bounced,
+}
+
+impl Outcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Delivered => "delivered",
+            Outcome::Deferred => "deferred",
+            Outcome::Bounced => "bounced",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RcptResult {
+    pub address: String,
+    pub outcome: Outcome,
+    pub reply: Reply,
+}
+
+/// The result of one attempt to hand a group of recipients to one route.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliveryReport {
+    pub id: QueueId,
+    /// Empty for the null sender.
+    pub sender: String,
+    pub flags: ContentFlags,
+    pub generated_dsn: bool,
+    pub route: String,
+    /// The upstream that gave the replies (host:port), or "" when none was reached.
+    pub host: String,
+    pub at: Millis,
+    pub results: Vec<RcptResult>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    Connection {
+        ip: IpAddr,
+        at: Millis,
+        refused: Option<RefusalReason>,
+    },
+    Accepted {
+        id: QueueId,
+        ip: IpAddr,
+        sender_domain: String,
+        recipients: usize,
+        size: u64,
+        at: Millis,
+    },
+    Routed {
+        id: QueueId,
+        route: String,
+        spf: SpfOutcome,
+        at: Millis,
+    },
+    Delivery(DeliveryReport),
+}
+
+/// Fan-out to a fixed set of subscribers, each with its own bounded queue.
+#[derive(Clone, Default)]
+pub struct EventBus {
+    subscribers: Vec<Subscriber>,
+}
+
+#[derive(Clone)]
+struct Subscriber {
+    tx: mpsc::Sender<Arc<Event>>,
+    /// A lossless subscriber slows publishers down when it falls behind instead of
+    /// missing events (the trusted list must see every delivery).
+    lossless: bool,
+}
+
+impl EventBus {
+    pub fn new() -> EventBus {
+        EventBus::default()
+    }
+
+    pub fn subscribe(&mut self, capacity: usize, lossless: bool) -> mpsc::Receiver<Arc<Event>> {
+        let (tx, rx) = mpsc::channel(capacity);
+        self.subscribers.push(Subscriber { tx, lossless });
+        rx
+    }
+
+    pub async fn publish(&self, event: Event) {
+        if self.subscribers.is_empty() {
+            return;
+        }
+        let event = Arc::new(event);
+        for s in &self.subscribers {
+            match s.tx.try_send(event.clone()) {
+                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+                Err(mpsc::error::TrySendError::Full(ev)) => {
+                    if s.lossless {
+                        let _ = s.tx.send(ev).await;
+                    } else {
+                        metrics::counter!("smartrelay_events_dropped_total").increment(1);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn lossless_subscriber_sees_everything_lossy_may_not() {
+        let mut bus = EventBus::new();
+        let mut lossless = bus.subscribe(1, true);
+        let mut lossy = bus.subscribe(1, false);
+        let reader = tokio::spawn(async move {
+            let mut n = 0;
+            while lossless.recv().await.is_some() {
+                n += 1;
+            }
+            n
+        });
+        for _ in 0..10 {
+            bus.publish(Event::Connection {
+                ip: "127.0.0.1".parse().unwrap(),
+                at: 0,
+                refused: None,
+            })
+            .await;
+        }
+        drop(bus);
+        assert_eq!(reader.await.unwrap(), 10);
+        let mut m = 0;
+        while lossy.try_recv().is_ok() {
+            m += 1;
+        }
+        assert_eq!(m, 1);
+    }
+}

@@ -1,0 +1,16 @@
+//! smartrelay: an SMTP outbound relay to the gateway's regional smart hosts.
+//!
+//! Stages in the order a message passes through them: `smtp` (ingress), `queue`
+//! (durable spool and scheduler), `route` (SPF-aware choice of smart hosts), `deliver`
+//! (upstream client pool); then `spf` (record parser and validator), `trusted` (the
+//! trusted-sender list) and `admin` (HTTP API, dashboard, metrics). Types several stages
+//! share sit below them all: `envelope`, `regions`, `events`, `pipeline`.
+
+pub mod config;
+pub mod envelope;
+pub mod events;
+pub mod pipeline;
+pub mod regions;
+
+pub mod queue;
+pub mod smtp;

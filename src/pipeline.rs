@@ -1,0 +1,123 @@
+//! The seams between stages. A message passes
+//!
+//! ```text
+//! smtp (listener, session) --Intake--> queue (spool, scheduler) --Router--> route
+//!                                            \--Courier--> deliver --> smart host
+//! ```
+//!
+//! Each stage implements the trait it offers and calls the trait of the next one, so no
+//! stage names a later stage's types; `app` plugs the implementations together.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::envelope::{Envelope, Reply};
+use crate::events::SpfOutcome;
+use crate::regions::{GatewayInclude, RouteTarget};
+
+/// A message the SMTP stage has received completely: the data already carries our
+/// `Received:` header.
+#[derive(Debug)]
+pub struct Submission {
+    pub envelope: Envelope,
+    pub data: Bytes,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IntakeError {
+    /// Disk full, write error, spool unusable: the client must try again later.
+    #[error("queue unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// smtp → queue: make a message durable. `Ok` means it is on disk, fsynced.
+pub trait Intake: Send + Sync + 'static {
+    fn submit(&self, msg: Submission) -> impl Future<Output = Result<(), IntakeError>> + Send;
+    /// False while the spool cannot take mail; sessions answer 4xx at MAIL.
+    fn healthy(&self) -> bool;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SenderVerdict {
+    Accept,
+    /// Refuse at MAIL FROM; the text names what is missing from the SPF record.
+    Reject(String),
+}
+
+/// smtp → route: may this sender domain be relayed at all (`on_unauthorized = "reject"`)?
+pub trait SenderPolicy: Send + Sync + 'static {
+    fn check_sender(&self, domain: &str) -> impl Future<Output = SenderVerdict> + Send;
+}
+
+/// One part of a delivery plan.
+#[derive(Debug, Clone)]
+pub enum PlanItem {
+    /// Hand these recipients (indexes into the envelope) to this route.
+    Leg {
+        route: Arc<RouteTarget>,
+        recipients: Vec<usize>,
+        spf: SpfOutcome,
+    },
+    /// Keep these recipients queued with a temporary status (SPF not yet fixed).
+    Defer {
+        recipients: Vec<usize>,
+        reply: Reply,
+    },
+}
+
+/// queue → route: which route each pending recipient takes.
+pub trait Router: Send + Sync + 'static {
+    fn plan(
+        &self,
+        envelope: &Envelope,
+        pending: &[usize],
+    ) -> impl Future<Output = Vec<PlanItem>> + Send;
+}
+
+/// The replies one upstream transaction gave.
+#[derive(Debug, Clone)]
+pub struct LegOutcome {
+    /// host:port that gave the replies; empty when no host could be reached.
+    pub host: String,
+    /// One reply per recipient of the leg, in the leg's order.
+    pub replies: Vec<(usize, Reply)>,
+    pub tls: bool,
+}
+
+/// queue → deliver: send the message to these recipients over this route.
+pub trait Courier: Send + Sync + 'static {
+    fn deliver(
+        &self,
+        route: &RouteTarget,
+        envelope: &Envelope,
+        data: &Bytes,
+        recipients: &[usize],
+    ) -> impl Future<Output = LegOutcome> + Send;
+}
+
+/// What a domain's published SPF record says about the gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayAuthorization {
+    /// The first gateway include found, depth first in record order.
+    pub include: Option<GatewayInclude>,
+    /// How long the answer may be cached (the smallest TTL seen).
+    pub ttl: Duration,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("SPF lookup for {domain} failed: {reason}")]
+pub struct SpfLookupError {
+    pub domain: String,
+    pub reason: String,
+}
+
+/// route → spf: resolve a domain's SPF tree and find the gateway include in it.
+pub trait SpfLookup: Send + Sync + 'static {
+    fn gateway_authorization(
+        &self,
+        domain: &str,
+    ) -> impl Future<Output = Result<GatewayAuthorization, SpfLookupError>> + Send;
+}

@@ -1,0 +1,369 @@
+//! The durable queue: takes messages from ingress (`Intake`), keeps an in-memory index of
+//! what is on disk, and offers the operations the admin API needs. The scheduler that
+//! drives deliveries lives in `scheduler`, the bounce messages in `dsn`.
+
+pub mod dsn;
+pub mod file;
+pub mod retry;
+pub mod scheduler;
+pub mod spool;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use serde::Serialize;
+use tokio::sync::{Notify, Semaphore};
+
+use crate::envelope::{now_ms, DeliveryState, Envelope, Millis, QueueId, RcptState, Reply};
+use crate::events::EventBus;
+use crate::pipeline::{Intake, IntakeError, Submission};
+use retry::RetryPolicy;
+use spool::{Spool, SpoolError};
+
+/// How long ingress answers 4xx after a failed write before trying the disk again.
+const UNHEALTHY_FOR_MS: Millis = 5_000;
+
+pub struct QueueSettings {
+    pub retry: RetryPolicy,
+    pub concurrency: usize,
+    /// Our host name, for DSNs.
+    pub hostname: String,
+}
+
+struct Entry {
+    envelope: Arc<Envelope>,
+    state: DeliveryState,
+    /// Kept from ingress until the first attempt, so a fresh message is not read back.
+    data: Option<Bytes>,
+    in_flight: bool,
+}
+
+#[derive(Default)]
+struct Index {
+    entries: HashMap<QueueId, Entry>,
+    /// (next attempt, id); stale pairs are skipped when popped.
+    timers: BTreeSet<(Millis, QueueId)>,
+}
+
+impl Index {
+    fn schedule(&mut self, id: &QueueId, at: Millis) {
+        self.timers.insert((at, id.clone()));
+    }
+}
+
+pub struct Queue<S: Spool> {
+    spool: Arc<S>,
+    index: Mutex<Index>,
+    wake: Notify,
+    settings: QueueSettings,
+    events: EventBus,
+    slots: Arc<Semaphore>,
+    unhealthy_until: AtomicU64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("no message {0} in the queue")]
+    NotFound(String),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+}
+
+/// A queued message as the admin API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueueItem {
+    pub id: QueueId,
+    pub sender: String,
+    pub received_at: Millis,
+    pub size: u64,
+    pub attempts: u32,
+    pub next_attempt: Millis,
+    pub held: bool,
+    pub in_flight: bool,
+    pub recipients: Vec<RecipientView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_reply: Option<Reply>,
+    pub client: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RecipientView {
+    pub address: String,
+    pub state: RcptState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply: Option<Reply>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
+}
+
+impl<S: Spool> Queue<S> {
+    /// Opens the queue over a spool and loads everything it holds.
+    pub fn recover(
+        spool: Arc<S>,
+        settings: QueueSettings,
+        events: EventBus,
+    ) -> Result<Arc<Queue<S>>, SpoolError> {
+        let recovered = spool.recover()?;
+        let now = now_ms();
+        let mut index = Index::default();
+        for r in recovered {
+            // A message never attempted goes now; a deferred one keeps its schedule (a
+            // greylisting upstream would refuse an early retry).
+            let state = r
+                .state
+                .unwrap_or_else(|| DeliveryState::new(r.envelope.recipients.len(), now));
+            let id = r.envelope.id.clone();
+            index.schedule(&id, state.next_attempt);
+            index.entries.insert(
+                id,
+                Entry {
+                    envelope: Arc::new(r.envelope),
+                    state,
+                    data: None,
+                    in_flight: false,
+                },
+            );
+        }
+        if !index.entries.is_empty() {
+            tracing::info!(messages = index.entries.len(), "recovered queued messages");
+        }
+        let slots = Arc::new(Semaphore::new(settings.concurrency));
+        let queue = Arc::new(Queue {
+            spool,
+            index: Mutex::new(index),
+            wake: Notify::new(),
+            settings,
+            events,
+            slots,
+            unhealthy_until: AtomicU64::new(0),
+        });
+        queue.update_gauges();
+        Ok(queue)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Durably stores a message (ingress or a DSN of ours) and schedules it.
+    async fn store(&self, envelope: Envelope, data: Bytes) -> Result<(), SpoolError> {
+        let spool = self.spool.clone();
+        let env = Arc::new(envelope);
+        let (e2, d2) = (env.clone(), data.clone());
+        let result = tokio::task::spawn_blocking(move || spool.store(&e2, &d2))
+            .await
+            .unwrap_or_else(|join| {
+                Err(SpoolError::Io {
+                    what: "store task".into(),
+                    source: std::io::Error::other(join.to_string()),
+                })
+            });
+        if let Err(e) = &result {
+            self.unhealthy_until
+                .store(now_ms() + UNHEALTHY_FOR_MS, Ordering::Relaxed);
+            metrics::counter!("smartrelay_queue_write_errors_total").increment(1);
+            tracing::error!(queue_id = %env.id, error = %e, "spool write failed");
+            return result;
+        }
+        let now = now_ms();
+        {
+            let mut idx = self.lock();
+            let id = env.id.clone();
+            idx.schedule(&id, now);
+            let rcpts = env.recipients.len();
+            idx.entries.insert(
+                id,
+                Entry {
+                    envelope: env,
+                    state: DeliveryState::new(rcpts, now),
+                    data: Some(data),
+                    in_flight: false,
+                },
+            );
+        }
+        self.update_gauges();
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    pub fn list(&self) -> Vec<QueueItem> {
+        let idx = self.lock();
+        let mut items: Vec<QueueItem> = idx.entries.values().map(view).collect();
+        items.sort_by(|a, b| a.id.cmp(&b.id));
+        items
+    }
+
+    pub fn show(&self, id: &QueueId) -> Option<QueueItem> {
+        self.lock().entries.get(id).map(view)
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Everything not held is tried now. Returns how many messages were rescheduled.
+    pub fn flush(&self) -> usize {
+        let now = now_ms();
+        let mut n = 0;
+        {
+            let mut guard = self.lock();
+            let idx = &mut *guard;
+            for (id, e) in idx.entries.iter_mut() {
+                if !e.state.held && !e.in_flight {
+                    e.state.next_attempt = now;
+                    idx.timers.insert((now, id.clone()));
+                    n += 1;
+                }
+            }
+        }
+        self.wake.notify_one();
+        n
+    }
+
+    pub async fn hold(&self, id: &QueueId) -> Result<QueueItem, QueueError> {
+        self.set_held(id, true).await
+    }
+
+    pub async fn release(&self, id: &QueueId) -> Result<QueueItem, QueueError> {
+        self.set_held(id, false).await
+    }
+
+    async fn set_held(&self, id: &QueueId, held: bool) -> Result<QueueItem, QueueError> {
+        let state = {
+            let mut idx = self.lock();
+            let e = idx
+                .entries
+                .get_mut(id)
+                .ok_or_else(|| QueueError::NotFound(id.to_string()))?;
+            e.state.held = held;
+            if !held {
+                e.state.next_attempt = now_ms();
+            }
+            let st = e.state.clone();
+            if !held {
+                idx.schedule(id, st.next_attempt);
+            }
+            st
+        };
+        self.persist_state(id, &state).await?;
+        self.wake.notify_one();
+        self.show(id)
+            .ok_or_else(|| QueueError::NotFound(id.to_string()))
+    }
+
+    /// Deletes a message without delivering it and without a DSN (an operator's call).
+    pub async fn remove(&self, id: &QueueId) -> Result<(), QueueError> {
+        if self.lock().entries.remove(id).is_none() {
+            return Err(QueueError::NotFound(id.to_string()));
+        }
+        let spool = self.spool.clone();
+        let id2 = id.clone();
+        tokio::task::spawn_blocking(move || spool.remove(&id2))
+            .await
+            .map_err(|e| SpoolError::Io {
+                what: "remove task".into(),
+                source: std::io::Error::other(e.to_string()),
+            })??;
+        tracing::info!(queue_id = %id, "removed by administrator");
+        self.update_gauges();
+        Ok(())
+    }
+
+    async fn persist_state(&self, id: &QueueId, state: &DeliveryState) -> Result<(), SpoolError> {
+        let spool = self.spool.clone();
+        let (id, state) = (id.clone(), state.clone());
+        tokio::task::spawn_blocking(move || spool.save_state(&id, &state))
+            .await
+            .map_err(|e| SpoolError::Io {
+                what: "state task".into(),
+                source: std::io::Error::other(e.to_string()),
+            })?
+    }
+
+    /// Whether the spool directory takes writes (for readiness checks).
+    pub async fn writable(&self) -> Result<(), SpoolError> {
+        let spool = self.spool.clone();
+        tokio::task::spawn_blocking(move || spool.probe())
+            .await
+            .map_err(|e| SpoolError::Io {
+                what: "probe task".into(),
+                source: std::io::Error::other(e.to_string()),
+            })?
+    }
+
+    fn update_gauges(&self) {
+        let idx = self.lock();
+        let now = now_ms();
+        let mut rcpts = 0usize;
+        let mut oldest = now;
+        for e in idx.entries.values() {
+            rcpts += e
+                .state
+                .rcpts
+                .iter()
+                .filter(|r| r.state == RcptState::Pending)
+                .count();
+            oldest = oldest.min(e.envelope.received_at);
+        }
+        metrics::gauge!("smartrelay_queue_messages").set(idx.entries.len() as f64);
+        metrics::gauge!("smartrelay_queue_recipients").set(rcpts as f64);
+        metrics::gauge!("smartrelay_queue_oldest_age_seconds")
+            .set(now.saturating_sub(oldest) as f64 / 1000.0);
+    }
+}
+
+fn view(e: &Entry) -> QueueItem {
+    let env = &e.envelope;
+    QueueItem {
+        id: env.id.clone(),
+        sender: env.sender.clone(),
+        received_at: env.received_at,
+        size: env.size,
+        attempts: e.state.attempts,
+        next_attempt: e.state.next_attempt,
+        held: e.state.held,
+        in_flight: e.in_flight,
+        recipients: env
+            .recipients
+            .iter()
+            .zip(&e.state.rcpts)
+            .map(|(r, s)| RecipientView {
+                address: r.address.clone(),
+                state: s.state,
+                reply: s.reply.clone(),
+                host: s.host.clone(),
+                route: s.route.clone(),
+            })
+            .collect(),
+        last_reply: e
+            .state
+            .rcpts
+            .iter()
+            .filter_map(|r| r.reply.clone())
+            .next_back(),
+        client: env.client.ip.to_string(),
+        message_id: env.message_id.clone(),
+    }
+}
+
+impl<S: Spool> Intake for Queue<S> {
+    async fn submit(&self, msg: Submission) -> Result<(), IntakeError> {
+        self.store(msg.envelope, msg.data)
+            .await
+            .map_err(|e| IntakeError::Unavailable(e.to_string()))
+    }
+
+    fn healthy(&self) -> bool {
+        now_ms() >= self.unhealthy_until.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,407 @@
+//! Drives deliveries: picks due messages (bounded concurrency; the rest waits on disk),
+//! asks the router for a plan, hands each leg to the courier, records per-recipient
+//! results, sends DSNs, and reschedules or removes the message.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use super::dsn::{self, DsnKind};
+use super::spool::{Spool, SpoolError};
+use super::Queue;
+use crate::envelope::{now_ms, DeliveryState, Envelope, Millis, QueueId, RcptState, Reply};
+use crate::events::{DeliveryReport, Event, Outcome, RcptResult};
+use crate::pipeline::{Courier, PlanItem, Router};
+
+impl<S: Spool> Queue<S> {
+    /// Runs until `stop` turns true; attempts already started finish on their own.
+    pub async fn run<R: Router, C: Courier>(
+        self: Arc<Self>,
+        router: Arc<R>,
+        courier: Arc<C>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let permit = tokio::select! {
+                p = self.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                _ = stop.changed() => return,
+            };
+            match self.take_due(now_ms()) {
+                Due::Now(id) => {
+                    let (q, r, c) = (self.clone(), router.clone(), courier.clone());
+                    tokio::spawn(async move {
+                        q.attempt(&id, &*r, &*c).await;
+                        drop(permit);
+                    });
+                }
+                Due::At(when) => {
+                    drop(permit);
+                    let wait = Duration::from_millis(when.saturating_sub(now_ms()));
+                    tokio::select! {
+                        _ = self.wake.notified() => {}
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = stop.changed() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    fn take_due(&self, now: Millis) -> Due {
+        let mut idx = self.lock();
+        while let Some((at, id)) = idx.timers.first().cloned() {
+            if at > now {
+                return Due::At(at);
+            }
+            idx.timers.pop_first();
+            if let Some(e) = idx.entries.get_mut(&id) {
+                // Stale timers (rescheduled, held or running) are skipped.
+                if e.state.next_attempt == at && !e.state.held && !e.in_flight {
+                    e.in_flight = true;
+                    return Due::Now(id);
+                }
+            }
+        }
+        Due::At(now + 3_600_000)
+    }
+
+    async fn attempt<R: Router, C: Courier>(&self, id: &QueueId, router: &R, courier: &C) {
+        let Some((env, cached, mut state)) = ({
+            let mut idx = self.lock();
+            idx.entries
+                .get_mut(id)
+                .map(|e| (e.envelope.clone(), e.data.take(), e.state.clone()))
+        }) else {
+            return;
+        };
+        let data = match cached {
+            Some(d) => d,
+            None => match self.load(id).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::error!(queue_id = %id, error = %e, "cannot read queued message");
+                    if matches!(e, SpoolError::NotFound(_)) {
+                        self.lock().entries.remove(id);
+                    } else {
+                        self.reschedule(id, state, now_ms() + 60_000);
+                    }
+                    return;
+                }
+            },
+        };
+        let now = now_ms();
+        let pending = state.pending();
+        let mut reports = Vec::new();
+        if !pending.is_empty() {
+            for item in router.plan(&env, &pending).await {
+                reports.push(self.run_item(&env, &data, item, &mut state, courier).await);
+            }
+        }
+        state.attempts += 1;
+        let now_after = now_ms();
+        if !state.pending().is_empty() && self.settings.retry.expired(env.received_at, now_after) {
+            reports.push(expire(&env, &mut state, now_after));
+        }
+        self.send_dsns(&env, &data, &mut state, now).await;
+        for r in &reports {
+            log_report(r);
+            metrics_report(r);
+        }
+        if state.is_finished() && all_dsns_done(&state) {
+            self.finish(id).await;
+        } else {
+            let next = self.settings.retry.next_attempt(state.attempts, now_after);
+            state.next_attempt = next;
+            if let Err(e) = self.persist_state(id, &state).await {
+                tracing::error!(queue_id = %id, error = %e, "cannot save delivery state");
+            }
+            metrics::counter!("smartrelay_queue_retries_total").increment(1);
+            self.reschedule(id, state, next);
+        }
+        for r in reports {
+            self.events.publish(Event::Delivery(r)).await;
+        }
+        self.update_gauges();
+    }
+
+    async fn run_item<C: Courier>(
+        &self,
+        env: &Envelope,
+        data: &Bytes,
+        item: PlanItem,
+        state: &mut DeliveryState,
+        courier: &C,
+    ) -> DeliveryReport {
+        let now = now_ms();
+        let (route_name, host, replies) = match item {
+            PlanItem::Leg {
+                route,
+                recipients,
+                spf,
+            } => {
+                tracing::info!(
+                    queue_id = %env.id, route = %route.name, spf = spf.label(),
+                    nrcpt = recipients.len(), "routed"
+                );
+                metrics::counter!("smartrelay_routing_decisions_total",
+                    "route" => route.name.clone(), "spf" => spf.label())
+                .increment(1);
+                self.events
+                    .publish(Event::Routed {
+                        id: env.id.clone(),
+                        route: route.name.clone(),
+                        spf,
+                        at: now,
+                    })
+                    .await;
+                let out = courier.deliver(&route, env, data, &recipients).await;
+                (route.name.clone(), out.host, out.replies)
+            }
+            PlanItem::Defer { recipients, reply } => (
+                String::new(),
+                String::new(),
+                recipients.into_iter().map(|i| (i, reply.clone())).collect(),
+            ),
+        };
+        let at = now_ms();
+        let mut results = Vec::with_capacity(replies.len());
+        for (i, reply) in replies {
+            let Some(st) = state.rcpts.get_mut(i) else {
+                continue;
+            };
+            let outcome = if reply.is_positive() {
+                st.state = RcptState::Delivered;
+                Outcome::Delivered
+            } else if reply.is_permanent() {
+                st.state = RcptState::Failed;
+                Outcome::Bounced
+            } else {
+                Outcome::Deferred
+            };
+            st.reply = Some(reply.clone());
+            st.host = (!host.is_empty()).then(|| host.clone());
+            st.route = (!route_name.is_empty()).then(|| route_name.clone());
+            st.at = Some(at);
+            results.push(RcptResult {
+                address: env.recipients[i].address.clone(),
+                outcome,
+                reply,
+            });
+        }
+        DeliveryReport {
+            id: env.id.clone(),
+            sender: env.sender.clone(),
+            flags: env.flags,
+            generated_dsn: env.generated_dsn,
+            route: route_name,
+            host,
+            at,
+            results,
+        }
+    }
+
+    /// Queues the failure, delay and success notices this attempt calls for. A DSN is
+    /// stored durably before the original's state says it was sent.
+    async fn send_dsns(&self, env: &Envelope, data: &[u8], state: &mut DeliveryState, now: Millis) {
+        // Never for the null sender: a DSN about a DSN could loop (RFC 3461 §6.2).
+        let may_notify = !env.is_null_sender() && !env.generated_dsn;
+        let failed: Vec<usize> = (0..state.rcpts.len())
+            .filter(|&i| state.rcpts[i].state == RcptState::Failed && !state.rcpts[i].dsn_done)
+            .collect();
+        let want_failed: Vec<usize> = failed
+            .iter()
+            .copied()
+            .filter(|&i| may_notify && env.recipients[i].wants_failure_dsn())
+            .collect();
+        if self
+            .inject_dsn(DsnKind::Failed, env, data, state, &want_failed, now)
+            .await
+        {
+            for i in failed {
+                state.rcpts[i].dsn_done = true;
+            }
+        }
+        let delayed: Vec<usize> = state
+            .pending()
+            .into_iter()
+            .filter(|&i| may_notify && env.recipients[i].wants_delay_dsn())
+            .collect();
+        if !state.delay_dsn_sent
+            && !delayed.is_empty()
+            && self.settings.retry.delay_warning_due(env.received_at, now)
+            && self
+                .inject_dsn(DsnKind::Delayed, env, data, state, &delayed, now)
+                .await
+        {
+            state.delay_dsn_sent = true;
+        }
+        // SUCCESS was asked but the upstream could not carry NOTIFY on: say "relayed".
+        let relayed: Vec<usize> = (0..state.rcpts.len())
+            .filter(|&i| {
+                may_notify
+                    && state.rcpts[i].state == RcptState::Delivered
+                    && !state.rcpts[i].dsn_done
+                    && env.recipients[i].wants_success_dsn()
+            })
+            .collect();
+        if self
+            .inject_dsn(DsnKind::Relayed, env, data, state, &relayed, now)
+            .await
+        {
+            for i in relayed {
+                state.rcpts[i].dsn_done = true;
+            }
+        }
+    }
+
+    /// True when there was nothing to send or the DSN is safely queued.
+    async fn inject_dsn(
+        &self,
+        kind: DsnKind,
+        env: &Envelope,
+        data: &[u8],
+        state: &DeliveryState,
+        rcpts: &[usize],
+        now: Millis,
+    ) -> bool {
+        if rcpts.is_empty() {
+            return true;
+        }
+        let (dsn_env, dsn_data) =
+            dsn::build(kind, env, data, state, rcpts, &self.settings.hostname, now);
+        let dsn_id = dsn_env.id.clone();
+        match self.store(dsn_env, Bytes::from(dsn_data)).await {
+            Ok(()) => {
+                tracing::info!(queue_id = %env.id, dsn_id = %dsn_id, kind = kind.action(), "sender notified");
+                metrics::counter!("smartrelay_dsn_sent_total", "action" => kind.action())
+                    .increment(1);
+                true
+            }
+            Err(e) => {
+                tracing::error!(queue_id = %env.id, error = %e, "cannot queue DSN; will retry");
+                false
+            }
+        }
+    }
+
+    async fn finish(&self, id: &QueueId) {
+        let spool = self.spool.clone();
+        let id2 = id.clone();
+        let removed = tokio::task::spawn_blocking(move || spool.remove(&id2)).await;
+        if !matches!(removed, Ok(Ok(()))) {
+            tracing::error!(queue_id = %id, "cannot remove delivered message; it may be delivered again");
+        }
+        self.lock().entries.remove(id);
+        tracing::info!(queue_id = %id, "removed");
+    }
+
+    fn reschedule(&self, id: &QueueId, state: DeliveryState, at: Millis) {
+        let mut idx = self.lock();
+        let held = state.held;
+        let Some(e) = idx.entries.get_mut(id) else {
+            return;
+        };
+        // An operator may have held the message while it was in flight.
+        let held = held || e.state.held;
+        e.state = state;
+        e.state.held = held;
+        e.in_flight = false;
+        if !held {
+            idx.schedule(id, at);
+        }
+    }
+
+    async fn load(&self, id: &QueueId) -> Result<Bytes, SpoolError> {
+        let spool = self.spool.clone();
+        let id = id.clone();
+        tokio::task::spawn_blocking(move || spool.load(&id).map(Bytes::from))
+            .await
+            .map_err(|e| SpoolError::Io {
+                what: "load task".into(),
+                source: std::io::Error::other(e.to_string()),
+            })?
+    }
+}
+
+enum Due {
+    Now(QueueId),
+    At(Millis),
+}
+
+fn all_dsns_done(state: &DeliveryState) -> bool {
+    state
+        .rcpts
+        .iter()
+        .all(|r| r.state != RcptState::Failed || r.dsn_done)
+}
+
+/// Gives up on every pending recipient of a message past `queue.max_age`.
+fn expire(env: &Envelope, state: &mut DeliveryState, now: Millis) -> DeliveryReport {
+    let mut results = Vec::new();
+    for i in state.pending() {
+        let last = state.rcpts[i].reply.clone();
+        let text = match &last {
+            Some(r) => format!("Delivery time expired; last reply: {r}"),
+            None => "Delivery time expired".to_string(),
+        };
+        let status = last
+            .as_ref()
+            .and_then(|r| r.esc.clone())
+            .filter(|e| e.starts_with('4'))
+            .unwrap_or_else(|| "4.4.7".into());
+        let reply = Reply {
+            code: 554,
+            esc: Some(status),
+            text,
+        };
+        let st = &mut state.rcpts[i];
+        st.state = RcptState::Failed;
+        st.reply = Some(reply.clone());
+        st.at = Some(now);
+        results.push(RcptResult {
+            address: env.recipients[i].address.clone(),
+            outcome: Outcome::Bounced,
+            reply,
+        });
+    }
+    tracing::info!(queue_id = %env.id, "expired");
+    metrics::counter!("smartrelay_messages_expired_total").increment(1);
+    DeliveryReport {
+        id: env.id.clone(),
+        sender: env.sender.clone(),
+        flags: env.flags,
+        generated_dsn: env.generated_dsn,
+        route: String::new(),
+        host: String::new(),
+        at: now,
+        results,
+    }
+}
+
+/// Postfix-style: one line per recipient, keyed by queue ID.
+fn log_report(r: &DeliveryReport) {
+    for res in &r.results {
+        let status = match res.outcome {
+            Outcome::Delivered => "sent",
+            Outcome::Deferred => "deferred",
+            Outcome::Bounced => "bounced",
+        };
+        tracing::info!(
+            queue_id = %r.id, to = %res.address, route = %r.route, relay = %r.host,
+            status, reply = %res.reply, "delivery"
+        );
+    }
+}
+
+fn metrics_report(r: &DeliveryReport) {
+    for res in &r.results {
+        metrics::counter!("smartrelay_delivery_recipients_total",
+            "route" => r.route.clone(), "host" => r.host.clone(), "outcome" => res.outcome.label())
+        .increment(1);
+    }
+}

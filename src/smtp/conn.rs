@@ -1,0 +1,427 @@
+//! Runs one session over a byte stream: buffers reads, splits command lines, reads DATA
+//! and BDAT bodies, applies timeouts, batches replies for pipelining, and hands finished
+//! messages to the queue. Everything it decides comes from [`Session`].
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+
+use super::data::DataReceiver;
+use super::reply::{common, Reply};
+use super::session::{Action, Completed, Session, SessionConfig};
+use crate::envelope::{now_ms, QueueId};
+use crate::events::{Event, EventBus};
+use crate::pipeline::{Intake, SenderPolicy};
+
+/// Server-wide state of a graceful stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Running,
+    /// Stop accepting; idle sessions end with 421, transactions may finish.
+    Draining,
+    /// The deadline passed: every session ends now with 421.
+    Stop,
+}
+
+/// What every session of a listener shares.
+pub struct Shared<I, P> {
+    pub cfg: Arc<SessionConfig>,
+    pub intake: Arc<I>,
+    pub policy: Arc<P>,
+    pub events: EventBus,
+    pub command_timeout: Duration,
+    pub data_timeout: Duration,
+    pub session_timeout: Duration,
+}
+
+/// How a session's run over one stream ended.
+pub enum Exit<S> {
+    Closed,
+    /// The client asked for STARTTLS: here is the plain stream back, input discarded.
+    StartTls(S),
+}
+
+#[derive(Debug)]
+enum Stop {
+    Eof,
+    Io,
+    Timeout,
+    Shutdown,
+}
+
+pub struct Conn<S> {
+    stream: S,
+    buf: Vec<u8>,
+    /// Start of unconsumed input in `buf`.
+    pos: usize,
+    out: Vec<u8>,
+    session_deadline: Instant,
+    phase: watch::Receiver<Phase>,
+}
+
+enum Line {
+    /// `buf[start..end]`, line ending excluded.
+    Complete(usize, usize),
+    TooLong,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    pub fn new(stream: S, session_deadline: Instant, phase: watch::Receiver<Phase>) -> Conn<S> {
+        Conn {
+            stream,
+            buf: Vec::with_capacity(4096),
+            pos: 0,
+            out: Vec::with_capacity(1024),
+            session_deadline,
+            phase,
+        }
+    }
+
+    pub fn into_stream(self) -> S {
+        self.stream
+    }
+
+    fn queue_reply(&mut self, r: &Reply) {
+        r.write_to(&mut self.out);
+    }
+
+    async fn flush(&mut self, timeout: Duration) -> Result<(), Stop> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let write = async {
+            self.stream.write_all(&self.out).await?;
+            self.stream.flush().await
+        };
+        match tokio::time::timeout(timeout, write).await {
+            Ok(Ok(())) => {
+                self.out.clear();
+                Ok(())
+            }
+            Ok(Err(_)) => Err(Stop::Io),
+            Err(_) => Err(Stop::Timeout),
+        }
+    }
+
+    /// Sends a last reply and gives up on errors: the connection is closing anyway.
+    async fn final_reply(&mut self, r: &Reply) {
+        self.queue_reply(r);
+        let _ = self.flush(Duration::from_secs(5)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.shutdown()).await;
+    }
+
+    fn has_complete_line(&self) -> bool {
+        memchr::memchr(b'\n', &self.buf[self.pos..]).is_some()
+    }
+
+    fn buffered(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    /// Reads more input. `idle_ok` lets a draining server end an idle session here.
+    async fn fill(&mut self, timeout: Duration, idle_ok: bool) -> Result<(), Stop> {
+        if self.pos > 0 && self.pos == self.buf.len() {
+            self.buf.clear();
+            self.pos = 0;
+        } else if self.pos > 32 * 1024 {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        self.buf.reserve(8192);
+        let deadline = (Instant::now() + timeout).min(self.session_deadline);
+        loop {
+            let phase = *self.phase.borrow_and_update();
+            if phase == Phase::Stop || (phase == Phase::Draining && idle_ok) {
+                return Err(Stop::Shutdown);
+            }
+            tokio::select! {
+                r = self.stream.read_buf(&mut self.buf) => {
+                    return match r {
+                        Ok(0) => Err(Stop::Eof),
+                        Ok(_) => Ok(()),
+                        Err(_) => Err(Stop::Io),
+                    };
+                }
+                _ = tokio::time::sleep_until(deadline.into()) => return Err(Stop::Timeout),
+                changed = self.phase.changed() => {
+                    if changed.is_err() {
+                        // The server is gone; treat it as the hard stop.
+                        return Err(Stop::Shutdown);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn next_line(&mut self, max: usize, timeout: Duration, idle: bool) -> Result<Line, Stop> {
+        let mut discarding = false;
+        loop {
+            if let Some(k) = memchr::memchr(b'\n', &self.buf[self.pos..]) {
+                let start = self.pos;
+                self.pos += k + 1;
+                if discarding {
+                    return Ok(Line::TooLong);
+                }
+                let mut end = start + k;
+                if end > start && self.buf[end - 1] == b'\r' {
+                    end -= 1;
+                }
+                return Ok(Line::Complete(start, end));
+            }
+            if self.buffered() > max {
+                // Drop what we have and keep dropping until the line ends.
+                discarding = true;
+                self.pos = self.buf.len();
+            }
+            self.fill(timeout, idle && !discarding && self.buffered() == 0)
+                .await?;
+        }
+    }
+
+    /// Reads exactly `size` octets into `sink` (or nowhere).
+    async fn read_chunk(
+        &mut self,
+        mut size: u64,
+        mut sink: Option<&mut Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<(), Stop> {
+        loop {
+            let take = (self.buffered() as u64).min(size) as usize;
+            if let Some(s) = sink.as_deref_mut() {
+                s.extend_from_slice(&self.buf[self.pos..self.pos + take]);
+            }
+            self.pos += take;
+            size -= take as u64;
+            if size == 0 {
+                return Ok(());
+            }
+            self.fill(timeout, false).await?;
+        }
+    }
+
+    async fn read_data(&mut self, rx: &mut DataReceiver, timeout: Duration) -> Result<(), Stop> {
+        loop {
+            if let Some(n) = rx.feed(&self.buf[self.pos..]) {
+                self.pos += n;
+                return Ok(());
+            }
+            self.pos = self.buf.len();
+            self.fill(timeout, false).await?;
+        }
+    }
+}
+
+/// Runs the session until it ends or asks for TLS.
+pub async fn drive<S, I, P>(
+    conn: &mut Conn<S>,
+    session: &mut Session,
+    shared: &Shared<I, P>,
+    greet: bool,
+) -> Exit<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    I: Intake,
+    P: SenderPolicy,
+{
+    if greet {
+        conn.queue_reply(&session.greeting());
+    }
+    match run(conn, session, shared).await {
+        Ok(exit) => exit,
+        Err(stop) => {
+            match stop {
+                Stop::Timeout => conn.final_reply(&common::timeout()).await,
+                Stop::Shutdown => conn.final_reply(&common::shutting_down()).await,
+                Stop::Eof | Stop::Io => {}
+            }
+            Exit::Closed
+        }
+    }
+}
+
+async fn run<S, I, P>(
+    conn: &mut Conn<S>,
+    session: &mut Session,
+    shared: &Shared<I, P>,
+) -> Result<Exit<()>, Stop>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    I: Intake,
+    P: SenderPolicy,
+{
+    let ct = shared.command_timeout;
+    let dt = shared.data_timeout;
+    loop {
+        if !conn.has_complete_line() {
+            conn.flush(ct).await?;
+        }
+        let idle = !session.in_transaction();
+        let action = match conn
+            .next_line(session.max_buffered_line(), ct, idle)
+            .await?
+        {
+            Line::TooLong => session.line_too_long(),
+            Line::Complete(a, b) => {
+                let verb = verb_label(&conn.buf[a..b]);
+                let action = session.command(&conn.buf[a..b], shared.intake.healthy());
+                count_refusal(verb, &action);
+                action
+            }
+        };
+        match action {
+            Action::Reply(r) => conn.queue_reply(&r),
+            Action::Close(r) => {
+                conn.final_reply(&r).await;
+                return Ok(Exit::Closed);
+            }
+            Action::StartTls(r) => {
+                conn.queue_reply(&r);
+                conn.flush(ct).await?;
+                // Whatever the client pipelined after STARTTLS was sent in the clear and
+                // must never be executed inside the TLS session (CVE-2011-0411).
+                conn.pos = conn.buf.len();
+                return Ok(Exit::StartTls(()));
+            }
+            Action::CheckSender(domain) => {
+                let verdict = shared.policy.check_sender(&domain).await;
+                let r = session.sender_checked(verdict);
+                if r.code >= 500 {
+                    count("mail", &r);
+                }
+                conn.queue_reply(&r);
+            }
+            Action::ReadData { reply, max } => {
+                conn.queue_reply(&reply);
+                conn.flush(ct).await?;
+                let mut rx = DataReceiver::new(max, session.config().bare_line_endings);
+                conn.read_data(&mut rx, dt).await?;
+                let done = session.data_done(rx.finish(), now_ms());
+                if !complete(conn, session, shared, done).await? {
+                    return Ok(Exit::Closed);
+                }
+            }
+            Action::ReadChunk { size, last, keep } => {
+                if size > 2 * session.config().max_message_size && !keep {
+                    // Reading gigabytes only to throw them away helps nobody.
+                    conn.final_reply(&Reply::new(
+                        552,
+                        "5.3.4",
+                        "Chunk exceeds the maximum message size, closing connection",
+                    ))
+                    .await;
+                    return Ok(Exit::Closed);
+                }
+                let sink = if keep { session.chunk_buffer() } else { None };
+                conn.read_chunk(size, sink, dt).await?;
+                let done = session.chunk_done(size, last, now_ms());
+                if !complete(conn, session, shared, done).await? {
+                    return Ok(Exit::Closed);
+                }
+            }
+        }
+    }
+}
+
+/// Queues a finished message or sends the refusal. False when the session must end.
+async fn complete<S, I, P>(
+    conn: &mut Conn<S>,
+    session: &mut Session,
+    shared: &Shared<I, P>,
+    done: Completed,
+) -> Result<bool, Stop>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    I: Intake,
+    P: SenderPolicy,
+{
+    match done {
+        Completed::Reply(r) => {
+            if r.code >= 500 {
+                count("data", &r);
+            }
+            if session.too_many_errors() {
+                conn.queue_reply(&r);
+                conn.final_reply(&common::too_many_errors()).await;
+                return Ok(false);
+            }
+            conn.queue_reply(&r);
+        }
+        Completed::Submit(sub) => {
+            let started = Instant::now();
+            let id: QueueId = sub.envelope.id.clone();
+            let event = Event::Accepted {
+                id: id.clone(),
+                ip: sub.envelope.client.ip,
+                sender_domain: sub
+                    .envelope
+                    .sender_domain()
+                    .unwrap_or("")
+                    .to_ascii_lowercase(),
+                recipients: sub.envelope.recipients.len(),
+                size: sub.envelope.size,
+                at: sub.envelope.received_at,
+            };
+            let line = format!(
+                "client=[{}] from=<{}> nrcpt={} size={} tls={}",
+                sub.envelope.client.ip,
+                sub.envelope.sender,
+                sub.envelope.recipients.len(),
+                sub.envelope.size,
+                sub.envelope.client.tls.is_some()
+            );
+            let size = sub.envelope.size;
+            let result = shared.intake.submit(*sub).await;
+            let r = session.stored(&id, &result);
+            match &result {
+                Ok(()) => {
+                    tracing::info!(queue_id = %id, "accepted {line}");
+                    metrics::counter!("smartrelay_messages_accepted_total").increment(1);
+                    metrics::counter!("smartrelay_received_bytes_total").increment(size);
+                    metrics::histogram!("smartrelay_accept_latency_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    shared.events.publish(event).await;
+                }
+                Err(e) => {
+                    tracing::error!(queue_id = %id, error = %e, "not queued {line}");
+                    count("data", &r);
+                }
+            }
+            conn.queue_reply(&r);
+        }
+    }
+    Ok(true)
+}
+
+fn verb_label(line: &[u8]) -> &'static str {
+    let verb = line.get(..4).unwrap_or(line);
+    if verb.eq_ignore_ascii_case(b"MAIL") {
+        "mail"
+    } else if verb.eq_ignore_ascii_case(b"RCPT") {
+        "rcpt"
+    } else if verb.eq_ignore_ascii_case(b"DATA") || verb.eq_ignore_ascii_case(b"BDAT") {
+        "data"
+    } else {
+        "other"
+    }
+}
+
+fn count_refusal(stage: &'static str, action: &Action) {
+    if let Action::Reply(r) | Action::Close(r) = action {
+        if r.code >= 400 && stage != "other" {
+            count(stage, r);
+        }
+        if r.code == 530 {
+            metrics::counter!("smartrelay_connections_refused_total", "reason" => "tls_required")
+                .increment(1);
+        }
+    }
+}
+
+/// Refusals are labelled by stage and enhanced status code: a small, fixed set.
+fn count(stage: &'static str, r: &Reply) {
+    let reason = if r.esc.is_empty() { "none" } else { r.esc };
+    metrics::counter!("smartrelay_messages_refused_total", "stage" => stage, "reason" => reason)
+        .increment(1);
+}

@@ -1,0 +1,315 @@
+//! Accepts connections: the IP allowlist, connection limits, implicit TLS and STARTTLS
+//! upgrades, and the graceful stop.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+
+use super::conn::{drive, Conn, Exit, Phase, Shared};
+use super::session::Session;
+use super::tls::describe;
+use crate::envelope::now_ms;
+use crate::events::{Event, RefusalReason};
+use crate::pipeline::{Intake, SenderPolicy};
+
+/// Who may connect, and how many at once.
+pub struct Gate {
+    allowed: Vec<IpNet>,
+    max_per_ip: usize,
+    slots: Arc<Semaphore>,
+    max_connections: usize,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl Gate {
+    pub fn new(allowed: Vec<IpNet>, max_connections: usize, max_per_ip: usize) -> Gate {
+        Gate {
+            allowed,
+            max_per_ip,
+            slots: Arc::new(Semaphore::new(max_connections)),
+            max_connections,
+            per_ip: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn is_allowed(&self, ip: IpAddr) -> bool {
+        self.allowed.iter().any(|net| net.contains(&ip))
+    }
+
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Admission> {
+        let permit = self.slots.clone().try_acquire_owned().ok()?;
+        let mut map = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= self.max_per_ip {
+            return None;
+        }
+        *n += 1;
+        Some(Admission {
+            _permit: permit,
+            gate: self.clone(),
+            ip,
+        })
+    }
+
+    /// Waits until every session has ended, or the deadline passes.
+    pub async fn wait_idle(&self, deadline: Instant) -> bool {
+        let all = self.max_connections as u32;
+        tokio::time::timeout_at(deadline.into(), self.slots.acquire_many(all))
+            .await
+            .is_ok()
+    }
+
+    pub fn active(&self) -> usize {
+        self.max_connections - self.slots.available_permits()
+    }
+}
+
+/// Holds a connection slot and the per-IP count for as long as the session lives.
+struct Admission {
+    _permit: OwnedSemaphorePermit,
+    gate: Arc<Gate>,
+    ip: IpAddr,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let mut map = self.gate.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
+pub struct Listener<I, P> {
+    pub shared: Arc<Shared<I, P>>,
+    pub gate: Arc<Gate>,
+    /// For STARTTLS on plain listeners and for implicit TLS listeners.
+    pub tls: Option<TlsAcceptor>,
+}
+
+impl<I: Intake, P: SenderPolicy> Listener<I, P> {
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        implicit_tls: bool,
+        mut phase: watch::Receiver<Phase>,
+    ) {
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = phase.changed() => {
+                    if *phase.borrow() != Phase::Running { return; }
+                    continue;
+                }
+            };
+            let (stream, peer) = match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends pass; hammering accept() would not help.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            self.clone()
+                .on_connect(stream, peer, implicit_tls, phase.clone());
+        }
+    }
+
+    fn on_connect(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        implicit_tls: bool,
+        phase: watch::Receiver<Phase>,
+    ) {
+        // An IPv4 client on a dual-stack socket shows up as ::ffff:a.b.c.d.
+        let ip = peer.ip().to_canonical();
+        if !self.gate.is_allowed(ip) {
+            tracing::warn!(client = %ip, "connection refused: address not in access.allowed_ranges");
+            self.refused(ip, RefusalReason::IpNotAllowed);
+            match self.gate.slots.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let hostname = self.shared.cfg.hostname.clone();
+                    tokio::spawn(async move {
+                        refuse_politely(stream, ip, &hostname).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => {
+                    let _ = stream.try_write(
+                        format!("554 5.7.1 {ip} is not allowed to use this relay\r\n").as_bytes(),
+                    );
+                }
+            }
+            return;
+        }
+        let Some(admission) = self.gate.admit(ip) else {
+            tracing::warn!(client = %ip, "connection refused: connection limit");
+            self.refused(ip, RefusalReason::Limit);
+            // No task is spawned for a connection over the limit: one non-blocking write.
+            let _ = stream.try_write(b"421 4.7.0 Too many connections, try again later\r\n");
+            return;
+        };
+        metrics::counter!("smartrelay_connections_accepted_total").increment(1);
+        let events = self.shared.events.clone();
+        tokio::spawn(async move {
+            events
+                .publish(Event::Connection {
+                    ip,
+                    at: now_ms(),
+                    refused: None,
+                })
+                .await;
+            metrics::gauge!("smartrelay_sessions_active").increment(1.0);
+            self.session(stream, ip, implicit_tls, phase).await;
+            metrics::gauge!("smartrelay_sessions_active").decrement(1.0);
+            drop(admission);
+        });
+    }
+
+    fn refused(&self, ip: IpAddr, reason: RefusalReason) {
+        metrics::counter!("smartrelay_connections_refused_total", "reason" => reason.label())
+            .increment(1);
+        let events = self.shared.events.clone();
+        tokio::spawn(async move {
+            events
+                .publish(Event::Connection {
+                    ip,
+                    at: now_ms(),
+                    refused: Some(reason),
+                })
+                .await;
+        });
+    }
+
+    async fn session(
+        &self,
+        stream: TcpStream,
+        ip: IpAddr,
+        implicit_tls: bool,
+        phase: watch::Receiver<Phase>,
+    ) {
+        let shared = &self.shared;
+        let deadline = Instant::now() + shared.session_timeout;
+        if implicit_tls {
+            let Some(acceptor) = &self.tls else { return };
+            let Some(tls) = handshake(acceptor, stream, shared.command_timeout).await else {
+                return;
+            };
+            let desc = describe(tls.get_ref().1);
+            let mut session = Session::new(shared.cfg.clone(), ip, Some(desc));
+            let mut conn = Conn::new(tls, deadline, phase);
+            drive(&mut conn, &mut session, shared, true).await;
+            return;
+        }
+        let mut session = Session::new(shared.cfg.clone(), ip, None);
+        let mut conn = Conn::new(stream, deadline, phase.clone());
+        if let Exit::StartTls(()) = drive(&mut conn, &mut session, shared, true).await {
+            let Some(acceptor) = &self.tls else { return };
+            let Some(tls) = handshake(acceptor, conn.into_stream(), shared.command_timeout).await
+            else {
+                return;
+            };
+            session.tls_established(describe(tls.get_ref().1));
+            let mut conn = Conn::new(tls, deadline, phase);
+            drive(&mut conn, &mut session, shared, false).await;
+        }
+    }
+}
+
+async fn handshake(
+    acceptor: &TlsAcceptor,
+    stream: TcpStream,
+    timeout: Duration,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::info!("TLS handshake timed out");
+            None
+        }
+    }
+}
+
+/// RFC 5321 §3.1: after a 554 greeting the server waits for QUIT and answers 503 to
+/// everything else. Bounded in time and commands so refused clients cost little.
+async fn refuse_politely(mut stream: TcpStream, ip: IpAddr, hostname: &str) {
+    let greeting = format!("554 5.7.1 {hostname} {ip} is not allowed to use this relay\r\n");
+    if stream.write_all(greeting.as_bytes()).await.is_err() {
+        return;
+    }
+    let mut buf = [0u8; 1024];
+    let mut pending = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut commands = 0;
+    while commands < 10 {
+        let n = match tokio::time::timeout_at(deadline.into(), stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return,
+        };
+        pending.extend_from_slice(&buf[..n]);
+        while let Some(k) = memchr::memchr(b'\n', &pending) {
+            let line: Vec<u8> = pending.drain(..=k).collect();
+            commands += 1;
+            let quit = line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"QUIT");
+            let reply: &[u8] = if quit {
+                b"221 2.0.0 Bye\r\n"
+            } else {
+                b"503 5.7.1 Not allowed: this address may not relay, send QUIT\r\n"
+            };
+            if stream.write_all(reply).await.is_err() || quit {
+                return;
+            }
+        }
+        if pending.len() > 4096 {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allowlist_matches_mapped_v4() {
+        let gate = Gate::new(
+            vec!["127.0.0.1/32".parse().unwrap(), "::1/128".parse().unwrap()],
+            10,
+            2,
+        );
+        let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        assert!(gate.is_allowed(mapped.to_canonical()));
+        assert!(!gate.is_allowed("127.0.0.2".parse().unwrap()));
+        assert!(gate.is_allowed("::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn per_ip_limit_and_release() {
+        let gate = Arc::new(Gate::new(vec!["0.0.0.0/0".parse().unwrap()], 10, 2));
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let a = gate.admit(ip).unwrap();
+        let _b = gate.admit(ip).unwrap();
+        assert!(gate.admit(ip).is_none());
+        assert!(gate.admit("10.0.0.2".parse().unwrap()).is_some());
+        drop(a);
+        assert!(gate.admit(ip).is_some());
+        assert_eq!(gate.active(), 1);
+    }
+}

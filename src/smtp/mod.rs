@@ -1,0 +1,13 @@
+//! Ingress: the SMTP server the organization's mail platforms connect to.
+//!
+//! `command` and `data` are the grammar, `session` the state machine, `inspect` what we
+//! read from the header; `conn` and `listener` are the only parts that do I/O.
+
+pub mod command;
+pub mod conn;
+pub mod data;
+pub mod inspect;
+pub mod listener;
+pub mod reply;
+pub mod session;
+pub mod tls;

@@ -1,0 +1,114 @@
+//! Server replies: code, enhanced status code (RFC 3463) and text, written in wire form.
+
+use std::borrow::Cow;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u16,
+    /// Enhanced status code, empty for replies that carry none (220, 221 banners are
+    /// allowed one, but greetings and EHLO lines traditionally omit it).
+    pub esc: &'static str,
+    pub lines: Vec<Cow<'static, str>>,
+}
+
+impl Reply {
+    pub fn new(code: u16, esc: &'static str, text: impl Into<Cow<'static, str>>) -> Reply {
+        Reply {
+            code,
+            esc,
+            lines: vec![text.into()],
+        }
+    }
+
+    pub fn multi(code: u16, lines: Vec<Cow<'static, str>>) -> Reply {
+        Reply {
+            code,
+            esc: "",
+            lines,
+        }
+    }
+
+    pub fn is_positive(&self) -> bool {
+        self.code < 400
+    }
+
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        let last = self.lines.len().saturating_sub(1);
+        for (i, line) in self.lines.iter().enumerate() {
+            out.extend_from_slice(self.code.to_string().as_bytes());
+            out.push(if i == last { b' ' } else { b'-' });
+            if !self.esc.is_empty() {
+                out.extend_from_slice(self.esc.as_bytes());
+                out.push(b' ');
+            }
+            // A reply line must not carry CR or LF of its own (they would forge replies).
+            for &b in line.as_bytes() {
+                out.push(if b == b'\r' || b == b'\n' { b' ' } else { b });
+            }
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+
+    pub fn text(&self) -> String {
+        let mut v = Vec::new();
+        self.write_to(&mut v);
+        String::from_utf8_lossy(&v).trim_end().to_string()
+    }
+}
+
+/// The replies used in more than one place, so their wording stays the same.
+pub mod common {
+    use super::Reply;
+
+    pub fn ok() -> Reply {
+        Reply::new(250, "2.0.0", "Ok")
+    }
+    pub fn bad_sequence(what: &'static str) -> Reply {
+        Reply::new(503, "5.5.1", what)
+    }
+    pub fn line_too_long() -> Reply {
+        Reply::new(500, "5.5.2", "Line too long")
+    }
+    pub fn too_many_errors() -> Reply {
+        Reply::new(421, "4.7.0", "Too many errors, closing connection")
+    }
+    pub fn timeout() -> Reply {
+        Reply::new(421, "4.4.2", "Timeout exceeded, closing connection")
+    }
+    pub fn shutting_down() -> Reply {
+        Reply::new(421, "4.3.0", "Service shutting down, closing connection")
+    }
+    pub fn size_exceeded() -> Reply {
+        Reply::new(
+            552,
+            "5.3.4",
+            "Message size exceeds fixed maximum message size",
+        )
+    }
+    pub fn queue_unavailable() -> Reply {
+        Reply::new(452, "4.3.1", "Insufficient system storage, try again later")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multiline_wire_form() {
+        let r = Reply::multi(
+            250,
+            vec!["relay.test".into(), "PIPELINING".into(), "SIZE 10".into()],
+        );
+        let mut out = Vec::new();
+        r.write_to(&mut out);
+        assert_eq!(out, b"250-relay.test\r\n250-PIPELINING\r\n250 SIZE 10\r\n");
+    }
+
+    #[test]
+    fn text_cannot_inject_lines() {
+        let mut out = Vec::new();
+        Reply::new(550, "5.7.1", "a\r\n250 ok").write_to(&mut out);
+        assert_eq!(out, b"550 5.7.1 a  250 ok\r\n");
+    }
+}

@@ -1,0 +1,894 @@
+//! The SMTP session state machine. It takes command lines and received data and
+//! returns replies and actions; it never touches a socket or a clock (the caller passes
+//! `now`), so every protocol rule is unit-testable.
+
+use std::borrow::Cow;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::command::{self, Command, CommandError, MailParams};
+use super::data::DataError;
+use super::inspect::{self, Trace};
+use super::reply::{common, Reply};
+use crate::config::BareLineEndings;
+use crate::envelope::{domain_in, BodyType, ClientInfo, Envelope, Millis, QueueId, Recipient};
+use crate::pipeline::{IntakeError, SenderVerdict, Submission};
+
+/// What a session is allowed to do; fixed per listener.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub hostname: String,
+    pub max_message_size: u64,
+    pub max_recipients: usize,
+    pub max_line_length: usize,
+    pub hop_limit: usize,
+    pub max_errors: u32,
+    pub bare_line_endings: BareLineEndings,
+    /// Sender domains that may relay (lower-case).
+    pub domains: Vec<String>,
+    /// `RCPT TO:<postmaster>` is delivered to postmaster at this domain.
+    pub postmaster_domain: String,
+    /// STARTTLS can be offered (a certificate is configured).
+    pub starttls: bool,
+    pub tls_required: bool,
+    /// Ask the sender policy (SPF) at MAIL FROM before accepting.
+    pub check_sender: bool,
+}
+
+/// What the connection driver must do next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    Reply(Reply),
+    /// Send the reply, then close the connection.
+    Close(Reply),
+    /// Send the 220, drop any input read so far, and run the TLS handshake.
+    StartTls(Reply),
+    /// Ask the sender policy about this domain, then call [`Session::sender_checked`].
+    CheckSender(String),
+    /// Send the 354 and read a DATA body of at most `max` octets.
+    ReadData {
+        reply: Reply,
+        max: u64,
+    },
+    /// Read exactly `size` octets of a BDAT chunk; pass them on when `keep`.
+    ReadChunk {
+        size: u64,
+        last: bool,
+        keep: bool,
+    },
+}
+
+/// What a finished DATA or BDAT chunk leads to: a reply, or a message to queue.
+#[derive(Debug)]
+pub enum Completed {
+    Reply(Reply),
+    Submit(Box<Submission>),
+}
+
+#[derive(Debug)]
+struct Transaction {
+    sender: String,
+    params: MailParams,
+    recipients: Vec<Recipient>,
+    /// BDAT chunks so far; `Some` once the first chunk arrived.
+    chunks: Option<Vec<u8>>,
+    /// A BDAT chunk failed: the rest of this transaction's chunks get this reply.
+    failed: Option<Reply>,
+}
+
+pub struct Session {
+    cfg: Arc<SessionConfig>,
+    ip: IpAddr,
+    tls: Option<String>,
+    helo: Option<String>,
+    esmtp: bool,
+    tx: Option<Transaction>,
+    /// MAIL FROM waiting for the sender policy's verdict.
+    pending_mail: Option<(String, MailParams)>,
+    errors: u32,
+}
+
+impl Session {
+    pub fn new(cfg: Arc<SessionConfig>, ip: IpAddr, tls: Option<String>) -> Session {
+        Session {
+            cfg,
+            ip,
+            tls,
+            helo: None,
+            esmtp: false,
+            tx: None,
+            pending_mail: None,
+            errors: 0,
+        }
+    }
+
+    pub fn config(&self) -> &SessionConfig {
+        &self.cfg
+    }
+
+    pub fn greeting(&self) -> Reply {
+        Reply::new(
+            220,
+            "",
+            format!("{} ESMTP smartrelay ready", self.cfg.hostname),
+        )
+    }
+
+    pub fn in_transaction(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    pub fn tls(&self) -> Option<&str> {
+        self.tls.as_deref()
+    }
+
+    /// After a STARTTLS handshake the session starts over (RFC 3207 §4.2).
+    pub fn tls_established(&mut self, description: String) {
+        self.tls = Some(description);
+        self.helo = None;
+        self.esmtp = false;
+        self.tx = None;
+        self.pending_mail = None;
+    }
+
+    /// The longest line the driver should buffer before calling it too long: MAIL and
+    /// RCPT may exceed the base limit by the DSN allowance.
+    pub fn max_buffered_line(&self) -> usize {
+        self.cfg.max_line_length + 500
+    }
+
+    /// A command line that exceeded [`Self::max_buffered_line`] was discarded.
+    pub fn line_too_long(&mut self) -> Action {
+        self.error(common::line_too_long())
+    }
+
+    /// One command line, without its line ending.
+    pub fn command(&mut self, line: &[u8], spool_healthy: bool) -> Action {
+        // RFC 5321 §4.5.3.1.4 counts the CRLF in the 512.
+        let limit = self.cfg.max_line_length - 2;
+        let is_mail_or_rcpt = line.len() >= 4
+            && (line[..4].eq_ignore_ascii_case(b"MAIL") || line[..4].eq_ignore_ascii_case(b"RCPT"));
+        let allowance = if is_mail_or_rcpt { 500 } else { 0 };
+        if line.len() > limit + allowance {
+            return self.error(common::line_too_long());
+        }
+        let cmd = match command::parse(line) {
+            Ok(c) => c,
+            Err(e) => return self.error(command_error_reply(&e, line)),
+        };
+        match cmd {
+            Command::Ehlo(name) => self.hello(name, true),
+            Command::Helo(name) => self.hello(name, false),
+            Command::Mail { sender, params } => self.mail(sender, params, spool_healthy),
+            Command::Rcpt { recipient, params } => self.rcpt(recipient, params),
+            Command::Data => self.data(),
+            Command::Bdat { size, last } => self.bdat(size, last),
+            Command::Rset => {
+                self.tx = None;
+                Action::Reply(common::ok())
+            }
+            Command::Noop => Action::Reply(common::ok()),
+            Command::Quit => Action::Close(Reply::new(221, "2.0.0", "Bye")),
+            Command::Vrfy => Action::Reply(Reply::new(
+                252,
+                "2.5.2",
+                "Cannot VRFY user, but will accept message and attempt delivery",
+            )),
+            Command::Expn => self.error(Reply::new(502, "5.5.1", "EXPN not available")),
+            Command::Help => Action::Reply(Reply::new(
+                214,
+                "2.0.0",
+                "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT STARTTLS",
+            )),
+            Command::StartTls => self.starttls(),
+        }
+    }
+
+    fn hello(&mut self, name: String, esmtp: bool) -> Action {
+        self.tx = None;
+        self.helo = Some(name.clone());
+        self.esmtp = esmtp;
+        let greet = format!("{} greets {}", self.cfg.hostname, name);
+        if !esmtp {
+            return Action::Reply(Reply::new(250, "", greet));
+        }
+        let mut lines: Vec<Cow<'static, str>> = vec![
+            greet.into(),
+            "PIPELINING".into(),
+            format!("SIZE {}", self.cfg.max_message_size).into(),
+            "8BITMIME".into(),
+            "SMTPUTF8".into(),
+            "ENHANCEDSTATUSCODES".into(),
+        ];
+        if self.cfg.starttls && self.tls.is_none() {
+            lines.push("STARTTLS".into());
+        }
+        lines.extend(["CHUNKING".into(), "BINARYMIME".into(), "DSN".into()]);
+        Action::Reply(Reply::multi(250, lines))
+    }
+
+    fn starttls(&mut self) -> Action {
+        if self.tls.is_some() {
+            return self.error(common::bad_sequence("TLS already active"));
+        }
+        if !self.cfg.starttls {
+            return self.error(Reply::new(502, "5.5.1", "STARTTLS not available"));
+        }
+        if self.helo.is_none() || !self.esmtp {
+            return self.error(common::bad_sequence("Send EHLO first"));
+        }
+        if self.tx.is_some() {
+            return self.error(common::bad_sequence(
+                "STARTTLS not allowed in a transaction",
+            ));
+        }
+        Action::StartTls(Reply::new(220, "2.0.0", "Ready to start TLS"))
+    }
+
+    fn mail(&mut self, sender: String, params: MailParams, spool_healthy: bool) -> Action {
+        if self.helo.is_none() {
+            return self.error(common::bad_sequence("Send HELO/EHLO first"));
+        }
+        if self.tx.is_some() {
+            return self.error(common::bad_sequence("Nested MAIL command"));
+        }
+        if self.cfg.tls_required && self.tls.is_none() {
+            return self.error(Reply::new(
+                530,
+                "5.7.0",
+                "Must issue a STARTTLS command first",
+            ));
+        }
+        if !self.esmtp && params != MailParams::default() {
+            return self.error(Reply::new(555, "5.5.4", "ESMTP parameters need EHLO"));
+        }
+        if params.size.is_some_and(|s| s > self.cfg.max_message_size) {
+            return self.error(common::size_exceeded());
+        }
+        if !spool_healthy {
+            return Action::Reply(common::queue_unavailable());
+        }
+        if !sender.is_empty() {
+            let domain = crate::envelope::domain_of(&sender);
+            if !domain_in(domain, &self.cfg.domains) {
+                return self.error(Reply::new(
+                    550,
+                    "5.7.1",
+                    format!("Sender domain {domain} is not allowed to relay through this host"),
+                ));
+            }
+            if self.cfg.check_sender {
+                let domain = domain.to_ascii_lowercase();
+                self.pending_mail = Some((sender, params));
+                return Action::CheckSender(domain);
+            }
+        }
+        self.open_transaction(sender, params);
+        Action::Reply(Reply::new(250, "2.1.0", "Sender ok"))
+    }
+
+    /// The sender policy's answer to [`Action::CheckSender`].
+    pub fn sender_checked(&mut self, verdict: SenderVerdict) -> Reply {
+        let Some((sender, params)) = self.pending_mail.take() else {
+            return common::bad_sequence("No MAIL pending");
+        };
+        match verdict {
+            SenderVerdict::Accept => {
+                self.open_transaction(sender, params);
+                Reply::new(250, "2.1.0", "Sender ok")
+            }
+            SenderVerdict::Reject(why) => {
+                self.errors += 1;
+                Reply::new(550, "5.7.1", why)
+            }
+        }
+    }
+
+    fn open_transaction(&mut self, sender: String, params: MailParams) {
+        self.tx = Some(Transaction {
+            sender,
+            params,
+            recipients: Vec::new(),
+            chunks: None,
+            failed: None,
+        });
+    }
+
+    fn rcpt(&mut self, recipient: String, params: command::RcptParams) -> Action {
+        let max = self.cfg.max_recipients;
+        let postmaster = format!("postmaster@{}", self.cfg.postmaster_domain);
+        let Some(tx) = self.tx.as_mut() else {
+            return self.error(common::bad_sequence("Need MAIL before RCPT"));
+        };
+        if tx.chunks.is_some() {
+            return self.error(common::bad_sequence("RCPT not allowed after BDAT"));
+        }
+        if !recipient.is_ascii() && !tx.params.smtputf8 {
+            return self.error(Reply::new(
+                553,
+                "5.6.7",
+                "Non-ASCII recipient needs SMTPUTF8",
+            ));
+        }
+        if (params.notify.is_some() || params.orcpt.is_some()) && !self.esmtp {
+            return self.error(Reply::new(555, "5.5.4", "ESMTP parameters need EHLO"));
+        }
+        if tx.recipients.len() >= max {
+            // 452, not 552: RFC 5321 §4.5.3.1.10, the client sends the rest later.
+            return Action::Reply(Reply::new(452, "4.5.3", "Too many recipients"));
+        }
+        let address = if recipient == "postmaster" {
+            postmaster
+        } else {
+            recipient
+        };
+        let duplicate = tx
+            .recipients
+            .iter()
+            .any(|r| same_address(&r.address, &address));
+        if !duplicate {
+            tx.recipients.push(Recipient {
+                address,
+                notify: params.notify,
+                orcpt: params.orcpt,
+            });
+        }
+        Action::Reply(Reply::new(250, "2.1.5", "Recipient ok"))
+    }
+
+    fn data(&mut self) -> Action {
+        let max = self.cfg.max_message_size;
+        let Some(tx) = self.tx.as_ref() else {
+            return self.error(common::bad_sequence("Need MAIL before DATA"));
+        };
+        if tx.chunks.is_some() {
+            return self.error(common::bad_sequence("DATA not allowed after BDAT"));
+        }
+        if tx.params.body == BodyType::BinaryMime {
+            return self.error(common::bad_sequence("BODY=BINARYMIME requires BDAT"));
+        }
+        if tx.recipients.is_empty() {
+            return self.error(Reply::new(554, "5.5.1", "No valid recipients"));
+        }
+        Action::ReadData {
+            reply: Reply::new(354, "", "End data with <CR><LF>.<CR><LF>"),
+            max,
+        }
+    }
+
+    fn bdat(&mut self, size: u64, last: bool) -> Action {
+        let max = self.cfg.max_message_size;
+        let discard = Action::ReadChunk {
+            size,
+            last,
+            keep: false,
+        };
+        let Some(tx) = self.tx.as_mut() else {
+            self.errors += 1;
+            return discard;
+        };
+        if tx.recipients.is_empty() || tx.failed.is_some() {
+            return discard;
+        }
+        let so_far = tx.chunks.as_ref().map_or(0, |c| c.len() as u64);
+        if so_far.saturating_add(size) > max {
+            tx.failed = Some(common::size_exceeded());
+            tx.chunks = Some(Vec::new());
+            return discard;
+        }
+        tx.chunks.get_or_insert_with(Vec::new);
+        Action::ReadChunk {
+            size,
+            last,
+            keep: true,
+        }
+    }
+
+    /// Where a kept chunk's bytes go.
+    pub fn chunk_buffer(&mut self) -> Option<&mut Vec<u8>> {
+        self.tx.as_mut().and_then(|t| t.chunks.as_mut())
+    }
+
+    /// A BDAT chunk was read completely (kept or discarded as [`Action::ReadChunk`] said).
+    pub fn chunk_done(&mut self, size: u64, last: bool, now: Millis) -> Completed {
+        let Some(tx) = self.tx.as_mut() else {
+            return Completed::Reply(common::bad_sequence("Need MAIL before BDAT"));
+        };
+        if tx.recipients.is_empty() {
+            self.errors += 1;
+            return Completed::Reply(Reply::new(554, "5.5.1", "No valid recipients"));
+        }
+        if let Some(failure) = tx.failed.clone() {
+            if last {
+                self.tx = None;
+            }
+            self.errors += 1;
+            return Completed::Reply(failure);
+        }
+        if !last {
+            return Completed::Reply(Reply::new(250, "2.0.0", format!("{size} octets received")));
+        }
+        let tx = self.tx.take().expect("checked above");
+        let body = tx.chunks.clone().unwrap_or_default();
+        self.finish(tx, body, now)
+    }
+
+    /// The DATA body ended (CRLF.CRLF) with this result.
+    pub fn data_done(&mut self, result: Result<Vec<u8>, DataError>, now: Millis) -> Completed {
+        let Some(tx) = self.tx.take() else {
+            return Completed::Reply(common::bad_sequence("No transaction"));
+        };
+        match result {
+            Ok(body) => self.finish(tx, body, now),
+            Err(DataError::TooBig) => {
+                self.errors += 1;
+                Completed::Reply(common::size_exceeded())
+            }
+            Err(DataError::BareLineEnding) => {
+                self.errors += 1;
+                Completed::Reply(Reply::new(
+                    550,
+                    "5.6.0",
+                    "Message contains a bare CR or LF; lines must end with CRLF",
+                ))
+            }
+        }
+    }
+
+    fn finish(&mut self, tx: Transaction, body: Vec<u8>, now: Millis) -> Completed {
+        let seen = inspect::inspect(&body);
+        if seen.received_count > self.cfg.hop_limit {
+            self.errors += 1;
+            return Completed::Reply(Reply::new(
+                554,
+                "5.4.6",
+                format!(
+                    "Too many hops ({} Received headers): mail loop",
+                    seen.received_count
+                ),
+            ));
+        }
+        let id = QueueId::generate();
+        let helo = self.helo.clone().unwrap_or_default();
+        let trace = inspect::received_header(&Trace {
+            helo: &helo,
+            ip: self.ip,
+            hostname: &self.cfg.hostname,
+            esmtp: self.esmtp,
+            tls: self.tls.as_deref(),
+            smtputf8: tx.params.smtputf8,
+            id: &id,
+            single_recipient: (tx.recipients.len() == 1).then(|| tx.recipients[0].address.as_str()),
+            now,
+        });
+        let mut data = Vec::with_capacity(trace.len() + body.len());
+        data.extend_from_slice(&trace);
+        data.extend_from_slice(&body);
+        let envelope = Envelope {
+            id,
+            sender: tx.sender,
+            recipients: tx.recipients,
+            body: tx.params.body,
+            smtputf8: tx.params.smtputf8,
+            ret: tx.params.ret,
+            envid: tx.params.envid,
+            client: ClientInfo {
+                ip: self.ip,
+                helo,
+                tls: self.tls.clone(),
+            },
+            received_at: now,
+            size: data.len() as u64,
+            message_id: seen.message_id,
+            flags: seen.flags,
+            generated_dsn: false,
+        };
+        Completed::Submit(Box::new(Submission {
+            envelope,
+            data: Bytes::from(data),
+        }))
+    }
+
+    /// The queue's answer for a submitted message.
+    pub fn stored(&mut self, id: &QueueId, result: &Result<(), IntakeError>) -> Reply {
+        match result {
+            Ok(()) => Reply::new(250, "2.0.0", format!("Ok: queued as {id}")),
+            Err(_) => common::queue_unavailable(),
+        }
+    }
+
+    /// Counts a failed command; past the limit the session ends with 421.
+    fn error(&mut self, reply: Reply) -> Action {
+        self.errors += 1;
+        if self.errors >= self.cfg.max_errors {
+            return Action::Close(common::too_many_errors());
+        }
+        Action::Reply(reply)
+    }
+
+    /// True once the error budget is spent (checked after BDAT and DATA refusals).
+    pub fn too_many_errors(&self) -> bool {
+        self.errors >= self.cfg.max_errors
+    }
+}
+
+fn same_address(a: &str, b: &str) -> bool {
+    match (a.rsplit_once('@'), b.rsplit_once('@')) {
+        (Some((la, da)), Some((lb, db))) => la == lb && da.eq_ignore_ascii_case(db),
+        _ => a == b,
+    }
+}
+
+fn command_error_reply(e: &CommandError, line: &[u8]) -> Reply {
+    match e {
+        CommandError::Unrecognized => Reply::new(500, "5.5.1", "Command unrecognized"),
+        CommandError::NotImplemented => Reply::new(502, "5.5.1", "Command not implemented"),
+        CommandError::Syntax(why) => Reply::new(501, "5.5.4", *why),
+        CommandError::BadAddress(why) => {
+            let esc = if line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"MAIL") {
+                "5.1.7"
+            } else {
+                "5.1.3"
+            };
+            Reply::new(501, esc, *why)
+        }
+        CommandError::UnknownParam(p) => {
+            Reply::new(555, "5.5.4", format!("Unsupported parameter {p}"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::Notify;
+
+    fn cfg() -> SessionConfig {
+        SessionConfig {
+            hostname: "relay.test".into(),
+            max_message_size: 1000,
+            max_recipients: 3,
+            max_line_length: 512,
+            hop_limit: 5,
+            max_errors: 10,
+            bare_line_endings: BareLineEndings::Normalize,
+            domains: vec!["example.test".into()],
+            postmaster_domain: "example.test".into(),
+            starttls: true,
+            tls_required: false,
+            check_sender: false,
+        }
+    }
+
+    fn session_with(c: SessionConfig) -> Session {
+        Session::new(Arc::new(c), "127.0.0.1".parse().unwrap(), None)
+    }
+
+    fn session() -> Session {
+        session_with(cfg())
+    }
+
+    fn code(a: Action) -> u16 {
+        match a {
+            Action::Reply(r) | Action::Close(r) | Action::StartTls(r) => r.code,
+            Action::ReadData { reply, .. } => reply.code,
+            other => panic!("no reply: {other:?}"),
+        }
+    }
+
+    fn cmd(s: &mut Session, line: &str) -> u16 {
+        code(s.command(line.as_bytes(), true))
+    }
+
+    #[test]
+    fn ehlo_advertises_extensions() {
+        let mut s = session();
+        let Action::Reply(r) = s.command(b"EHLO c.test", true) else {
+            panic!()
+        };
+        let text = r.text();
+        for ext in [
+            "PIPELINING",
+            "SIZE 1000",
+            "8BITMIME",
+            "SMTPUTF8",
+            "ENHANCEDSTATUSCODES",
+            "STARTTLS",
+            "CHUNKING",
+            "BINARYMIME",
+            "DSN",
+        ] {
+            assert!(text.contains(ext), "{ext} missing in {text}");
+        }
+        s.tls_established("TLSv1.3".into());
+        let Action::Reply(r) = s.command(b"EHLO c.test", true) else {
+            panic!()
+        };
+        assert!(!r.text().contains("STARTTLS"));
+    }
+
+    #[test]
+    fn sequence_errors() {
+        let mut s = session();
+        assert_eq!(cmd(&mut s, "MAIL FROM:<a@example.test>"), 503);
+        assert_eq!(cmd(&mut s, "RCPT TO:<b@x.test>"), 503);
+        assert_eq!(cmd(&mut s, "DATA"), 503);
+        assert_eq!(cmd(&mut s, "EHLO c.test"), 250);
+        assert_eq!(cmd(&mut s, "DATA"), 503);
+        assert_eq!(cmd(&mut s, "MAIL FROM:<a@example.test>"), 250);
+        assert_eq!(cmd(&mut s, "MAIL FROM:<a@example.test>"), 503);
+        assert_eq!(cmd(&mut s, "DATA"), 554);
+    }
+
+    #[test]
+    fn sender_domain_policy() {
+        let mut s = session();
+        cmd(&mut s, "EHLO c.test");
+        assert_eq!(cmd(&mut s, "MAIL FROM:<a@other.test>"), 550);
+        assert_eq!(cmd(&mut s, "MAIL FROM:<a@sub.example.test>"), 550);
+        assert_eq!(cmd(&mut s, "MAIL FROM:<a@EXAMPLE.test>"), 250);
+        assert_eq!(cmd(&mut s, "RSET"), 250);
+        assert_eq!(cmd(&mut s, "MAIL FROM:<>"), 250);
+    }
+
+    #[test]
+    fn size_and_recipient_limits() {
+        let mut s = session();
+        cmd(&mut s, "EHLO c.test");
+        assert_eq!(cmd(&mut s, "MAIL FROM:<a@example.test> SIZE=1001"), 552);
+        assert_eq!(cmd(&mut s, "MAIL FROM:<a@example.test> SIZE=1000"), 250);
+        for i in 0..3 {
+            assert_eq!(cmd(&mut s, &format!("RCPT TO:<r{i}@x.test>")), 250);
+        }
+        assert_eq!(cmd(&mut s, "RCPT TO:<r9@x.test>"), 452);
+    }
+
+    #[test]
+    fn postmaster_is_accepted_and_qualified() {
+        let mut s = session();
+        cmd(&mut s, "EHLO c.test");
+        cmd(&mut s, "MAIL FROM:<>");
+        assert_eq!(cmd(&mut s, "RCPT TO:<Postmaster>"), 250);
+        assert!(matches!(s.command(b"DATA", true), Action::ReadData { .. }));
+        let Completed::Submit(sub) = s.data_done(Ok(b"Subject: x\r\n\r\n".to_vec()), 0) else {
+            panic!()
+        };
+        assert_eq!(
+            sub.envelope.recipients[0].address,
+            "postmaster@example.test"
+        );
+    }
+
+    #[test]
+    fn tls_required_before_mail() {
+        let mut c = cfg();
+        c.tls_required = true;
+        let mut s = session_with(c);
+        cmd(&mut s, "EHLO c.test");
+        assert_eq!(cmd(&mut s, "MAIL FROM:<a@example.test>"), 530);
+        assert!(matches!(s.command(b"STARTTLS", true), Action::StartTls(_)));
+        s.tls_established("TLSv1.3".into());
+        assert_eq!(
+            cmd(&mut s, "MAIL FROM:<a@example.test>"),
+            503,
+            "EHLO again after TLS"
+        );
+        cmd(&mut s, "EHLO c.test");
+        assert_eq!(cmd(&mut s, "MAIL FROM:<a@example.test>"), 250);
+    }
+
+    #[test]
+    fn unhealthy_spool_defers_at_mail() {
+        let mut s = session();
+        cmd(&mut s, "EHLO c.test");
+        assert_eq!(code(s.command(b"MAIL FROM:<a@example.test>", false)), 452);
+    }
+
+    #[test]
+    fn dsn_parameters_reach_the_envelope() {
+        let mut s = session();
+        cmd(&mut s, "EHLO c.test");
+        cmd(
+            &mut s,
+            "MAIL FROM:<a@example.test> RET=HDRS ENVID=abc BODY=8BITMIME",
+        );
+        cmd(
+            &mut s,
+            "RCPT TO:<b@x.test> NOTIFY=FAILURE,DELAY ORCPT=rfc822;b@x.test",
+        );
+        cmd(&mut s, "DATA");
+        let Completed::Submit(sub) =
+            s.data_done(Ok(b"Message-ID: <m@x>\r\n\r\nhi\r\n".to_vec()), 1_000_000)
+        else {
+            panic!()
+        };
+        let env = &sub.envelope;
+        assert_eq!(env.ret, Some(crate::envelope::Ret::Hdrs));
+        assert_eq!(env.envid.as_deref(), Some("abc"));
+        assert_eq!(env.body, BodyType::EightBitMime);
+        assert_eq!(
+            env.recipients[0].notify,
+            Some(Notify {
+                success: false,
+                failure: true,
+                delay: true
+            })
+        );
+        assert_eq!(env.recipients[0].orcpt.as_deref(), Some("rfc822;b@x.test"));
+        assert_eq!(env.message_id.as_deref(), Some("m@x"));
+        assert!(sub.data.starts_with(b"Received: from c.test ([127.0.0.1])"));
+        assert!(sub.data.ends_with(b"\r\nMessage-ID: <m@x>\r\n\r\nhi\r\n"));
+        assert_eq!(env.size, sub.data.len() as u64);
+        assert!(!s.in_transaction());
+    }
+
+    #[test]
+    fn bdat_chunks_accumulate() {
+        let mut s = session();
+        cmd(&mut s, "EHLO c.test");
+        cmd(&mut s, "MAIL FROM:<a@example.test> BODY=BINARYMIME");
+        cmd(&mut s, "RCPT TO:<b@x.test>");
+        assert_eq!(cmd(&mut s, "DATA"), 503, "BINARYMIME needs BDAT");
+        assert_eq!(
+            s.command(b"BDAT 5", true),
+            Action::ReadChunk {
+                size: 5,
+                last: false,
+                keep: true
+            }
+        );
+        s.chunk_buffer().unwrap().extend_from_slice(b"A: b\r");
+        assert!(matches!(s.chunk_done(5, false, 0), Completed::Reply(r) if r.code == 250));
+        assert_eq!(cmd(&mut s, "RCPT TO:<c@x.test>"), 503);
+        assert_eq!(
+            s.command(b"BDAT 5 LAST", true),
+            Action::ReadChunk {
+                size: 5,
+                last: true,
+                keep: true
+            }
+        );
+        s.chunk_buffer().unwrap().extend_from_slice(b"\n\r\n\0\xff");
+        let Completed::Submit(sub) = s.chunk_done(5, true, 0) else {
+            panic!()
+        };
+        assert!(sub.data.ends_with(b"A: b\r\n\r\n\0\xff"));
+        assert_eq!(sub.envelope.body, BodyType::BinaryMime);
+    }
+
+    #[test]
+    fn bdat_over_size_fails_the_rest_of_the_transaction() {
+        let mut s = session();
+        cmd(&mut s, "EHLO c.test");
+        cmd(&mut s, "MAIL FROM:<a@example.test>");
+        cmd(&mut s, "RCPT TO:<b@x.test>");
+        assert_eq!(
+            s.command(b"BDAT 900", true),
+            Action::ReadChunk {
+                size: 900,
+                last: false,
+                keep: true
+            }
+        );
+        s.chunk_buffer().unwrap().extend_from_slice(&[b'x'; 900]);
+        assert!(matches!(s.chunk_done(900, false, 0), Completed::Reply(r) if r.code == 250));
+        assert_eq!(
+            s.command(b"BDAT 200", true),
+            Action::ReadChunk {
+                size: 200,
+                last: false,
+                keep: false
+            }
+        );
+        assert!(matches!(s.chunk_done(200, false, 0), Completed::Reply(r) if r.code == 552));
+        assert_eq!(
+            s.command(b"BDAT 1 LAST", true),
+            Action::ReadChunk {
+                size: 1,
+                last: true,
+                keep: false
+            }
+        );
+        assert!(matches!(s.chunk_done(1, true, 0), Completed::Reply(r) if r.code == 552));
+        assert!(!s.in_transaction());
+    }
+
+    #[test]
+    fn bdat_without_transaction_is_discarded() {
+        let mut s = session();
+        cmd(&mut s, "EHLO c.test");
+        assert_eq!(
+            s.command(b"BDAT 3 LAST", true),
+            Action::ReadChunk {
+                size: 3,
+                last: true,
+                keep: false
+            }
+        );
+        assert!(matches!(s.chunk_done(3, true, 0), Completed::Reply(r) if r.code == 503));
+    }
+
+    #[test]
+    fn hop_limit() {
+        let mut s = session();
+        cmd(&mut s, "EHLO c.test");
+        cmd(&mut s, "MAIL FROM:<a@example.test>");
+        cmd(&mut s, "RCPT TO:<b@x.test>");
+        cmd(&mut s, "DATA");
+        let body = "Received: x\r\n".repeat(5) + "\r\nbody\r\n";
+        assert!(matches!(
+            s.data_done(Ok(body.into_bytes()), 0),
+            Completed::Submit(_)
+        ));
+        cmd(&mut s, "MAIL FROM:<a@example.test>");
+        cmd(&mut s, "RCPT TO:<b@x.test>");
+        cmd(&mut s, "DATA");
+        let body = "Received: x\r\n".repeat(6) + "\r\nbody\r\n";
+        let Completed::Reply(r) = s.data_done(Ok(body.into_bytes()), 0) else {
+            panic!()
+        };
+        assert_eq!((r.code, r.esc), (554, "5.4.6"));
+    }
+
+    #[test]
+    fn error_budget_closes_with_421() {
+        let mut s = session();
+        for _ in 0..9 {
+            assert_eq!(cmd(&mut s, "BOGUS"), 500);
+        }
+        assert!(matches!(s.command(b"BOGUS", true), Action::Close(r) if r.code == 421));
+    }
+
+    #[test]
+    fn long_lines() {
+        let mut s = session();
+        cmd(&mut s, "EHLO c.test");
+        let noop = format!("NOOP {}", "x".repeat(600));
+        assert_eq!(cmd(&mut s, &noop), 500);
+        let mail = format!("MAIL FROM:<a@example.test> ENVID={}", "x".repeat(100));
+        assert!(mail.len() > 130);
+        assert_eq!(cmd(&mut s, &mail), 250);
+    }
+
+    #[test]
+    fn sender_policy_round_trip() {
+        let mut c = cfg();
+        c.check_sender = true;
+        let mut s = session_with(c);
+        cmd(&mut s, "EHLO c.test");
+        assert_eq!(
+            s.command(b"MAIL FROM:<a@Example.test>", true),
+            Action::CheckSender("example.test".into())
+        );
+        let r = s.sender_checked(SenderVerdict::Reject(
+            "publish include:eu._netblocks.mimecast.com".into(),
+        ));
+        assert_eq!((r.code, r.esc), (550, "5.7.1"));
+        assert!(!s.in_transaction());
+        assert!(matches!(
+            s.command(b"MAIL FROM:<a@example.test>", true),
+            Action::CheckSender(_)
+        ));
+        assert_eq!(s.sender_checked(SenderVerdict::Accept).code, 250);
+        assert!(s.in_transaction());
+        assert_eq!(cmd(&mut s, "RSET"), 250);
+        assert_eq!(
+            cmd(&mut s, "MAIL FROM:<>"),
+            250,
+            "the null sender is never checked"
+        );
+    }
+
+    #[test]
+    fn non_ascii_recipient_needs_smtputf8() {
+        let mut s = session();
+        cmd(&mut s, "EHLO c.test");
+        cmd(&mut s, "MAIL FROM:<a@example.test>");
+        assert_eq!(cmd(&mut s, "RCPT TO:<ü@x.test>"), 553);
+        cmd(&mut s, "RSET");
+        cmd(&mut s, "MAIL FROM:<a@example.test> SMTPUTF8");
+        assert_eq!(cmd(&mut s, "RCPT TO:<ü@x.test>"), 250);
+    }
+}

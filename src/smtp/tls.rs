@@ -1,0 +1,60 @@
+//! Server-side TLS: certificate loading and the description recorded in Received.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::ServerConfig;
+use tokio_rustls::TlsAcceptor;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read certificate {path}: {reason}")]
+    Cert { path: String, reason: String },
+    #[error("cannot read private key {path}: {reason}")]
+    Key { path: String, reason: String },
+    #[error("certificate and key do not form a usable TLS configuration: {0}")]
+    Config(rustls::Error),
+}
+
+pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| TlsError::Cert {
+            path: cert.display().to_string(),
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Cert {
+            path: cert.display().to_string(),
+            reason: "no certificate in file".into(),
+        });
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
+        path: key.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    // TLS 1.2 and 1.3 only, as the platforms and the gateway use.
+    let config =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(TlsError::Config)?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(TlsError::Config)?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// "TLSv1.3 with cipher TLS13_AES_256_GCM_SHA384", for Received and logs.
+pub fn describe(conn: &rustls::CommonState) -> String {
+    let version = match conn.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+        _ => "TLS",
+    };
+    match conn.negotiated_cipher_suite() {
+        Some(suite) => format!("using {version} with cipher {:?}", suite.suite()),
+        None => format!("using {version}"),
+    }
+}
