@@ -14,3 +14,4 @@ pub mod regions;
 
 pub mod queue;
 pub mod smtp;
+pub mod spf;
