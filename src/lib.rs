@@ -13,5 +13,6 @@ pub mod pipeline;
 pub mod regions;
 
 pub mod queue;
+pub mod route;
 pub mod smtp;
 pub mod spf;

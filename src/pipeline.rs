@@ -61,8 +61,9 @@ pub enum PlanItem {
         recipients: Vec<usize>,
         spf: SpfOutcome,
     },
-    /// Keep these recipients queued with a temporary status (SPF not yet fixed).
-    Defer {
+    /// Do not send to these recipients; record the reply (4xx: they stay queued and are
+    /// retried, 5xx: they bounce). Used when SPF does not authorize the smart hosts.
+    Refuse {
         recipients: Vec<usize>,
         reply: Reply,
     },

@@ -254,6 +254,14 @@ pub fn preset(key: &str) -> Option<&'static Preset> {
     PRESETS.iter().find(|p| p.key == key)
 }
 
+/// The include to publish for a region: its own, or the global one where the vendor
+/// publishes none (`je`).
+pub fn spf_include_for(region: &str) -> &'static str {
+    preset(region)
+        .and_then(|p| p.spf_include)
+        .unwrap_or(GLOBAL_INCLUDE)
+}
+
 /// What an SPF include name authorizes, if it is one of the gateway's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GatewayInclude {

@@ -148,9 +148,6 @@ impl<S: Spool> Queue<S> {
                     queue_id = %env.id, route = %route.name, spf = spf.label(),
                     nrcpt = recipients.len(), "routed"
                 );
-                metrics::counter!("smartrelay_routing_decisions_total",
-                    "route" => route.name.clone(), "spf" => spf.label())
-                .increment(1);
                 self.events
                     .publish(Event::Routed {
                         id: env.id.clone(),
@@ -162,7 +159,7 @@ impl<S: Spool> Queue<S> {
                 let out = courier.deliver(&route, env, data, &recipients).await;
                 (route.name.clone(), out.host, out.replies)
             }
-            PlanItem::Defer { recipients, reply } => (
+            PlanItem::Refuse { recipients, reply } => (
                 String::new(),
                 String::new(),
                 recipients.into_iter().map(|i| (i, reply.clone())).collect(),

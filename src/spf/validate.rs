@@ -36,17 +36,8 @@ impl Report {
     }
 }
 
-/// The include name to publish for a region: its own, or the global one where the
-/// vendor publishes none.
-pub fn include_for(region: &str) -> String {
-    regions::preset(region)
-        .and_then(|p| p.spf_include)
-        .unwrap_or(GLOBAL_INCLUDE)
-        .to_string()
-}
-
 pub fn validate(walk: Walk, region: &str) -> Report {
-    let expected = include_for(region);
+    let expected = regions::spf_include_for(region).to_string();
     let mut findings = walk.findings.clone();
     let mut add = |severity, code: &'static str, message: String, term: Option<String>| {
         findings.push(Finding {
