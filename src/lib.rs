@@ -6,13 +6,17 @@
 //! trusted-sender list) and `admin` (HTTP API, dashboard, metrics). Types several stages
 //! share sit below them all: `envelope`, `regions`, `events`, `pipeline`.
 
+pub mod admin;
+pub mod app;
 pub mod config;
 pub mod envelope;
 pub mod events;
 pub mod pipeline;
 pub mod regions;
 
+pub mod deliver;
 pub mod queue;
 pub mod route;
 pub mod smtp;
 pub mod spf;
+pub mod trusted;

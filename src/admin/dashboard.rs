@@ -1,0 +1,385 @@
+//! The onboarding dashboard at `/`: server-rendered HTML, no JavaScript. It reads the
+//! same data as the JSON API and posts the same endpoints (confirm, verify) as forms.
+
+use std::fmt::Write;
+use std::time::Duration;
+
+use axum::extract::{Form, State};
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use serde::Deserialize;
+
+use super::onboarding::{self, StepState};
+use super::{trusted_api, Shared};
+use crate::envelope::{now_ms, Millis};
+use crate::spf::walk::Node;
+use crate::spf::Severity;
+use crate::trusted::export::rfc3339;
+
+fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn when(ms: Millis) -> String {
+    if ms == 0 {
+        "never".into()
+    } else {
+        rfc3339(ms)
+    }
+}
+
+const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:2em auto;max-width:70em;color:#222}
+h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}
+.step{padding:.4em .6em;margin:.3em 0;border-left:4px solid #bbb;background:#fafafa}
+.done{border-color:#2e7d32}.failing{border-color:#c62828}.todo{border-color:#9e9e9e}
+.mark{font-weight:bold;margin-right:.4em}.done .mark{color:#2e7d32}.failing .mark{color:#c62828}.todo .mark{color:#757575}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:.2em .5em;text-align:left;font-size:.9em}
+code,pre{background:#f0f0f0;padding:.1em .3em}pre{padding:.5em;white-space:pre-wrap}
+.error{color:#c62828}.warning{color:#ef6c00}.info{color:#555}.notify{background:#ffebee}
+form{display:inline}button{margin:.3em 0}";
+
+fn page_shell(title: &str, body: &str) -> String {
+    format!(
+        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{}</title><style>{STYLE}</style></head><body>{body}</body></html>",
+        esc(title)
+    )
+}
+
+pub fn login_page() -> Response {
+    let body = "<h1>smartrelay</h1><p>This dashboard needs the admin token.</p>\
+        <form method=\"post\" action=\"/login\"><label>Token <input type=\"password\" name=\"token\"></label> \
+        <button type=\"submit\">Sign in</button></form>";
+    (
+        StatusCode::UNAUTHORIZED,
+        Html(page_shell("smartrelay: sign in", body)),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+pub struct LoginForm {
+    token: String,
+}
+
+pub async fn login(State(st): State<Shared>, Form(f): Form<LoginForm>) -> Response {
+    let ok = st
+        .config
+        .admin
+        .token
+        .as_deref()
+        .is_some_and(|t| super::token_matches(t, f.token.trim()));
+    if !ok {
+        return login_page();
+    }
+    let cookie = format!(
+        "smartrelay_token={}; Path=/; HttpOnly; SameSite=Strict",
+        f.token.trim()
+    );
+    let mut resp = Redirect::to("/").into_response();
+    if let Ok(v) = cookie.parse() {
+        resp.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    resp
+}
+
+pub async fn page(State(st): State<Shared>) -> Response {
+    let mut b = String::new();
+    let cfg = &st.config;
+    let _ = write!(b, "<h1>smartrelay on {}</h1>", esc(&cfg.server.hostname));
+    let steps = match onboarding::compute_steps(&st).await {
+        Ok(s) => s,
+        Err(e) => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Html(page_shell("smartrelay", &esc(&e.1))),
+            )
+                .into_response()
+        }
+    };
+    let done = steps
+        .steps
+        .iter()
+        .filter(|s| s.state == StepState::Done)
+        .count();
+    let _ = write!(
+        b,
+        "<p id=\"overall\" data-complete=\"{}\">Onboarding: {done} of {} steps done.</p><h2>Onboarding</h2>",
+        steps.complete,
+        steps.steps.len()
+    );
+    let reports = onboarding::spf_reports(&st, &cfg.routing.region).await;
+    let ips = onboarding::outbound_ips_view(&st).await.ok();
+    let verification = onboarding::last_verification(&st).await;
+    for step in &steps.steps {
+        let (class, mark) = match step.state {
+            StepState::Done => ("done", "✔"),
+            StepState::Failing => ("failing", "❗"),
+            StepState::Todo => ("todo", "○"),
+        };
+        let _ = write!(
+            b,
+            "<div class=\"step {class}\" id=\"step-{id}\" data-step=\"{id}\" data-state=\"{class}\"><span class=\"mark\">{mark}</span><strong>{}</strong> — {}",
+            esc(&step.title),
+            esc(&step.reason),
+            id = esc(&step.id)
+        );
+        b.push_str("<details><summary>More</summary>");
+        if step.id == "outbound_ips" {
+            if let Some(ips) = &ips {
+                outbound_details(&mut b, ips);
+            }
+        } else if let Some(domain) = step.id.strip_prefix("spf:") {
+            if let Some(r) = reports.iter().find(|r| r.domain == domain) {
+                spf_details(&mut b, r);
+            }
+        } else if step.id == "connector" {
+            connector_details(&mut b, verification.as_ref());
+        } else if step.id == "domains" {
+            let _ = write!(
+                b,
+                "<p>Mail is relayed only for: {}</p>",
+                esc(&cfg.access.domains.join(", "))
+            );
+        } else if step.id == "mail_flowing" {
+            b.push_str("<p>See the outbound flow below.</p>");
+        }
+        b.push_str("</details></div>");
+    }
+    if let Ok(s) = onboarding::summary_for(&st, Duration::from_secs(86_400)).await {
+        let _ = write!(
+            b,
+            "<h2 id=\"flow\">Outbound flow, last 24 hours</h2><p id=\"flow-totals\">{} accepted, {} delivered, {} deferred, {} bounced, {} connections refused</p>",
+            s.accepted, s.delivered, s.deferred, s.bounced, s.refused_connections
+        );
+        count_table(&mut b, "By source address", &s.by_source);
+        count_table(&mut b, "By sender domain", &s.by_sender_domain);
+        b.push_str("<table><tr><th>Route / smart host</th><th>Delivered</th><th>Deferred</th><th>Bounced</th></tr>");
+        for r in s.by_route.iter().chain(&s.by_smart_host) {
+            let _ = write!(
+                b,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                esc(&r.key),
+                r.delivered,
+                r.deferred,
+                r.bounced
+            );
+        }
+        b.push_str("</table>");
+        count_table(&mut b, "Top upstream replies", &s.top_replies);
+    }
+    let queue = st.queue.list();
+    let held = queue.iter().filter(|q| q.held).count();
+    let _ = write!(
+        b,
+        "<h2 id=\"queue\">Queue</h2><p id=\"queue-count\">{} message(s) queued, {held} held.</p>",
+        queue.len()
+    );
+    if !queue.is_empty() {
+        b.push_str("<table><tr><th>ID</th><th>Sender</th><th>Recipients</th><th>Attempts</th><th>Next attempt</th><th>Last reply</th></tr>");
+        for q in queue.iter().take(25) {
+            let _ = write!(
+                b,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                q.id,
+                esc(if q.sender.is_empty() { "<>" } else { &q.sender }),
+                q.recipients.len(),
+                q.attempts,
+                if q.held {
+                    "held".into()
+                } else {
+                    when(q.next_attempt)
+                },
+                esc(&q
+                    .last_reply
+                    .as_ref()
+                    .map(|r| r.to_string())
+                    .unwrap_or_default())
+            );
+        }
+        b.push_str("</table>");
+    }
+    b.push_str("<h2 id=\"trusted\">Trusted senders</h2>");
+    match trusted_api::stats_of(&st).await {
+        Ok(t) => {
+            let _ = write!(
+                b,
+                "<p id=\"trusted-progress\" data-ready=\"{}\">{} addresses in {} domains learned; {} of {} days observed{}.</p>",
+                t.ready,
+                t.recipients,
+                t.domains,
+                t.days_observed.min(u64::from(t.learning_days)),
+                t.learning_days,
+                if t.ready { " — ready" } else { " — still learning" }
+            );
+        }
+        Err(e) => {
+            let _ = write!(b, "<p>{}</p>", esc(&e.1));
+        }
+    }
+    let _ = write!(b, "<p><small>Rendered {}.</small></p>", rfc3339(now_ms()));
+    Html(page_shell("smartrelay onboarding", &b)).into_response()
+}
+
+fn count_table(b: &mut String, title: &str, rows: &[super::activity::Count]) {
+    let _ = write!(
+        b,
+        "<table><tr><th>{}</th><th>Messages</th></tr>",
+        esc(title)
+    );
+    for r in rows {
+        let _ = write!(b, "<tr><td>{}</td><td>{}</td></tr>", esc(&r.key), r.count);
+    }
+    b.push_str("</table>");
+}
+
+fn outbound_details(b: &mut String, ips: &onboarding::OutboundIps) {
+    let _ = write!(
+        b,
+        "<p>Configured ranges: <code>{}</code></p>",
+        esc(&ips.ranges.join(", "))
+    );
+    if !ips.notify.is_empty() {
+        b.push_str("<p class=\"error\"><strong>Refused addresses that look like your servers</strong> — add them to access.allowed_ranges, or notify support:</p><ul>");
+        for n in &ips.notify {
+            let _ = write!(
+                b,
+                "<li class=\"notify\">{} — {}</li>",
+                esc(&n.source.ip),
+                esc(n.why.as_deref().unwrap_or(""))
+            );
+        }
+        b.push_str("</ul>");
+    }
+    b.push_str("<table id=\"sources\"><tr><th>Source address</th><th>Allowed</th><th>Sessions</th><th>Refused</th><th>Messages</th><th>Last seen</th></tr>");
+    for s in &ips.sources {
+        let _ = write!(
+            b,
+            "<tr{}><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            if s.notify { " class=\"notify\"" } else { "" },
+            esc(&s.source.ip),
+            if s.allowed { "yes" } else { "no" },
+            s.source.connections,
+            s.source.refused,
+            s.source.messages,
+            when(s.source.last_seen)
+        );
+    }
+    b.push_str("</table>");
+    if ips.confirmed {
+        let _ = write!(
+            b,
+            "<p>Confirmed {}.</p>",
+            when(ips.confirmed_at.unwrap_or(0))
+        );
+    } else {
+        b.push_str("<form method=\"post\" action=\"/api/v1/onboarding/outbound-ips/confirm\"><input type=\"hidden\" name=\"confirm\" value=\"1\"><button type=\"submit\" id=\"confirm-ips\">Confirm these ranges</button></form>");
+    }
+}
+
+fn spf_details(b: &mut String, r: &crate::spf::validate::Report) {
+    let _ = write!(
+        b,
+        "<p class=\"spf-result\" data-valid=\"{}\">{} SPF for {} against include:{} — {} of 10 DNS lookups, {} void</p>",
+        r.valid,
+        if r.valid { "✔ valid" } else { "❗ not valid" },
+        esc(&r.domain),
+        esc(&r.include),
+        r.lookups,
+        r.void_lookups
+    );
+    for rec in &r.records {
+        let _ = write!(b, "<p>Published: <code>{}</code></p>", esc(rec));
+    }
+    if !r.findings.is_empty() {
+        b.push_str("<ul class=\"findings\">");
+        for f in &r.findings {
+            let class = match f.severity {
+                Severity::Error => "error",
+                Severity::Warning => "warning",
+                Severity::Info => "info",
+            };
+            let _ = write!(
+                b,
+                "<li class=\"{class}\" data-code=\"{}\">{class}: {}{}</li>",
+                f.code,
+                esc(&f.message),
+                f.term
+                    .as_ref()
+                    .map(|t| format!(" (<code>{}</code>)", esc(t)))
+                    .unwrap_or_default()
+            );
+        }
+        b.push_str("</ul>");
+    }
+    let _ = write!(
+        b,
+        "<p>Recommended record:</p><pre class=\"recommended\">{}</pre>",
+        esc(&r.recommended)
+    );
+    b.push_str("<details><summary>Include tree</summary>");
+    tree(b, &r.tree);
+    b.push_str("</details>");
+}
+
+fn tree(b: &mut String, n: &Node) {
+    let _ = write!(
+        b,
+        "<ul><li>{} <code>{}</code> ({} lookups{}){}",
+        esc(n.via),
+        esc(&n.domain),
+        n.total_lookups,
+        n.error
+            .as_ref()
+            .map(|e| format!(", <span class=\"error\">{}</span>", esc(e)))
+            .unwrap_or_default(),
+        n.record
+            .as_ref()
+            .map(|r| format!("<br><small>{}</small>", esc(r)))
+            .unwrap_or_default()
+    );
+    for c in &n.children {
+        tree(b, c);
+    }
+    b.push_str("</li></ul>");
+}
+
+fn connector_details(b: &mut String, v: Option<&onboarding::Verification>) {
+    match v {
+        Some(v) => {
+            let _ = write!(
+                b,
+                "<p id=\"connector\">Last verified {}: {}</p>",
+                when(v.at),
+                esc(&v.reason)
+            );
+            b.push_str("<table><tr><th>Route</th><th>Smart host</th><th>Reachable</th><th>STARTTLS</th><th>TLS</th><th>Certificate</th><th>Result</th></tr>");
+            for h in &v.hosts {
+                let _ = write!(
+                    b,
+                    "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                    esc(&h.route),
+                    esc(&h.host),
+                    if h.reachable { "yes" } else { "no" },
+                    match h.starttls_offered { Some(true) => "offered", Some(false) => "not offered", None => "?" },
+                    esc(h.tls.as_deref().unwrap_or("none")),
+                    match h.certificate_verified { Some(true) => "verified", Some(false) => "does not verify", None => "-" },
+                    if h.ok { "✔".to_string() } else { format!("❗ {}", esc(h.error.as_deref().unwrap_or(""))) }
+                );
+            }
+            b.push_str("</table>");
+        }
+        None => b.push_str("<p id=\"connector\">Not verified yet.</p>"),
+    }
+    b.push_str("<form method=\"post\" action=\"/api/v1/onboarding/connector/verify\"><input type=\"hidden\" name=\"verify\" value=\"1\"><button type=\"submit\" id=\"verify-connector\">Verify connector</button></form>");
+}

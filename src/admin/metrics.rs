@@ -1,0 +1,142 @@
+//! The Prometheus recorder: installed once per process, rendered at `GET /metrics`.
+//! Names follow Prometheus conventions: `smartrelay_` prefix, `_total` counters, base
+//! units in `_seconds` and `_bytes`; labels take values from small fixed sets only.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+const SECONDS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
+/// Installs the recorder on first call; later calls return the same handle.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS)
+                .and_then(|b| b.install_recorder())
+                .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder().handle());
+            describe();
+            handle
+        })
+        .clone()
+}
+
+/// Histograms need their buckets drained now and then.
+pub fn spawn_upkeep(handle: PrometheusHandle) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            handle.run_upkeep();
+        }
+    });
+}
+
+fn describe() {
+    describe_counter!(
+        "smartrelay_connections_accepted_total",
+        "SMTP connections admitted to a session"
+    );
+    describe_counter!(
+        "smartrelay_connections_refused_total",
+        "SMTP connections refused, by reason (ip_not_allowed, limit, tls_required)"
+    );
+    describe_gauge!("smartrelay_sessions_active", "SMTP sessions in progress");
+    describe_counter!(
+        "smartrelay_messages_accepted_total",
+        "Messages queued (250 after fsync)"
+    );
+    describe_counter!(
+        "smartrelay_messages_refused_total",
+        "Commands refused at MAIL, RCPT or DATA, by stage and enhanced status code"
+    );
+    describe_counter!(
+        "smartrelay_received_bytes_total",
+        Unit::Bytes,
+        "Octets of message data queued"
+    );
+    describe_histogram!(
+        "smartrelay_accept_latency_seconds",
+        Unit::Seconds,
+        "From end of data to the 250 reply (includes fsync)"
+    );
+    describe_gauge!("smartrelay_queue_messages", "Messages in the queue");
+    describe_gauge!(
+        "smartrelay_queue_recipients",
+        "Recipients still pending in the queue"
+    );
+    describe_gauge!(
+        "smartrelay_queue_oldest_age_seconds",
+        Unit::Seconds,
+        "Age of the oldest queued message"
+    );
+    describe_counter!(
+        "smartrelay_queue_retries_total",
+        "Delivery attempts that left recipients for a retry"
+    );
+    describe_counter!(
+        "smartrelay_queue_write_errors_total",
+        "Failed spool writes (the client got 452)"
+    );
+    describe_counter!(
+        "smartrelay_messages_expired_total",
+        "Messages that reached queue.max_age"
+    );
+    describe_counter!(
+        "smartrelay_dsn_sent_total",
+        "Delivery status notifications queued, by action"
+    );
+    describe_counter!(
+        "smartrelay_delivery_recipients_total",
+        "Recipient outcomes per route and smart host (delivered, deferred, bounced)"
+    );
+    describe_histogram!(
+        "smartrelay_upstream_transaction_seconds",
+        Unit::Seconds,
+        "One upstream mail transaction, MAIL to final reply"
+    );
+    describe_counter!(
+        "smartrelay_upstream_connections_total",
+        "Upstream sessions opened, by route and whether TLS was used"
+    );
+    describe_counter!(
+        "smartrelay_upstream_connection_failures_total",
+        "Smart hosts that could not take a delivery (connect, TLS, timeout, 421)"
+    );
+    describe_counter!(
+        "smartrelay_routing_decisions_total",
+        "Routing decisions by route and SPF outcome"
+    );
+    describe_gauge!(
+        "smartrelay_trusted_entries",
+        "Entries in the trusted-sender list"
+    );
+    describe_counter!(
+        "smartrelay_trusted_new_entries_total",
+        "Trusted-sender entries created"
+    );
+    describe_gauge!(
+        "smartrelay_onboarding_spf_valid",
+        "1 when the domain's SPF record passes the gateway validation"
+    );
+    describe_gauge!(
+        "smartrelay_onboarding_outbound_ips_confirmed",
+        "1 when the configured outbound IP ranges are confirmed"
+    );
+    describe_gauge!(
+        "smartrelay_onboarding_connector_verified",
+        "1 when the last connector verification succeeded"
+    );
+    describe_counter!(
+        "smartrelay_events_dropped_total",
+        "In-process events a lossy subscriber missed"
+    );
+}

@@ -1,0 +1,69 @@
+//! `/api/v1/queue`: what is queued, and the operator's levers (flush, hold, release,
+//! remove).
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+use serde_json::json;
+
+use super::{ApiError, Shared};
+use crate::envelope::QueueId;
+use crate::queue::QueueError;
+
+fn id_of(raw: &str) -> Result<QueueId, ApiError> {
+    QueueId::parse(raw).ok_or_else(|| ApiError::bad_request(format!("`{raw}` is not a queue ID")))
+}
+
+fn queue_error(e: QueueError) -> ApiError {
+    match e {
+        QueueError::NotFound(id) => ApiError::not_found(format!("no message {id} in the queue")),
+        other => ApiError::internal(other),
+    }
+}
+
+pub async fn list(State(st): State<Shared>) -> impl IntoResponse {
+    let messages = st.queue.list();
+    Json(json!({ "count": messages.len(), "messages": messages }))
+}
+
+pub async fn show(
+    State(st): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let id = id_of(&id)?;
+    st.queue
+        .show(&id)
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("no message {id} in the queue")))
+}
+
+pub async fn flush(State(st): State<Shared>) -> impl IntoResponse {
+    let n = st.queue.flush();
+    Json(json!({ "rescheduled": n }))
+}
+
+pub async fn hold(
+    State(st): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let id = id_of(&id)?;
+    st.queue.hold(&id).await.map(Json).map_err(queue_error)
+}
+
+pub async fn release(
+    State(st): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let id = id_of(&id)?;
+    st.queue.release(&id).await.map(Json).map_err(queue_error)
+}
+
+pub async fn remove(
+    State(st): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let id = id_of(&id)?;
+    st.queue.remove(&id).await.map_err(queue_error)?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,89 @@
+//! `/api/v1/trusted-senders`: the learned list, paged and filtered, as JSON or CSV, and
+//! the learning progress.
+
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+
+use super::{ApiError, Shared};
+use crate::envelope::now_ms;
+use crate::trusted::export::{csv_row, parse_since, CSV_HEADER};
+use crate::trusted::store::{Filter, Stats};
+use crate::trusted::Store;
+
+#[derive(Deserialize, Default)]
+pub struct ListQuery {
+    format: Option<String>,
+    sender: Option<String>,
+    domain: Option<String>,
+    since: Option<String>,
+    min_count: Option<u64>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+fn store(st: &Shared) -> Result<Arc<Store>, ApiError> {
+    st.trusted.clone().ok_or_else(|| {
+        ApiError::not_found("the trusted-sender list is disabled (trusted.enabled = false)")
+    })
+}
+
+pub async fn list(
+    State(st): State<Shared>,
+    Query(q): Query<ListQuery>,
+) -> Result<Response, ApiError> {
+    let store = store(&st)?;
+    let since = q
+        .since
+        .as_deref()
+        .map(|s| parse_since(s, now_ms()))
+        .transpose()
+        .map_err(ApiError::bad_request)?;
+    let filter = Filter {
+        sender: q.sender.filter(|s| !s.is_empty()),
+        domain: q.domain.filter(|s| !s.is_empty()),
+        since,
+        min_count: q.min_count,
+        limit: q.limit.unwrap_or(1000),
+        cursor: q.cursor.filter(|s| !s.is_empty()),
+    };
+    let page = tokio::task::spawn_blocking(move || store.list(&filter))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    match q.format.as_deref().unwrap_or("json") {
+        "json" => Ok(Json(page).into_response()),
+        "csv" => {
+            let mut body = format!("{CSV_HEADER}\r\n");
+            for e in &page.entries {
+                body.push_str(&csv_row(e));
+            }
+            let mut resp =
+                ([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], body).into_response();
+            if let Some(c) = page.next_cursor.and_then(|c| c.parse().ok()) {
+                resp.headers_mut().insert("x-next-cursor", c);
+            }
+            Ok(resp)
+        }
+        other => Err(ApiError::bad_request(format!(
+            "unknown format `{other}` (json or csv)"
+        ))),
+    }
+}
+
+pub async fn stats_of(st: &Shared) -> Result<Stats, ApiError> {
+    let store = store(st)?;
+    let days = st.config.trusted.learning_days;
+    tokio::task::spawn_blocking(move || store.stats(now_ms(), days))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)
+}
+
+pub async fn stats(State(st): State<Shared>) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(stats_of(&st).await?))
+}

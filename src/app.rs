@@ -1,0 +1,286 @@
+//! Puts the stages together and runs them: everything that can fail (certificates,
+//! spool lock, databases, binding) fails before the first connection is accepted.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::admin::activity::{Activity, ActivityError};
+use crate::admin::{self, AdminState};
+use crate::config::Config;
+use crate::deliver::connection::ClientSettings;
+use crate::deliver::pool::PoolSettings;
+use crate::deliver::Deliverer;
+use crate::events::EventBus;
+use crate::queue::file::FileSpool;
+use crate::queue::retry::RetryPolicy;
+use crate::queue::spool::SpoolError;
+use crate::queue::{Queue, QueueSettings};
+use crate::route::SpfRouter;
+use crate::smtp::conn::{Phase, Shared};
+use crate::smtp::listener::{Gate, Listener};
+use crate::smtp::session::SessionConfig;
+use crate::smtp::tls::{acceptor, TlsError};
+use crate::spf::dns::{HickoryDns, ResolverError};
+use crate::spf::SpfService;
+use crate::trusted::store::StoreError;
+use crate::trusted::{self, TrustPolicy};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Resolver(#[from] ResolverError),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    #[error(transparent)]
+    Activity(#[from] ActivityError),
+    #[error(transparent)]
+    Trusted(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+fn session_config(cfg: &Config) -> SessionConfig {
+    SessionConfig {
+        hostname: cfg.server.hostname.clone(),
+        max_message_size: cfg.server.max_message_size,
+        max_recipients: cfg.server.max_recipients,
+        max_line_length: cfg.server.max_line_length,
+        hop_limit: cfg.server.hop_limit,
+        max_errors: cfg.server.max_errors,
+        bare_line_endings: cfg.server.bare_line_endings,
+        domains: cfg.access.domains.clone(),
+        postmaster_domain: cfg.access.domains[0].clone(),
+        starttls: cfg.tls.is_some(),
+        tls_required: cfg.tls.as_ref().is_some_and(|t| t.require),
+        check_sender: cfg.routing.spf_aware
+            && cfg.routing.on_unauthorized == crate::config::OnUnauthorized::Reject,
+    }
+}
+
+/// Runs the relay until `shutdown` completes, then stops gracefully.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    let cfg = Arc::new(cfg);
+    let metrics = admin::metrics::install();
+    admin::metrics::spawn_upkeep(metrics.clone());
+
+    let tls = match &cfg.tls {
+        Some(t) => Some(acceptor(&t.cert, &t.key)?),
+        None => None,
+    };
+    let dns = HickoryDns::new(&cfg.dns.nameservers, cfg.dns.timeout.0)?;
+    let spool = Arc::new(FileSpool::open(&cfg.queue.dir)?);
+    let activity = Arc::new(Activity::open(&cfg.admin.database)?);
+    let trusted_store = if cfg.trusted.enabled {
+        Some(Arc::new(trusted::Store::open(&cfg.trusted.database)?))
+    } else {
+        None
+    };
+
+    let mut smtp_listeners = Vec::new();
+    for addr in &cfg.server.listen {
+        smtp_listeners.push((bind(*addr).await?, false));
+    }
+    for addr in &cfg.server.listen_tls {
+        smtp_listeners.push((bind(*addr).await?, true));
+    }
+    let admin_listener = match cfg.admin.listen {
+        Some(a) => Some(bind(a).await?),
+        None => None,
+    };
+
+    let mut bus = EventBus::new();
+    let activity_rx = bus.subscribe(65_536, false);
+    let trusted_rx = trusted_store.as_ref().map(|_| bus.subscribe(8192, true));
+
+    let queue = Queue::recover(
+        spool,
+        QueueSettings {
+            retry: RetryPolicy {
+                retry: cfg.queue.retry.iter().map(|d| d.0).collect(),
+                max_age: cfg.queue.max_age.0,
+                delay_warning: cfg.queue.delay_warning.map(|d| d.0),
+            },
+            concurrency: cfg.queue.concurrency,
+            hostname: cfg.server.hostname.clone(),
+        },
+        bus.clone(),
+    )?;
+    let spf = Arc::new(SpfService::new(dns, cfg.dns.spf_timeout.0));
+    let router = Arc::new(SpfRouter::new(
+        &cfg.routing,
+        cfg.access.internal_domains.clone(),
+        spf.clone(),
+    ));
+    let d = &cfg.delivery;
+    let deliverer = Arc::new(Deliverer::new(
+        ClientSettings {
+            helo_name: cfg.helo_name().to_string(),
+            connect_timeout: d.connect_timeout.0,
+            command_timeout: d.command_timeout.0,
+            data_timeout: d.data_timeout.0,
+        },
+        PoolSettings {
+            max_per_host: d.max_connections_per_host,
+            max_messages: d.connection_max_messages,
+            max_age: d.connection_max_age.0,
+            idle_timeout: d.idle_timeout.0,
+            backoff: d.host_backoff.0,
+        },
+    ));
+    deliverer.spawn_reaper(d.idle_timeout.0 / 2);
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let scheduler = tokio::spawn(queue.clone().run(
+        router.clone(),
+        deliverer.clone(),
+        stop_rx.clone(),
+    ));
+    let activity_task = tokio::spawn(activity.clone().record(activity_rx, stop_rx.clone()));
+    let trusted_task = match (&trusted_store, trusted_rx) {
+        (Some(store), Some(rx)) => {
+            if let Ok(n) = store.count() {
+                metrics::gauge!("smartrelay_trusted_entries").set(n as f64);
+            }
+            let policy = TrustPolicy::new(
+                &cfg.access.internal_domains,
+                &cfg.trusted.exclude_senders,
+                &cfg.trusted.exclude_recipient_domains,
+            );
+            spawn_pruner(
+                store.clone(),
+                cfg.trusted.retention.0,
+                cfg.trusted.prune_interval.0,
+            );
+            Some(tokio::spawn(trusted::recorder::record(
+                store.clone(),
+                policy,
+                rx,
+                cfg.trusted.batch_size,
+                cfg.trusted.flush_interval.0,
+                stop_rx.clone(),
+            )))
+        }
+        _ => None,
+    };
+
+    let (phase_tx, phase_rx) = watch::channel(Phase::Running);
+    let gate = Arc::new(Gate::new(
+        cfg.access.allowed_ranges.clone(),
+        cfg.server.max_connections,
+        cfg.server.max_connections_per_ip,
+    ));
+    let listener = Arc::new(Listener {
+        shared: Arc::new(Shared {
+            cfg: Arc::new(session_config(&cfg)),
+            intake: queue.clone(),
+            policy: router.clone(),
+            events: bus.clone(),
+            command_timeout: cfg.server.command_timeout.0,
+            data_timeout: cfg.server.data_timeout.0,
+            session_timeout: cfg.server.session_timeout.0,
+        }),
+        gate: gate.clone(),
+        tls,
+    });
+    for (l, implicit) in smtp_listeners {
+        if let Ok(addr) = l.local_addr() {
+            tracing::info!(%addr, implicit_tls = implicit, "smtp listening");
+        }
+        tokio::spawn(listener.clone().serve(l, implicit, phase_rx.clone()));
+    }
+    let state = Arc::new(AdminState {
+        config: cfg.clone(),
+        queue: queue.clone(),
+        spf,
+        deliverer: deliverer.clone(),
+        activity: activity.clone(),
+        trusted: trusted_store.clone(),
+        metrics,
+        listening: false.into(),
+    });
+    state.listening.store(true, Ordering::Relaxed);
+    let (admin_stop_tx, mut admin_stop_rx) = watch::channel(false);
+    let admin_task = admin_listener.map(|l| {
+        if let Ok(addr) = l.local_addr() {
+            tracing::info!(%addr, "admin listening");
+        }
+        let app = admin::router(state.clone());
+        tokio::spawn(async move {
+            let stop = async move {
+                let _ = admin_stop_rx.changed().await;
+            };
+            if let Err(e) = axum::serve(l, app).with_graceful_shutdown(stop).await {
+                tracing::error!(error = %e, "admin server failed");
+            }
+        })
+    });
+    tracing::info!(queued = queue.len(), "ready");
+
+    shutdown.await;
+    tracing::info!("stopping: no new connections; sessions may finish");
+    let _ = phase_tx.send(Phase::Draining);
+    let deadline = Instant::now() + cfg.server.shutdown_timeout.0;
+    if !gate.wait_idle(deadline).await {
+        tracing::warn!(
+            active = gate.active(),
+            "sessions still open at the deadline: closing them with 421"
+        );
+        let _ = phase_tx.send(Phase::Stop);
+        gate.wait_idle(Instant::now() + Duration::from_secs(2))
+            .await;
+    }
+    let _ = stop_tx.send(true);
+    let _ = scheduler.await;
+    if let Some(t) = trusted_task {
+        let _ = t.await;
+    }
+    let _ = activity_task.await;
+    let _ = admin_stop_tx.send(true);
+    if let Some(t) = admin_task {
+        let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn spawn_pruner(store: Arc<trusted::Store>, retention: Duration, every: Duration) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every.max(Duration::from_secs(1)));
+        loop {
+            tick.tick().await;
+            let s = store.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                let removed = s.prune(retention, crate::envelope::now_ms())?;
+                Ok::<_, StoreError>((removed, s.count()?))
+            })
+            .await;
+            match result {
+                Ok(Ok((removed, total))) => {
+                    metrics::gauge!("smartrelay_trusted_entries").set(total as f64);
+                    if removed > 0 {
+                        tracing::info!(removed, "trusted-sender entries expired");
+                    }
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "trusted-sender pruning failed"),
+                Err(e) => tracing::warn!(error = %e, "trusted-sender pruning failed"),
+            }
+        }
+    });
+}

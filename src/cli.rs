@@ -1,0 +1,490 @@
+//! The command line: `run`, `check-config`, and the operator verbs (queue, spf,
+//! onboarding, trusted). Binary-side code, so errors are `anyhow` here.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::Value;
+
+use smartrelay::config::{Config, Dur, LogFormat};
+use smartrelay::envelope::now_ms;
+use smartrelay::spf::dns::HickoryDns;
+use smartrelay::spf::{Severity, SpfService};
+use smartrelay::trusted::export::{csv_row, parse_since, read_addresses, rfc3339, CSV_HEADER};
+use smartrelay::trusted::store::{Filter, Store};
+
+const DEFAULT_CONFIG: &str = "config/smartrelay.toml";
+
+#[derive(Parser)]
+#[command(
+    name = "smartrelay",
+    version,
+    about = "SMTP outbound relay to the gateway's regional smart hosts"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the relay.
+    Run {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Overrides log.format.
+        #[arg(long, value_enum)]
+        log_format: Option<Format>,
+    },
+    /// Check the configuration and exit (non-zero when it is not valid).
+    CheckConfig {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Inspect and steer the running instance's queue.
+    Queue {
+        #[command(subcommand)]
+        action: QueueCmd,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// SPF checks that need no running relay.
+    Spf {
+        #[command(subcommand)]
+        action: SpfCmd,
+    },
+    /// The gateway onboarding steps, from the running instance.
+    Onboarding {
+        #[command(subcommand)]
+        action: OnboardingCmd,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// The trusted-sender list (works on the database directly).
+    Trusted {
+        #[command(subcommand)]
+        action: TrustedCmd,
+        #[arg(long, default_value = DEFAULT_CONFIG, global = true)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ExportFormat {
+    Csv,
+    Json,
+}
+
+/// How to reach the running instance's admin API.
+#[derive(Args)]
+pub struct Remote {
+    #[arg(long, default_value = DEFAULT_CONFIG, global = true)]
+    config: PathBuf,
+    /// Admin API base URL; defaults to http://<admin.listen>.
+    #[arg(long, global = true)]
+    admin: Option<String>,
+    /// Bearer token; defaults to admin.token or $SMARTRELAY_TOKEN.
+    #[arg(long, global = true)]
+    token: Option<String>,
+    /// Print the API's JSON instead of a summary.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum QueueCmd {
+    List,
+    Show {
+        id: String,
+    },
+    /// Retry every message now.
+    Flush,
+    Hold {
+        id: String,
+    },
+    Release {
+        id: String,
+    },
+    /// Delete a message without delivering it and without a DSN.
+    Remove {
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum SpfCmd {
+    /// Validate a domain's SPF record against the gateway's rules.
+    Check {
+        domain: String,
+        #[arg(long, default_value = "eu")]
+        region: String,
+        /// DNS server (ip:port); repeatable. Defaults to [dns] of --config, else the system's.
+        #[arg(long)]
+        nameserver: Vec<std::net::SocketAddr>,
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum OnboardingCmd {
+    Status,
+}
+
+#[derive(Subcommand)]
+pub enum TrustedCmd {
+    /// Write the list to stdout.
+    Export {
+        #[arg(long, value_enum, default_value = "csv")]
+        format: ExportFormat,
+        /// Only entries seen since (2026-11-01, RFC 3339, or 7d).
+        #[arg(long)]
+        since: Option<String>,
+    },
+    /// Add addresses from a CSV file (first column), gathered elsewhere.
+    Import { file: PathBuf },
+    /// Drop entries nothing was delivered to within the retention.
+    Prune {
+        /// Overrides trusted.retention.
+        #[arg(long)]
+        retention: Option<String>,
+    },
+}
+
+pub fn load_config(path: &Path) -> Result<Config> {
+    Ok(Config::load(path)?)
+}
+
+pub fn log_format(cfg: &Config, flag: Option<Format>) -> LogFormat {
+    match flag {
+        Some(Format::Json) => LogFormat::Json,
+        Some(Format::Text) => LogFormat::Text,
+        None => cfg.log.format,
+    }
+}
+
+// ---- remote API ----
+
+struct Api {
+    base: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+impl Api {
+    fn new(remote: &Remote) -> Result<Api> {
+        let cfg = load_config(&remote.config).ok();
+        let base = match (&remote.admin, &cfg) {
+            (Some(url), _) => url.trim_end_matches('/').to_string(),
+            (None, Some(c)) => {
+                let mut addr = c
+                    .admin
+                    .listen
+                    .context("admin.listen is not set in the configuration")?;
+                if addr.ip().is_unspecified() {
+                    addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                }
+                format!("http://{addr}")
+            }
+            (None, None) => bail!("cannot read {}; pass --admin URL", remote.config.display()),
+        };
+        let token = remote
+            .token
+            .clone()
+            .or_else(|| std::env::var("SMARTRELAY_TOKEN").ok())
+            .or_else(|| cfg.and_then(|c| c.admin.token));
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(std::time::Duration::from_secs(120)))
+            .build()
+            .into();
+        Ok(Api { base, token, agent })
+    }
+
+    fn call(&self, method: &str, path: &str) -> Result<(u16, Value)> {
+        let url = format!("{}{path}", self.base);
+        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let resp = match method {
+            "GET" => {
+                let mut r = self.agent.get(&url);
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
+                }
+                r.call()
+            }
+            "DELETE" => {
+                let mut r = self.agent.delete(&url);
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
+                }
+                r.call()
+            }
+            _ => {
+                let mut r = self.agent.post(&url);
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
+                }
+                r.send_empty()
+            }
+        };
+        let mut resp = resp.with_context(|| format!("cannot reach the relay at {url}"))?;
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string().unwrap_or_default();
+        let value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        if status >= 400 {
+            let msg = value
+                .get("error")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .unwrap_or_else(|| value.to_string());
+            bail!("{status}: {msg}");
+        }
+        Ok((status, value))
+    }
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn when(v: &Value) -> String {
+    v.as_u64().map(rfc3339).unwrap_or_else(|| "-".into())
+}
+
+pub fn queue(action: QueueCmd, remote: Remote) -> Result<()> {
+    let api = Api::new(&remote)?;
+    let (_, v) = match &action {
+        QueueCmd::List => api.call("GET", "/api/v1/queue")?,
+        QueueCmd::Show { id } => api.call("GET", &format!("/api/v1/queue/{id}"))?,
+        QueueCmd::Flush => api.call("POST", "/api/v1/queue/flush")?,
+        QueueCmd::Hold { id } => api.call("POST", &format!("/api/v1/queue/{id}/hold"))?,
+        QueueCmd::Release { id } => api.call("POST", &format!("/api/v1/queue/{id}/release"))?,
+        QueueCmd::Remove { id } => api.call("DELETE", &format!("/api/v1/queue/{id}"))?,
+    };
+    if remote.json {
+        print_json(&v);
+        return Ok(());
+    }
+    match action {
+        QueueCmd::List => {
+            let msgs = v["messages"].as_array().cloned().unwrap_or_default();
+            println!(
+                "{:<20}  {:<32}  {:>5}  {:>8}  {:<20}  last reply",
+                "ID", "SENDER", "RCPTS", "ATTEMPTS", "NEXT ATTEMPT"
+            );
+            for m in &msgs {
+                let sender = m["sender"]
+                    .as_str()
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or("<>");
+                let next = if m["held"].as_bool() == Some(true) {
+                    "held".into()
+                } else {
+                    when(&m["next_attempt"])
+                };
+                let last = m["last_reply"]
+                    .as_object()
+                    .map(|r| format!("{} {}", r["code"], r["text"].as_str().unwrap_or("")))
+                    .unwrap_or_default();
+                println!(
+                    "{:<20}  {:<32}  {:>5}  {:>8}  {:<20}  {last}",
+                    m["id"].as_str().unwrap_or(""),
+                    sender,
+                    m["recipients"].as_array().map_or(0, Vec::len),
+                    m["attempts"],
+                    next
+                );
+            }
+            println!("{} message(s)", msgs.len());
+        }
+        QueueCmd::Flush => println!("{} message(s) scheduled for delivery now", v["rescheduled"]),
+        QueueCmd::Remove { id } => println!("{id} removed"),
+        _ => print_json(&v),
+    }
+    Ok(())
+}
+
+pub fn onboarding(action: OnboardingCmd, remote: Remote) -> Result<()> {
+    let api = Api::new(&remote)?;
+    match action {
+        OnboardingCmd::Status => {
+            let (_, v) = api.call("GET", "/api/v1/onboarding")?;
+            if remote.json {
+                print_json(&v);
+                return Ok(());
+            }
+            for s in v["steps"].as_array().cloned().unwrap_or_default() {
+                let mark = match s["state"].as_str() {
+                    Some("done") => "✔",
+                    Some("failing") => "✘",
+                    _ => "○",
+                };
+                println!(
+                    "{mark} {:<40} {}",
+                    s["title"].as_str().unwrap_or(""),
+                    s["reason"].as_str().unwrap_or("")
+                );
+            }
+            println!(
+                "{}",
+                if v["complete"].as_bool() == Some(true) {
+                    "onboarding complete"
+                } else {
+                    "onboarding not complete"
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Returns whether the record is valid (the exit code follows it).
+pub async fn spf(action: SpfCmd) -> Result<bool> {
+    let SpfCmd::Check {
+        domain,
+        region,
+        nameserver,
+        json,
+        config,
+    } = action;
+    if smartrelay::regions::preset(&region).is_none() {
+        bail!("unknown region `{region}`");
+    }
+    let (servers, timeout, spf_timeout) = match &config {
+        Some(p) => {
+            let c = load_config(p)?;
+            let servers = if nameserver.is_empty() {
+                c.dns.nameservers.clone()
+            } else {
+                nameserver
+            };
+            (servers, c.dns.timeout.0, c.dns.spf_timeout.0)
+        }
+        None => (
+            nameserver,
+            std::time::Duration::from_secs(5),
+            std::time::Duration::from_secs(20),
+        ),
+    };
+    let dns = HickoryDns::new(&servers, timeout)?;
+    let report = SpfService::new(dns, spf_timeout)
+        .check(&domain, &region)
+        .await;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(report.valid);
+    }
+    let mark = if report.valid { "✔" } else { "✘" };
+    println!(
+        "{mark} {}: SPF record {} for region {} (include:{})",
+        report.domain,
+        if report.valid { "valid" } else { "NOT valid" },
+        report.region,
+        report.include
+    );
+    for r in &report.records {
+        println!("  record:      {r}");
+    }
+    println!(
+        "  lookups:     {}/10, void lookups {}/2",
+        report.lookups, report.void_lookups
+    );
+    for f in &report.findings {
+        let sev = match f.severity {
+            Severity::Error => "error  ",
+            Severity::Warning => "warning",
+            Severity::Info => "info   ",
+        };
+        let term = f
+            .term
+            .as_ref()
+            .map(|t| format!(" [{t}]"))
+            .unwrap_or_default();
+        println!("  {sev} {}: {}{term}", f.code, f.message);
+    }
+    println!("  recommended: {}", report.recommended);
+    Ok(report.valid)
+}
+
+pub fn trusted(action: TrustedCmd, config: &Path) -> Result<()> {
+    let cfg = load_config(config)?;
+    let store = Store::open(&cfg.trusted.database)?;
+    match action {
+        TrustedCmd::Export { format, since } => {
+            let since = since
+                .as_deref()
+                .map(|s| parse_since(s, now_ms()))
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            use std::io::Write;
+            let mut cursor = None;
+            let mut first = true;
+            match format {
+                ExportFormat::Csv => write!(out, "{CSV_HEADER}\r\n")?,
+                ExportFormat::Json => write!(out, "[")?,
+            }
+            loop {
+                let page = store.list(&Filter {
+                    since,
+                    limit: 10_000,
+                    cursor: cursor.take(),
+                    ..Filter::default()
+                })?;
+                for e in &page.entries {
+                    match format {
+                        ExportFormat::Csv => out.write_all(csv_row(e).as_bytes())?,
+                        ExportFormat::Json => {
+                            if !first {
+                                out.write_all(b",")?;
+                            }
+                            out.write_all(b"\n  ")?;
+                            serde_json::to_writer(&mut out, e)?;
+                        }
+                    }
+                    first = false;
+                }
+                match page.next_cursor {
+                    Some(c) => cursor = Some(c),
+                    None => break,
+                }
+            }
+            if let ExportFormat::Json = format {
+                writeln!(out, "\n]")?;
+            }
+            out.flush()?;
+        }
+        TrustedCmd::Import { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let addresses = read_addresses(&text);
+            let added = store.import(&addresses, now_ms())?;
+            println!("{added} address(es) added ({} read)", addresses.len());
+        }
+        TrustedCmd::Prune { retention } => {
+            let keep = match retention {
+                Some(r) => Dur::parse(&r).map_err(anyhow::Error::msg)?.0,
+                None => cfg.trusted.retention.0,
+            };
+            let removed = store.prune(keep, now_ms())?;
+            println!(
+                "{removed} entr{} removed",
+                if removed == 1 { "y" } else { "ies" }
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,292 @@
+//! One mail transaction on an open session, with a reply per recipient. mail-send's
+//! `send()` stops at the first refused RCPT; here every RCPT is answered on its own, the
+//! commands are pipelined when the upstream allows it, and the message goes byte for byte.
+
+use bytes::Bytes;
+use smtp_proto::{
+    EXT_8BIT_MIME, EXT_BINARY_MIME, EXT_CHUNKING, EXT_DSN, EXT_PIPELINING, EXT_SIZE, EXT_SMTP_UTF8,
+};
+
+use super::connection::{error_of, reply_of, ClientSettings, Connection, UpstreamError};
+use crate::envelope::{BodyType, Envelope, Reply, Ret};
+
+/// What a transaction left behind.
+#[derive(Debug)]
+pub struct TxOutcome {
+    /// One reply per recipient, in the order given.
+    pub replies: Vec<(usize, Reply)>,
+    /// The session can carry another message.
+    pub reusable: bool,
+}
+
+/// `Err` means nothing was handed over and the session is dead: the recipients can be
+/// tried on another host. Once the body has gone out, failures become temporary
+/// per-recipient replies instead (the upstream may have the message).
+pub async fn send(
+    conn: &mut Connection,
+    env: &Envelope,
+    data: &Bytes,
+    rcpts: &[usize],
+    s: &ClientSettings,
+) -> Result<TxOutcome, UpstreamError> {
+    if let Some(reply) = cannot_carry(conn, env, data) {
+        return Ok(TxOutcome {
+            replies: rcpts.iter().map(|&i| (i, reply.clone())).collect(),
+            reusable: true,
+        });
+    }
+    let bdat = env.body == BodyType::BinaryMime;
+    let pipelining = conn.has(EXT_PIPELINING);
+    let mut cmds = Vec::with_capacity(rcpts.len() + 2);
+    cmds.push(format!(
+        "MAIL FROM:<{}>{}\r\n",
+        env.sender,
+        mail_params(conn, env, data)
+    ));
+    for &i in rcpts {
+        let r = &env.recipients[i];
+        cmds.push(format!(
+            "RCPT TO:<{}>{}\r\n",
+            r.address,
+            rcpt_params(conn, r)
+        ));
+    }
+    let data_pipelined = pipelining && !bdat;
+    if data_pipelined {
+        cmds.push("DATA\r\n".into());
+    }
+    conn.client.timeout = s.command_timeout;
+    let replies: Vec<Reply> = if pipelining {
+        conn.client
+            .cmds(cmds.iter())
+            .await
+            .map_err(|e| error_of(e, "MAIL/RCPT"))?
+            .iter()
+            .map(reply_of)
+            .collect()
+    } else {
+        let mut out = Vec::with_capacity(cmds.len());
+        for (k, c) in cmds.iter().enumerate() {
+            let r = reply_of(
+                &conn
+                    .client
+                    .cmd(c)
+                    .await
+                    .map_err(|e| error_of(e, "MAIL/RCPT"))?,
+            );
+            let mail_failed = k == 0 && !r.is_positive();
+            out.push(r);
+            if mail_failed {
+                break;
+            }
+        }
+        out
+    };
+    if let Some(closing) = replies.iter().find(|r| r.code == 421) {
+        return Err(UpstreamError::Refused(closing.clone()));
+    }
+    let mail = &replies[0];
+    if !mail.is_positive() {
+        let failed = rcpts.iter().map(|&i| (i, mail.clone())).collect();
+        return Ok(abort(
+            conn,
+            data_pipelined.then(|| replies.last()).flatten(),
+            failed,
+        )
+        .await);
+    }
+    let mut out = Vec::with_capacity(rcpts.len());
+    let mut accepted = Vec::new();
+    for (k, &i) in rcpts.iter().enumerate() {
+        let r = replies
+            .get(k + 1)
+            .cloned()
+            .unwrap_or_else(|| Reply::new(451, "4.4.0", "no reply to RCPT"));
+        if r.is_positive() {
+            accepted.push(i);
+        } else {
+            out.push((i, r));
+        }
+    }
+    if accepted.is_empty() {
+        let data_reply = data_pipelined.then(|| replies.last()).flatten();
+        return Ok(abort(conn, data_reply, out).await);
+    }
+    let final_reply = if bdat {
+        body_bdat(conn, data, s).await
+    } else {
+        let go = if data_pipelined {
+            replies
+                .last()
+                .cloned()
+                .unwrap_or_else(|| Reply::new(451, "4.4.0", "no reply to DATA"))
+        } else {
+            match conn.client.cmd(b"DATA\r\n").await {
+                Ok(r) => reply_of(&r),
+                Err(e) => return Err(error_of(e, "DATA")),
+            }
+        };
+        if go.code == 421 {
+            return Err(UpstreamError::Refused(go));
+        }
+        if go.code != 354 {
+            out.extend(accepted.iter().map(|&i| (i, go.clone())));
+            return Ok(abort(conn, None, out).await);
+        }
+        body_data(conn, data, s).await
+    };
+    conn.messages += 1;
+    let reusable = final_reply.is_ok();
+    let reply = final_reply.unwrap_or_else(|e| {
+        Reply::new(
+            451,
+            "4.4.2",
+            format!("connection lost after the message was sent: {e}"),
+        )
+    });
+    out.extend(accepted.iter().map(|&i| (i, reply.clone())));
+    out.sort_by_key(|(i, _)| rcpts.iter().position(|r| r == i));
+    Ok(TxOutcome {
+        replies: out,
+        reusable: reusable && reply.code != 421,
+    })
+}
+
+/// A permanent refusal decided before talking: the upstream cannot take this message.
+fn cannot_carry(conn: &Connection, env: &Envelope, data: &[u8]) -> Option<Reply> {
+    if needs_smtputf8(env, data) && !conn.has(EXT_SMTP_UTF8) {
+        return Some(Reply::new(
+            550,
+            "5.6.7",
+            "the message needs SMTPUTF8 and the upstream does not support it",
+        ));
+    }
+    if env.body == BodyType::BinaryMime && !(conn.has(EXT_CHUNKING) && conn.has(EXT_BINARY_MIME)) {
+        return Some(Reply::new(
+            554,
+            "5.6.3",
+            "BINARYMIME message and the upstream does not offer BINARYMIME with CHUNKING",
+        ));
+    }
+    if conn.has(EXT_SIZE) && conn.caps.size > 0 && data.len() > conn.caps.size {
+        return Some(Reply::new(
+            552,
+            "5.3.4",
+            format!(
+                "message size {} exceeds the upstream's limit {}",
+                data.len(),
+                conn.caps.size
+            ),
+        ));
+    }
+    None
+}
+
+/// SMTPUTF8 is needed for non-ASCII addresses or header fields, not for an 8-bit body.
+fn needs_smtputf8(env: &Envelope, data: &[u8]) -> bool {
+    if !env.smtputf8 {
+        return false;
+    }
+    let header_end = data
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(data.len());
+    !env.sender.is_ascii()
+        || env.recipients.iter().any(|r| !r.address.is_ascii())
+        || !data[..header_end].is_ascii()
+}
+
+fn mail_params(conn: &Connection, env: &Envelope, data: &[u8]) -> String {
+    let mut p = String::new();
+    if conn.has(EXT_SIZE) {
+        p.push_str(&format!(" SIZE={}", data.len()));
+    }
+    match env.body {
+        BodyType::EightBitMime if conn.has(EXT_8BIT_MIME) => p.push_str(" BODY=8BITMIME"),
+        BodyType::BinaryMime => p.push_str(" BODY=BINARYMIME"),
+        _ => {}
+    }
+    if needs_smtputf8(env, data) {
+        p.push_str(" SMTPUTF8");
+    }
+    if conn.has(EXT_DSN) {
+        match env.ret {
+            Some(Ret::Full) => p.push_str(" RET=FULL"),
+            Some(Ret::Hdrs) => p.push_str(" RET=HDRS"),
+            None => {}
+        }
+        if let Some(envid) = &env.envid {
+            p.push_str(&format!(" ENVID={envid}"));
+        }
+    }
+    p
+}
+
+fn rcpt_params(conn: &Connection, r: &crate::envelope::Recipient) -> String {
+    let mut p = String::new();
+    if conn.has(EXT_DSN) {
+        if let Some(n) = r.notify {
+            p.push_str(&format!(" NOTIFY={}", n.keyword()));
+        }
+        if let Some(o) = &r.orcpt {
+            p.push_str(&format!(" ORCPT={o}"));
+        }
+    }
+    p
+}
+
+/// Ends a transaction that will not carry the message, leaving the session usable.
+async fn abort(
+    conn: &mut Connection,
+    data_reply: Option<&Reply>,
+    replies: Vec<(usize, Reply)>,
+) -> TxOutcome {
+    // A server that answered 354 to a pipelined DATA despite refusing every RCPT gets an
+    // empty message it will refuse for lack of recipients.
+    if data_reply.is_some_and(|r| r.code == 354) && conn.client.cmd(b".\r\n").await.is_err() {
+        return TxOutcome {
+            replies,
+            reusable: false,
+        };
+    }
+    let reusable = conn.client.rset().await.is_ok();
+    TxOutcome { replies, reusable }
+}
+
+async fn body_data(
+    conn: &mut Connection,
+    data: &Bytes,
+    s: &ClientSettings,
+) -> Result<Reply, UpstreamError> {
+    // write_message appends CRLF "." CRLF; the message's own last CRLF is that CRLF.
+    let body = data.strip_suffix(b"\r\n").unwrap_or(data);
+    let client = &mut conn.client;
+    let sent = tokio::time::timeout(s.data_timeout, async {
+        client.write_message(body).await?;
+        client
+            .read()
+            .await
+            .map_err(|e| std::io::Error::other(format!("{e:?}")))
+    })
+    .await;
+    match sent {
+        Ok(Ok(r)) => Ok(reply_of(&r)),
+        Ok(Err(e)) => Err(UpstreamError::Io(e.to_string())),
+        Err(_) => Err(UpstreamError::Timeout("end of data")),
+    }
+}
+
+async fn body_bdat(
+    conn: &mut Connection,
+    data: &Bytes,
+    s: &ClientSettings,
+) -> Result<Reply, UpstreamError> {
+    conn.client.timeout = s.data_timeout;
+    let r = conn.client.bdat(data).await;
+    conn.client.timeout = s.command_timeout;
+    match r {
+        Ok(r) => Ok(reply_of(&r)),
+        Err(mail_send::Error::UnexpectedReply(r)) => Ok(reply_of(&r)),
+        Err(e) => Err(error_of(e, "BDAT")),
+    }
+}

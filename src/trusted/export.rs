@@ -1,0 +1,128 @@
+//! CSV and JSON forms of the list, and reading address lists for import.
+//!
+//! CSV columns: `address,domain,count,first_seen,last_seen,senders,origin`, times in
+//! RFC 3339 UTC.
+
+use super::store::Entry;
+use crate::envelope::Millis;
+
+pub const CSV_HEADER: &str = "address,domain,count,first_seen,last_seen,senders,origin";
+
+/// `2026-11-29T16:40:06Z`
+pub fn rfc3339(ms: Millis) -> String {
+    let d = mail_parser::DateTime::from_timestamp((ms / 1000) as i64);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        d.year, d.month, d.day, d.hour, d.minute, d.second
+    )
+}
+
+/// Parses `2026-11-01`, `2026-11-01T12:00:00Z`, or a duration back from now (`7d`).
+pub fn parse_since(text: &str, now: Millis) -> Result<Millis, String> {
+    let t = text.trim();
+    if let Ok(d) = crate::config::Dur::parse(t) {
+        return Ok(now.saturating_sub(d.0.as_millis() as u64));
+    }
+    let full = if t.len() == 10 {
+        format!("{t}T00:00:00Z")
+    } else {
+        t.to_string()
+    };
+    mail_parser::DateTime::parse_rfc3339(&full)
+        .map(|d| (d.to_timestamp().max(0) as u64) * 1000)
+        .ok_or_else(|| {
+            format!("`{t}` is neither a date (2026-11-01, RFC 3339) nor a duration (7d)")
+        })
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+pub fn csv_row(e: &Entry) -> String {
+    format!(
+        "{},{},{},{},{},{},{}\r\n",
+        csv_field(&e.address),
+        csv_field(&e.domain),
+        e.count,
+        rfc3339(e.first_seen),
+        rfc3339(e.last_seen),
+        e.senders,
+        e.origin
+    )
+}
+
+/// First field of each CSV line that looks like an address (a header line is skipped).
+pub fn read_addresses(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|line| first_field(line.trim()))
+        .filter(|f| f.contains('@'))
+        .collect()
+}
+
+fn first_field(line: &str) -> Option<String> {
+    if line.is_empty() || line.starts_with('#') {
+        return None;
+    }
+    if let Some(rest) = line.strip_prefix('"') {
+        let mut out = String::new();
+        let mut chars = rest.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c == '"' {
+                if chars.peek() == Some(&'"') {
+                    out.push('"');
+                    chars.next();
+                } else {
+                    return Some(out);
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        return None;
+    }
+    Some(line.split(',').next().unwrap_or("").trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_round_trip_of_addresses() {
+        let e = Entry {
+            address: "\"a,b\"@x.test".into(),
+            domain: "x.test".into(),
+            count: 2,
+            first_seen: 0,
+            last_seen: 86_400_000,
+            senders: 1,
+            origin: "learned".into(),
+        };
+        let text = format!(
+            "{CSV_HEADER}\r\n{}plain@y.test,y.test,1\r\n# comment\r\n",
+            csv_row(&e)
+        );
+        assert_eq!(
+            read_addresses(&text),
+            vec!["\"a,b\"@x.test".to_string(), "plain@y.test".to_string()]
+        );
+        assert!(csv_row(&e).contains("1970-01-02T00:00:00Z"));
+    }
+
+    #[test]
+    fn since_forms() {
+        let now = 10 * 86_400_000;
+        assert_eq!(parse_since("7d", now).unwrap(), 3 * 86_400_000);
+        assert_eq!(parse_since("1970-01-03", now).unwrap(), 2 * 86_400_000);
+        assert_eq!(
+            parse_since("1970-01-03T00:00:10Z", now).unwrap(),
+            2 * 86_400_000 + 10_000
+        );
+        assert!(parse_since("last week", now).is_err());
+    }
+}

@@ -1,0 +1,72 @@
+//! Feeds the store from the delivery events off the hot path: observations are batched
+//! (one transaction per `batch_size` or `flush_interval`), and what is pending is written
+//! when the event stream closes at shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use super::policy::{Observation, TrustPolicy};
+use super::store::Store;
+use crate::events::Event;
+
+pub async fn record(
+    store: Arc<Store>,
+    policy: TrustPolicy,
+    mut rx: mpsc::Receiver<Arc<Event>>,
+    batch_size: usize,
+    flush_interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut batch: Vec<Observation> = Vec::with_capacity(batch_size);
+    loop {
+        let ev = tokio::select! {
+            ev = rx.recv() => ev,
+            _ = stop.changed() => None,
+        };
+        let Some(ev) = ev else {
+            // Shutdown: take what is already queued, write it, and stop.
+            while let Ok(ev) = rx.try_recv() {
+                collect(&policy, &ev, &mut batch);
+            }
+            break;
+        };
+        collect(&policy, &ev, &mut batch);
+        let deadline = tokio::time::Instant::now() + flush_interval;
+        while batch.len() < batch_size {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(ev)) => collect(&policy, &ev, &mut batch),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        flush(&store, &mut batch).await;
+    }
+    flush(&store, &mut batch).await;
+}
+
+fn collect(policy: &TrustPolicy, ev: &Event, batch: &mut Vec<Observation>) {
+    if let Event::Delivery(report) = ev {
+        batch.extend(policy.observations(report));
+    }
+}
+
+async fn flush(store: &Arc<Store>, batch: &mut Vec<Observation>) {
+    if batch.is_empty() {
+        return;
+    }
+    let items = std::mem::take(batch);
+    let s = store.clone();
+    let n = items.len();
+    match tokio::task::spawn_blocking(move || s.record(&items)).await {
+        Ok(Ok(added)) => {
+            metrics::counter!("smartrelay_trusted_new_entries_total").increment(added);
+            // The gauge is set from the table at start and after each prune.
+            metrics::gauge!("smartrelay_trusted_entries").increment(added as f64);
+        }
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, observations = n, "trusted-sender batch not recorded")
+        }
+        Err(e) => tracing::error!(error = %e, "trusted-sender writer failed"),
+    }
+}
