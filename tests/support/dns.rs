@@ -1,0 +1,111 @@
+//! A real authoritative DNS server (hickory-server) on 127.0.0.1, serving zones given as
+//! zone-file text, over UDP and TCP. Names containing "slow" are never answered, so
+//! timeouts can be tested against a live server.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_server::proto::rr::{LowerName, Name};
+use hickory_server::proto::serialize::txt::Parser;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::store::in_memory::InMemoryZoneHandler;
+use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneType};
+use hickory_server::Server;
+
+pub struct Dns {
+    pub addr: SocketAddr,
+    stop: Option<std::sync::mpsc::Sender<()>>,
+}
+
+impl Dns {
+    /// `zones`: (origin, records without SOA). `$ORIGIN` and an SOA are added.
+    pub fn start(zones: &[(&str, &str)]) -> Dns {
+        let mut catalog = Catalog::new();
+        for (origin, body) in zones {
+            let origin = origin.trim_end_matches('.');
+            let text = format!(
+                "$ORIGIN {origin}.\n$TTL 60\n@ IN SOA ns.{origin}. hostmaster.{origin}. 1 3600 600 86400 60\n{body}\n"
+            );
+            let name = Name::from_ascii(format!("{origin}.")).unwrap();
+            let (parsed_origin, records): (Name, BTreeMap<_, _>) = Parser::new(text.as_str(), None, Some(name.clone()))
+                .parse()
+                .unwrap_or_else(|e| panic!("zone {origin}: {e}"));
+            let handler = InMemoryZoneHandler::<hickory_server::net::runtime::TokioRuntimeProvider>::new(
+                parsed_origin,
+                records,
+                ZoneType::Primary,
+                AxfrPolicy::Deny,
+            )
+            .unwrap();
+            catalog.upsert(LowerName::new(&name), vec![Arc::new(handler)]);
+        }
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+                let addr = udp.local_addr().unwrap();
+                let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
+                let mut server = Server::new(Slow(catalog));
+                server.register_socket(udp);
+                server.register_listener(tcp, Duration::from_secs(5), 65_535);
+                addr_tx.send(addr).unwrap();
+                let stop = tokio::task::spawn_blocking(move || {
+                    let _ = stop_rx.recv();
+                });
+                tokio::select! {
+                    _ = server.block_until_done() => {}
+                    _ = stop => {}
+                }
+            });
+        });
+        Dns {
+            addr: addr_rx.recv().unwrap(),
+            stop: Some(stop_tx),
+        }
+    }
+}
+
+impl Drop for Dns {
+    fn drop(&mut self) {
+        self.stop.take();
+    }
+}
+
+/// Answers through the catalog, except for names with "slow" in them.
+struct Slow(Catalog);
+
+#[async_trait::async_trait]
+impl RequestHandler for Slow {
+    async fn handle_request<R: ResponseHandler, T: hickory_server::net::runtime::Time>(
+        &self,
+        request: &Request,
+        response_handle: R,
+    ) -> ResponseInfo {
+        if let Ok(info) = request.request_info() {
+            if info.query.name().to_string().contains("slow") {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            }
+        }
+        self.0.handle_request::<R, T>(request, response_handle).await
+    }
+}
+
+/// A server that accepts queries and never answers (UDP and TCP).
+pub struct Silent {
+    pub addr: SocketAddr,
+    _udp: std::net::UdpSocket,
+    _tcp: std::net::TcpListener,
+}
+
+impl Silent {
+    pub fn start() -> Silent {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = udp.local_addr().unwrap();
+        let tcp = std::net::TcpListener::bind(addr).unwrap();
+        Silent { addr, _udp: udp, _tcp: tcp }
+    }
+}

@@ -1,0 +1,109 @@
+#!/usr/bin/python3
+"""A scriptable upstream smart host for the tests, on aiosmtpd (Debian python3-aiosmtpd).
+
+Every message is written to OUT/NNNN.eml (bytes as received, dot-unstuffed) with
+OUT/NNNN.json (envelope, options, TLS). Per-recipient replies, greylisting and STARTTLS
+are set from the command line. Prints "READY <port>" once listening.
+"""
+import argparse
+import asyncio
+import json
+import os
+import ssl
+import sys
+import threading
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP
+
+
+class Handler:
+    def __init__(self, out, replies, greylist, data_reply):
+        self.out = out
+        self.replies = replies
+        self.greylist = greylist
+        self.data_reply = data_reply
+        self.seen = set()
+        self.lock = threading.Lock()
+        self.count = 0
+
+    def log(self, entry):
+        with self.lock, open(os.path.join(self.out, "log.jsonl"), "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        reply = self.replies.get(address.lower())
+        if reply is None and self.greylist:
+            key = (envelope.mail_from, address.lower())
+            if key not in self.seen:
+                self.seen.add(key)
+                reply = "451 4.7.1 Greylisted, please try again later"
+        self.log({"event": "rcpt", "from": envelope.mail_from, "to": address, "reply": reply or "250"})
+        if reply is not None:
+            return reply
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.append(rcpt_options)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        with self.lock:
+            self.count += 1
+            n = self.count
+        base = os.path.join(self.out, "%04d" % n)
+        with open(base + ".eml.tmp", "wb") as f:
+            f.write(envelope.original_content)
+        meta = {
+            "mail_from": envelope.mail_from,
+            "mail_options": envelope.mail_options,
+            "rcpt_tos": envelope.rcpt_tos,
+            "rcpt_options": envelope.rcpt_options,
+            "tls": session.ssl is not None,
+            "peer": session.peer[0],
+        }
+        with open(base + ".json", "w") as f:
+            json.dump(meta, f)
+        os.rename(base + ".eml.tmp", base + ".eml")
+        return self.data_reply
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--reply", action="append", default=[], help="address=CODE text")
+    p.add_argument("--greylist", action="store_true")
+    p.add_argument("--data-reply", default="250 2.0.0 Ok: queued")
+    p.add_argument("--cert")
+    p.add_argument("--key")
+    p.add_argument("--no-smtputf8", action="store_true")
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    replies = {}
+    for r in args.reply:
+        addr, _, text = r.partition("=")
+        replies[addr.lower()] = text
+    handler = Handler(args.out, replies, args.greylist, args.data_reply)
+    tls = None
+    if args.cert:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.cert, args.key)
+    controller = Controller(
+        handler,
+        hostname="127.0.0.1",
+        port=args.port,
+        tls_context=tls,
+        require_starttls=False,
+        enable_SMTPUTF8=not args.no_smtputf8,
+        decode_data=False,
+        ident="upstream.test ESMTP",
+    )
+    controller.start()
+    print("READY %d" % args.port, flush=True)
+    try:
+        sys.stdin.read()
+    finally:
+        controller.stop()
+
+
+if __name__ == "__main__":
+    main()
