@@ -360,6 +360,10 @@ impl Smtp {
         Smtp::wrap(socket.into())
     }
 
+    pub fn from_stream(stream: TcpStream) -> Smtp {
+        Smtp::wrap(stream)
+    }
+
     fn wrap(stream: TcpStream) -> Smtp {
         stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         Smtp { stream, buf: Vec::new() }
@@ -455,7 +459,10 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn start(dir: &Path, args: &[&str]) -> Upstream {
-        let port = free_port();
+        Upstream::start_on(dir, free_port(), args)
+    }
+
+    pub fn start_on(dir: &Path, port: u16, args: &[&str]) -> Upstream {
         let out = dir.join(format!("upstream-{port}"));
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/upstream.py");
         let mut child = Command::new("/usr/bin/python3")
