@@ -86,6 +86,9 @@ pub struct LegOutcome {
     /// One reply per recipient of the leg, in the leg's order.
     pub replies: Vec<(usize, Reply)>,
     pub tls: bool,
+    /// The upstream offered DSN, so NOTIFY/ORCPT went on with the message and success
+    /// notices are its job from here (RFC 3461 §6.2.2).
+    pub dsn_passed: bool,
 }
 
 /// queue → deliver: send the message to these recipients over this route.

@@ -18,13 +18,21 @@ fn queued_mail_survives_a_restart_and_is_then_delivered() {
     let mut c = Smtp::connect(relay.smtp);
     c.greet();
     for i in 0..5 {
-        let r = c.mail("a@example.test", &["b@partner.test"], &format!("Subject: m{i}\r\n\r\nbody {i}"));
+        let r = c.mail(
+            "a@example.test",
+            &["b@partner.test"],
+            &format!("Subject: m{i}\r\n\r\nbody {i}"),
+        );
         ids.push(queued_id(&r));
     }
     drop(c);
     assert!(relay.stop().success());
     relay.restart();
-    let queued: Vec<String> = relay.queue().iter().map(|m| m["id"].as_str().unwrap().to_string()).collect();
+    let queued: Vec<String> = relay
+        .queue()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(queued, ids);
     // The smart host comes back; a flush sends everything, byte for byte.
     let upstream = Upstream::start_on(&dir, port, &[]);
@@ -32,8 +40,13 @@ fn queued_mail_survives_a_restart_and_is_then_delivered() {
     let got = upstream.wait_messages(5, Duration::from_secs(20));
     assert_eq!(got.len(), 5);
     for (i, id) in ids.iter().enumerate() {
-        let (_, data) = got.iter().find(|(_, d)| String::from_utf8_lossy(d).contains(&format!("id {id}"))).expect("delivered");
-        assert!(String::from_utf8_lossy(data).ends_with(&format!("Subject: m{i}\r\n\r\nbody {i}\r\n")));
+        let (_, data) = got
+            .iter()
+            .find(|(_, d)| String::from_utf8_lossy(d).contains(&format!("id {id}")))
+            .expect("delivered");
+        assert!(
+            String::from_utf8_lossy(data).ends_with(&format!("Subject: m{i}\r\n\r\nbody {i}\r\n"))
+        );
     }
     assert!(relay.wait_queue_empty(Duration::from_secs(10)));
     assert!(spool_ids(&dir.join("spool")).is_empty());
@@ -79,7 +92,11 @@ fn kill_9_during_a_burst_loses_no_acknowledged_message() {
             })
         })
         .collect();
-    assert!(wait_until(Duration::from_secs(30), || acked.lock().unwrap().len() >= 300));
+    assert!(wait_until(Duration::from_secs(30), || acked
+        .lock()
+        .unwrap()
+        .len()
+        >= 300));
     relay.kill9();
     stop.store(true, Ordering::SeqCst);
     for w in workers {
@@ -88,16 +105,35 @@ fn kill_9_during_a_burst_loses_no_acknowledged_message() {
     let acked = acked.lock().unwrap().clone();
     assert!(acked.len() >= 300);
     relay.restart();
-    let queued: std::collections::HashSet<String> =
-        relay.queue().iter().map(|m| m["id"].as_str().unwrap().to_string()).collect();
+    let queued: std::collections::HashSet<String> = relay
+        .queue()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
     let missing: Vec<&String> = acked.iter().filter(|id| !queued.contains(*id)).collect();
-    assert!(missing.is_empty(), "{} acknowledged messages lost: {:?}", missing.len(), &missing[..missing.len().min(5)]);
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged messages lost: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
     // Whatever is queued is whole: recovered messages have their full body.
     for id in queued.iter().take(50) {
         let (env, data) = spool_message(&dir.join("spool"), id).unwrap();
         assert_eq!(env["size"].as_u64().unwrap() as usize, data.len());
-        assert!(String::from_utf8_lossy(&data).ends_with(&format!("{}\r\n", "payload ".repeat(200))));
+        assert!(
+            String::from_utf8_lossy(&data).ends_with(&format!("{}\r\n", "payload ".repeat(200)))
+        );
     }
-    assert!(!dir.join("spool/corrupt").exists(), "no entry was unreadable");
-    assert!(std::fs::read_dir(dir.join("spool/tmp")).unwrap().next().is_none(), "interrupted writes purged");
+    assert!(
+        !dir.join("spool/corrupt").exists(),
+        "no entry was unreadable"
+    );
+    assert!(
+        std::fs::read_dir(dir.join("spool/tmp"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "interrupted writes purged"
+    );
 }

@@ -20,8 +20,22 @@ fn held_relay(name: &str) -> (Relay, Cfg) {
 fn swaks_session_is_queued_with_received_header() {
     let (relay, cfg) = held_relay("swaks");
     let out = Command::new("swaks")
-        .args(["--server", &relay.smtp.to_string(), "--from", "alice@example.test", "--to", "bob@partner.test"])
-        .args(["--helo", "exch01.example.test", "--header", "Subject: hello", "--body", "Hi Bob"])
+        .args([
+            "--server",
+            &relay.smtp.to_string(),
+            "--from",
+            "alice@example.test",
+            "--to",
+            "bob@partner.test",
+        ])
+        .args([
+            "--helo",
+            "exch01.example.test",
+            "--header",
+            "Subject: hello",
+            "--body",
+            "Hi Bob",
+        ])
         .output()
         .expect("swaks");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -37,7 +51,12 @@ fn swaks_session_is_queued_with_received_header() {
     assert_eq!(env["recipients"][0]["address"], "bob@partner.test");
     assert_eq!(env["client"]["helo"], "exch01.example.test");
     let data = String::from_utf8(data).unwrap();
-    assert!(data.starts_with("Received: from exch01.example.test ([127.0.0.1])\r\n\tby relay.test with ESMTP id "), "{data}");
+    assert!(
+        data.starts_with(
+            "Received: from exch01.example.test ([127.0.0.1])\r\n\tby relay.test with ESMTP id "
+        ),
+        "{data}"
+    );
     assert!(data.contains(&format!("id {id}\r\n\tfor <bob@partner.test>;")));
     assert!(data.contains("Subject: hello\r\n") && data.contains("Hi Bob"));
     assert_eq!(env["size"].as_u64().unwrap() as usize, data.len());
@@ -46,8 +65,11 @@ fn swaks_session_is_queued_with_received_header() {
 #[test]
 fn client_outside_allowed_ranges_cannot_queue_anything() {
     let dir = tmpdir("allowlist");
-    let cfg = Cfg::new(&dir, &format!("127.0.0.1:{}", free_port()))
-        .set("access", "allowed_ranges", "[\"127.0.0.1/32\"]");
+    let cfg = Cfg::new(&dir, &format!("127.0.0.1:{}", free_port())).set(
+        "access",
+        "allowed_ranges",
+        "[\"127.0.0.1/32\"]",
+    );
     let relay = Relay::start(&cfg);
     let mut c = Smtp::connect_from("127.0.0.2".parse::<IpAddr>().unwrap(), relay.smtp);
     let banner = c.reply();
@@ -67,9 +89,17 @@ fn client_outside_allowed_ranges_cannot_queue_anything() {
     // The refused source is remembered for the onboarding step.
     assert!(wait_until(Duration::from_secs(5), || {
         let (_, v) = relay.get("/api/v1/onboarding/outbound-ips");
-        v["sources"].as_array().is_some_and(|s| s.iter().any(|x| x["ip"] == "127.0.0.2" && x["refused"].as_u64() >= Some(1) && x["allowed"] == false))
+        v["sources"].as_array().is_some_and(|s| {
+            s.iter().any(|x| {
+                x["ip"] == "127.0.0.2" && x["refused"].as_u64() >= Some(1) && x["allowed"] == false
+            })
+        })
     }));
-    assert!(relay.log_json().iter().any(|l| l["message"].as_str().unwrap_or("").contains("connection refused") && l["client"] == "127.0.0.2"));
+    assert!(relay.log_json().iter().any(|l| l["message"]
+        .as_str()
+        .unwrap_or("")
+        .contains("connection refused")
+        && l["client"] == "127.0.0.2"));
 }
 
 #[test]
@@ -83,7 +113,11 @@ fn sender_domain_policy_and_null_sender() {
     c.expect("MAIL FROM:<Alice@EXAMPLE.Test>", 250);
     c.expect("RSET", 250);
     // Exchange sends its NDRs with the null sender.
-    let r = c.mail("", &["bob@partner.test"], "Subject: NDR\r\n\r\nundeliverable");
+    let r = c.mail(
+        "",
+        &["bob@partner.test"],
+        "Subject: NDR\r\n\r\nundeliverable",
+    );
     assert_eq!(r.code, 250);
     let q = relay.queue();
     assert_eq!(q.len(), 1);
@@ -123,11 +157,15 @@ fn bdat_binarymime_is_stored_byte_for_byte() {
     let (relay, cfg) = held_relay("bdat");
     let mut c = Smtp::connect(relay.smtp);
     let ehlo = c.greet();
-    assert!(ehlo.lines.iter().any(|l| l == "CHUNKING") && ehlo.lines.iter().any(|l| l == "BINARYMIME"));
-    let chunk1: &[u8] = b"Subject: binary\r\nContent-Type: application/octet-stream\r\n\r\n\x00\x01\r\n.\r\n";
+    assert!(
+        ehlo.lines.iter().any(|l| l == "CHUNKING") && ehlo.lines.iter().any(|l| l == "BINARYMIME")
+    );
+    let chunk1: &[u8] =
+        b"Subject: binary\r\nContent-Type: application/octet-stream\r\n\r\n\x00\x01\r\n.\r\n";
     let chunk2: &[u8] = b"\n.\nQUIT\r\n\xff\xfe bare\rCR";
     // Pipelined, as Exchange does: MAIL, RCPT and both chunks in one write.
-    let mut batch = b"MAIL FROM:<a@example.test> BODY=BINARYMIME\r\nRCPT TO:<b@partner.test>\r\n".to_vec();
+    let mut batch =
+        b"MAIL FROM:<a@example.test> BODY=BINARYMIME\r\nRCPT TO:<b@partner.test>\r\n".to_vec();
     batch.extend_from_slice(format!("BDAT {}\r\n", chunk1.len()).as_bytes());
     batch.extend_from_slice(chunk1);
     batch.extend_from_slice(format!("BDAT {} LAST\r\n", chunk2.len()).as_bytes());
@@ -186,25 +224,45 @@ fn smuggling_variants_never_produce_two_messages() {
         assert_eq!(env["recipients"].as_array().unwrap().len(), 1);
         assert_eq!(env["recipients"][0]["address"], "b@partner.test");
         let data = String::from_utf8_lossy(&data);
-        assert!(data.contains("smuggled\r\n"), "the smuggled text stays inside the message");
-        assert!(!data.contains('\n') || !data.replace("\r\n", "").contains('\n'), "bare LF normalized: {data:?}");
+        assert!(
+            data.contains("smuggled\r\n"),
+            "the smuggled text stays inside the message"
+        );
+        assert!(
+            !data.contains('\n') || !data.replace("\r\n", "").contains('\n'),
+            "bare LF normalized: {data:?}"
+        );
     }
     let queued = relay.queue();
     assert_eq!(queued.len(), 4, "one message per session, never two");
-    assert!(queued.iter().all(|m| m["recipients"][0]["address"] == "b@partner.test"));
+    assert!(queued
+        .iter()
+        .all(|m| m["recipients"][0]["address"] == "b@partner.test"));
 }
 
 #[test]
 fn bare_line_endings_can_be_refused() {
     let dir = tmpdir("bare-reject");
-    let cfg = Cfg::new(&dir, &format!("127.0.0.1:{}", free_port())).set("server", "bare_line_endings", "\"reject\"");
+    let cfg = Cfg::new(&dir, &format!("127.0.0.1:{}", free_port())).set(
+        "server",
+        "bare_line_endings",
+        "\"reject\"",
+    );
     let relay = Relay::start(&cfg);
     let mut c = Smtp::connect(relay.smtp);
     c.greet();
-    let r = c.mail("a@example.test", &["b@partner.test"], "Subject: x\r\n\r\nline\nline");
+    let r = c.mail(
+        "a@example.test",
+        &["b@partner.test"],
+        "Subject: x\r\n\r\nline\nline",
+    );
     assert_eq!(r.code, 550, "{r:?}");
     assert!(r.text().starts_with("5.6.0"));
-    let r = c.mail("a@example.test", &["b@partner.test"], "Subject: x\r\n\r\nclean");
+    let r = c.mail(
+        "a@example.test",
+        &["b@partner.test"],
+        "Subject: x\r\n\r\nclean",
+    );
     assert_eq!(r.code, 250);
     assert_eq!(relay.queue().len(), 1);
 }
@@ -266,8 +324,14 @@ print(t.version())
     ));
     let lines: Vec<&str> = out.lines().collect();
     assert!(lines[0].starts_with("220"), "{out}");
-    assert!(lines[1].starts_with("250-relay.test"), "EHLO is the first reply inside TLS: {out}");
-    assert!(lines[2].starts_with("503"), "the injected MAIL was never executed: {out}");
+    assert!(
+        lines[1].starts_with("250-relay.test"),
+        "EHLO is the first reply inside TLS: {out}"
+    );
+    assert!(
+        lines[2].starts_with("503"),
+        "the injected MAIL was never executed: {out}"
+    );
     assert!(lines[3].starts_with("250"), "{out}");
     assert!(lines[4].starts_with("TLSv1."), "{out}");
 }
@@ -339,21 +403,36 @@ fn hop_limit_stops_loops() {
     let relay = Relay::start(&cfg);
     let mut c = Smtp::connect(relay.smtp);
     c.greet();
-    let looped = format!("{}Subject: loop\r\n\r\nround and round", "Received: from a by b; Sun, 29 Nov 2026 10:00:00 +0000\r\n".repeat(6));
+    let looped = format!(
+        "{}Subject: loop\r\n\r\nround and round",
+        "Received: from a by b; Sun, 29 Nov 2026 10:00:00 +0000\r\n".repeat(6)
+    );
     let r = c.mail("a@example.test", &["b@partner.test"], &looped);
-    assert_eq!((r.code, r.text().starts_with("5.4.6")), (554, true), "{r:?}");
-    let ok = format!("{}Subject: fine\r\n\r\nx", "Received: from a by b; Sun, 29 Nov 2026 10:00:00 +0000\r\n".repeat(5));
+    assert_eq!(
+        (r.code, r.text().starts_with("5.4.6")),
+        (554, true),
+        "{r:?}"
+    );
+    let ok = format!(
+        "{}Subject: fine\r\n\r\nx",
+        "Received: from a by b; Sun, 29 Nov 2026 10:00:00 +0000\r\n".repeat(5)
+    );
     assert_eq!(c.mail("a@example.test", &["b@partner.test"], &ok).code, 250);
 }
 
 #[test]
 fn bad_input_gets_correct_codes_then_421() {
     let dir = tmpdir("bad-input");
-    let cfg = Cfg::new(&dir, &format!("127.0.0.1:{}", free_port())).set("server", "max_errors", "6");
+    let cfg =
+        Cfg::new(&dir, &format!("127.0.0.1:{}", free_port())).set("server", "max_errors", "6");
     let relay = Relay::start(&cfg);
     let mut c = Smtp::connect(relay.smtp);
     c.greet();
-    assert_eq!(c.cmd(&format!("NOOP {}", "x".repeat(600))).code, 500, "line over 512 octets");
+    assert_eq!(
+        c.cmd(&format!("NOOP {}", "x".repeat(600))).code,
+        500,
+        "line over 512 octets"
+    );
     assert_eq!(c.cmd("FROBNICATE").code, 500);
     assert_eq!(c.cmd("MAIL FROM:missing-brackets@example.test").code, 501);
     assert_eq!(c.cmd("RCPT TO:<b@partner.test>").code, 503);
@@ -386,7 +465,11 @@ fn connection_limits_answer_421() {
     assert_eq!(b.reply().code, 220);
     let mut c = Smtp::connect_from(local("127.0.0.1"), relay.smtp);
     let r = c.reply();
-    assert_eq!((r.code, r.text().starts_with("4.7.0")), (421, true), "per-IP limit");
+    assert_eq!(
+        (r.code, r.text().starts_with("4.7.0")),
+        (421, true),
+        "per-IP limit"
+    );
     let mut d = Smtp::connect_from(local("127.0.0.3"), relay.smtp);
     assert_eq!(d.reply().code, 220);
     let mut e = Smtp::connect_from(local("127.0.0.4"), relay.smtp);
@@ -401,7 +484,11 @@ fn connection_limits_answer_421() {
 #[test]
 fn idle_client_times_out_with_421() {
     let dir = tmpdir("timeout");
-    let cfg = Cfg::new(&dir, &format!("127.0.0.1:{}", free_port())).set("server", "command_timeout", "\"1s\"");
+    let cfg = Cfg::new(&dir, &format!("127.0.0.1:{}", free_port())).set(
+        "server",
+        "command_timeout",
+        "\"1s\"",
+    );
     let relay = Relay::start(&cfg);
     let mut c = Smtp::connect(relay.smtp);
     c.greet();
@@ -410,7 +497,11 @@ fn idle_client_times_out_with_421() {
     std::thread::sleep(Duration::from_millis(600));
     c.send(b"O");
     let r = c.reply();
-    assert_eq!((r.code, r.text().starts_with("4.4.2")), (421, true), "{r:?}");
+    assert_eq!(
+        (r.code, r.text().starts_with("4.4.2")),
+        (421, true),
+        "{r:?}"
+    );
     assert!(c.closed());
 }
 
@@ -426,12 +517,22 @@ fn sigterm_lets_a_transaction_finish_then_closes_with_421() {
     busy.expect("DATA", 354);
     busy.send(b"Subject: in flight\r\n\r\nfirst half\r\n");
     let pid = relay.pid();
-    Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
     let r = idle.reply();
-    assert_eq!((r.code, r.text().starts_with("4.3.0")), (421, true), "idle session told at once: {r:?}");
+    assert_eq!(
+        (r.code, r.text().starts_with("4.3.0")),
+        (421, true),
+        "idle session told at once: {r:?}"
+    );
     busy.send(b"second half\r\n.\r\n");
     let done = busy.reply();
-    assert_eq!(done.code, 250, "the transaction in progress completes: {done:?}");
+    assert_eq!(
+        done.code, 250,
+        "the transaction in progress completes: {done:?}"
+    );
     busy.send(b"MAIL FROM:<a@example.test>\r\n");
     assert_eq!(busy.reply().code, 421);
     assert!(relay.stop().success());
@@ -450,15 +551,30 @@ fn invalid_configuration_exits_before_binding() {
         .set("server", "listen", &format!("[\"127.0.0.1:{port}\"]"))
         .set("server", "max_recipent", "10");
     let path = cfg.write();
-    let out = Command::new(bin()).args(["run", "--config"]).arg(&path).output().unwrap();
+    let out = Command::new(bin())
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("max_recipent") && err.contains("line"), "{err}");
+    assert!(
+        err.contains("max_recipent") && err.contains("line"),
+        "{err}"
+    );
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
-    let check = Command::new(bin()).args(["check-config", "--config"]).arg(&path).output().unwrap();
+    let check = Command::new(bin())
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert!(!check.status.success());
     let bad_value = Cfg::new(&dir, "127.0.0.1:2").set("queue", "max_age", "\"five days\"");
-    let check = Command::new(bin()).args(["check-config", "--config"]).arg(bad_value.write()).output().unwrap();
+    let check = Command::new(bin())
+        .args(["check-config", "--config"])
+        .arg(bad_value.write())
+        .output()
+        .unwrap();
     assert!(!check.status.success());
     assert!(String::from_utf8_lossy(&check.stderr).contains("max_age"));
 }
@@ -482,10 +598,17 @@ fn full_disk_answers_452_and_the_relay_keeps_running() {
     c.greet();
     let big = format!("Subject: big\r\n\r\n{}", "y".repeat(100_000));
     let r = c.mail("a@example.test", &["b@partner.test"], &big);
-    assert_eq!((r.code, r.text().starts_with("4.3.1")), (452, true), "{r:?}");
+    assert_eq!(
+        (r.code, r.text().starts_with("4.3.1")),
+        (452, true),
+        "{r:?}"
+    );
     // Nothing half-written is left to be delivered.
     assert!(spool_ids(&dir.join("spool")).is_empty());
-    assert!(std::fs::read_dir(dir.join("spool/tmp")).unwrap().next().is_none());
+    assert!(std::fs::read_dir(dir.join("spool/tmp"))
+        .unwrap()
+        .next()
+        .is_none());
     // Right after a failed write the relay sheds load at MAIL...
     let shed = c.cmd("MAIL FROM:<a@example.test>");
     assert_eq!(shed.code, 452);

@@ -69,7 +69,7 @@ impl Deliverer {
         env: &Envelope,
         data: &Bytes,
         rcpts: &[usize],
-    ) -> Result<(Vec<(usize, Reply)>, bool), UpstreamError> {
+    ) -> Result<(transaction::TxOutcome, bool), UpstreamError> {
         let mut lease = self.pool.checkout(&route.name, host).await;
         loop {
             let mut conn = match lease.conn.take() {
@@ -93,7 +93,7 @@ impl Deliverer {
                         lease.conn = Some(conn);
                         self.pool.checkin(&route.name, host, lease);
                     }
-                    return Ok((out.replies, tls));
+                    return Ok((out, tls));
                 }
                 // A pooled session the server has meanwhile closed: one fresh try.
                 Err(e) if !lease.fresh => {
@@ -117,12 +117,13 @@ impl Courier for Deliverer {
         let mut last: Option<(HostPort, UpstreamError)> = None;
         for host in self.pool.order(route) {
             match self.on_host(route, &host, env, data, rcpts).await {
-                Ok((replies, tls)) => {
+                Ok((out, tls)) => {
                     self.pool.mark_up(&route.name, &host);
                     return LegOutcome {
                         host: host.to_string(),
-                        replies,
+                        replies: out.replies,
                         tls,
+                        dsn_passed: out.dsn_passed,
                     };
                 }
                 Err(e) => {
@@ -143,6 +144,7 @@ impl Courier for Deliverer {
             host: String::new(),
             replies: rcpts.iter().map(|&i| (i, reply.clone())).collect(),
             tls: false,
+            dsn_passed: false,
         }
     }
 }

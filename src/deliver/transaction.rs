@@ -17,6 +17,8 @@ pub struct TxOutcome {
     pub replies: Vec<(usize, Reply)>,
     /// The session can carry another message.
     pub reusable: bool,
+    /// DSN parameters went upstream with the message.
+    pub dsn_passed: bool,
 }
 
 /// `Err` means nothing was handed over and the session is dead: the recipients can be
@@ -33,6 +35,7 @@ pub async fn send(
         return Ok(TxOutcome {
             replies: rcpts.iter().map(|&i| (i, reply.clone())).collect(),
             reusable: true,
+            dsn_passed: false,
         });
     }
     let bdat = env.body == BodyType::BinaryMime;
@@ -149,6 +152,7 @@ pub async fn send(
     Ok(TxOutcome {
         replies: out,
         reusable: reusable && reply.code != 421,
+        dsn_passed: conn.has(EXT_DSN),
     })
 }
 
@@ -247,10 +251,15 @@ async fn abort(
         return TxOutcome {
             replies,
             reusable: false,
+            dsn_passed: false,
         };
     }
     let reusable = conn.client.rset().await.is_ok();
-    TxOutcome { replies, reusable }
+    TxOutcome {
+        replies,
+        reusable,
+        dsn_passed: false,
+    }
 }
 
 async fn body_data(

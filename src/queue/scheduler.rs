@@ -138,7 +138,7 @@ impl<S: Spool> Queue<S> {
         courier: &C,
     ) -> DeliveryReport {
         let now = now_ms();
-        let (route_name, host, replies) = match item {
+        let (route_name, host, replies, dsn_passed) = match item {
             PlanItem::Leg {
                 route,
                 recipients,
@@ -157,12 +157,13 @@ impl<S: Spool> Queue<S> {
                     })
                     .await;
                 let out = courier.deliver(&route, env, data, &recipients).await;
-                (route.name.clone(), out.host, out.replies)
+                (route.name.clone(), out.host, out.replies, out.dsn_passed)
             }
             PlanItem::Refuse { recipients, reply } => (
                 String::new(),
                 String::new(),
                 recipients.into_iter().map(|i| (i, reply.clone())).collect(),
+                false,
             ),
         };
         let at = now_ms();
@@ -173,6 +174,8 @@ impl<S: Spool> Queue<S> {
             };
             let outcome = if reply.is_positive() {
                 st.state = RcptState::Delivered;
+                // The upstream carries NOTIFY on; a success notice is no longer ours.
+                st.dsn_done = dsn_passed;
                 Outcome::Delivered
             } else if reply.is_permanent() {
                 st.state = RcptState::Failed;

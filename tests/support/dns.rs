@@ -29,22 +29,27 @@ impl Dns {
                 "$ORIGIN {origin}.\n$TTL 60\n@ IN SOA ns.{origin}. hostmaster.{origin}. 1 3600 600 86400 60\n{body}\n"
             );
             let name = Name::from_ascii(format!("{origin}.")).unwrap();
-            let (parsed_origin, records): (Name, BTreeMap<_, _>) = Parser::new(text.as_str(), None, Some(name.clone()))
-                .parse()
-                .unwrap_or_else(|e| panic!("zone {origin}: {e}"));
-            let handler = InMemoryZoneHandler::<hickory_server::net::runtime::TokioRuntimeProvider>::new(
-                parsed_origin,
-                records,
-                ZoneType::Primary,
-                AxfrPolicy::Deny,
-            )
-            .unwrap();
+            let (parsed_origin, records): (Name, BTreeMap<_, _>) =
+                Parser::new(text.as_str(), None, Some(name.clone()))
+                    .parse()
+                    .unwrap_or_else(|e| panic!("zone {origin}: {e}"));
+            let handler =
+                InMemoryZoneHandler::<hickory_server::net::runtime::TokioRuntimeProvider>::new(
+                    parsed_origin,
+                    records,
+                    ZoneType::Primary,
+                    AxfrPolicy::Deny,
+                )
+                .unwrap();
             catalog.upsert(LowerName::new(&name), vec![Arc::new(handler)]);
         }
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
         std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async move {
                 let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
                 let addr = udp.local_addr().unwrap();
@@ -90,7 +95,9 @@ impl RequestHandler for Slow {
                 tokio::time::sleep(Duration::from_secs(60)).await;
             }
         }
-        self.0.handle_request::<R, T>(request, response_handle).await
+        self.0
+            .handle_request::<R, T>(request, response_handle)
+            .await
     }
 }
 
@@ -106,6 +113,10 @@ impl Silent {
         let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let addr = udp.local_addr().unwrap();
         let tcp = std::net::TcpListener::bind(addr).unwrap();
-        Silent { addr, _udp: udp, _tcp: tcp }
+        Silent {
+            addr,
+            _udp: udp,
+            _tcp: tcp,
+        }
     }
 }

@@ -34,7 +34,11 @@ pub fn tmpdir(name: &str) -> PathBuf {
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
@@ -60,7 +64,10 @@ pub struct Cfg {
 impl Cfg {
     pub fn new(dir: &Path, upstream: &str) -> Cfg {
         let d = dir.display();
-        let mut c = Cfg { dir: dir.to_owned(), sections: Vec::new() };
+        let mut c = Cfg {
+            dir: dir.to_owned(),
+            sections: Vec::new(),
+        };
         c = c
             .set("server", "hostname", "\"relay.test\"")
             .set("server", "listen", "[\"127.0.0.1:0\"]")
@@ -137,13 +144,16 @@ pub struct Relay {
 impl Relay {
     pub fn start(cfg: &Cfg) -> Relay {
         let path = cfg.write();
-        Relay::start_with(&cfg.dir, &path, &[]).unwrap_or_else(|e| panic!("relay did not start: {e}"))
+        Relay::start_with(&cfg.dir, &path, &[])
+            .unwrap_or_else(|e| panic!("relay did not start: {e}"))
     }
 
     /// Starts the binary; `Err` carries its output when it exits instead.
     pub fn start_with(dir: &Path, config: &Path, env: &[(&str, &str)]) -> Result<Relay, String> {
         let mut cmd = Command::new(bin());
-        cmd.args(["run", "--config"]).arg(config).args(["--log-format", "json"]);
+        cmd.args(["run", "--config"])
+            .arg(config)
+            .args(["--log-format", "json"]);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -152,7 +162,9 @@ impl Relay {
 
     /// Starts the relay with a prepared command (e.g. under a wrapper).
     pub fn start_command(dir: &Path, config: &Path, mut cmd: Command) -> Result<Relay, String> {
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn relay");
         let logs = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().unwrap();
@@ -173,9 +185,25 @@ impl Relay {
         };
         let ready = wait_until(Duration::from_secs(30), || {
             relay.log_json().iter().any(|l| l["message"] == "ready")
-                || relay.child.as_mut().unwrap().try_wait().ok().flatten().is_some()
+                || relay
+                    .child
+                    .as_mut()
+                    .unwrap()
+                    .try_wait()
+                    .ok()
+                    .flatten()
+                    .is_some()
         });
-        if !ready || relay.child.as_mut().unwrap().try_wait().ok().flatten().is_some() {
+        if !ready
+            || relay
+                .child
+                .as_mut()
+                .unwrap()
+                .try_wait()
+                .ok()
+                .flatten()
+                .is_some()
+        {
             std::thread::sleep(Duration::from_millis(200));
             let out = relay.logs.lock().unwrap().join("\n");
             relay.child.take().map(|mut c| c.kill());
@@ -183,7 +211,9 @@ impl Relay {
         }
         for l in relay.log_json() {
             if l["message"] == "smtp listening" {
-                relay.smtp_all.push(l["addr"].as_str().unwrap().parse().unwrap());
+                relay
+                    .smtp_all
+                    .push(l["addr"].as_str().unwrap().parse().unwrap());
             }
             if l["message"] == "admin listening" {
                 relay.admin = l["addr"].as_str().unwrap().parse().unwrap();
@@ -282,13 +312,19 @@ impl Drop for Relay {
 }
 
 fn unsafe_kill(pid: u32, sig: &str) {
-    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
 }
 
 /// A tiny HTTP call through ureq (status errors are answers, not failures).
 pub fn http(method: &str, url: &str, token: Option<&str>) -> (u16, Value) {
     let (status, text) = http_text(method, url, token);
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
 }
 
 pub fn http_text(method: &str, url: &str, token: Option<&str>) -> (u16, String) {
@@ -354,9 +390,12 @@ impl Smtp {
 
     /// Connects from a chosen local address (any of 127.0.0.0/8 works here).
     pub fn connect_from(local: IpAddr, addr: SocketAddr) -> Smtp {
-        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         socket.bind(&SocketAddr::new(local, 0).into()).unwrap();
-        socket.connect_timeout(&addr.into(), Duration::from_secs(5)).unwrap();
+        socket
+            .connect_timeout(&addr.into(), Duration::from_secs(5))
+            .unwrap();
         Smtp::wrap(socket.into())
     }
 
@@ -365,8 +404,13 @@ impl Smtp {
     }
 
     fn wrap(stream: TcpStream) -> Smtp {
-        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        Smtp { stream, buf: Vec::new() }
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        Smtp {
+            stream,
+            buf: Vec::new(),
+        }
     }
 
     pub fn send(&mut self, bytes: &[u8]) {
@@ -436,7 +480,9 @@ impl Smtp {
 
     /// True when the server closed the connection.
     pub fn closed(&mut self) -> bool {
-        self.stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        self.stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
         let mut b = [0u8; 1];
         matches!(self.stream.read(&mut b), Ok(0) | Err(_))
     }
@@ -476,7 +522,9 @@ impl Upstream {
             .spawn()
             .expect("python3 with aiosmtpd");
         let mut first = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
         assert!(first.starts_with("READY"), "upstream: {first}");
         Upstream { child, port, out }
     }
@@ -496,7 +544,10 @@ impl Upstream {
             .iter()
             .map(|p| {
                 let meta = std::fs::read_to_string(p.with_extension("json")).unwrap();
-                (serde_json::from_str(&meta).unwrap(), std::fs::read(p).unwrap())
+                (
+                    serde_json::from_str(&meta).unwrap(),
+                    std::fs::read(p).unwrap(),
+                )
             })
             .collect()
     }
@@ -547,7 +598,11 @@ impl Sink {
             .stderr(Stdio::null())
             .spawn()
             .expect("smtp-sink (Debian postfix)");
-        assert!(wait_until(Duration::from_secs(5), || TcpStream::connect(("127.0.0.1", port)).is_ok()));
+        assert!(wait_until(Duration::from_secs(5), || TcpStream::connect((
+            "127.0.0.1",
+            port
+        ))
+        .is_ok()));
         Sink { child, port, dump }
     }
 
@@ -556,12 +611,18 @@ impl Sink {
     }
 
     pub fn count(&self) -> usize {
-        std::fs::read_dir(&self.dump).map(|d| d.count()).unwrap_or(0)
+        std::fs::read_dir(&self.dump)
+            .map(|d| d.count())
+            .unwrap_or(0)
     }
 
     pub fn dumps(&self) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(&self.dump)
-            .map(|d| d.flatten().map(|e| std::fs::read_to_string(e.path()).unwrap_or_default()).collect())
+            .map(|d| {
+                d.flatten()
+                    .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+                    .collect()
+            })
             .unwrap_or_default();
         v.sort();
         v
@@ -588,25 +649,108 @@ pub struct Certs {
 }
 
 fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl").current_dir(dir).args(args).output().unwrap();
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A CA and a leaf it signed, plus a self-signed certificate, made with openssl.
 pub fn certs(dir: &Path) -> Certs {
     let d = dir.join("tls");
     std::fs::create_dir_all(&d).unwrap();
-    openssl(&d, &["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-        "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=smartrelay test CA",
-        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign"]);
-    openssl(&d, &["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-        "-keyout", "leaf.key", "-out", "leaf.csr", "-subj", "/CN=localhost"]);
+    openssl(
+        &d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=smartrelay test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign",
+        ],
+    );
+    openssl(
+        &d,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "leaf.key",
+            "-out",
+            "leaf.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+    );
     std::fs::write(d.join("leaf.ext"), "basicConstraints=critical,CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n").unwrap();
-    openssl(&d, &["x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-        "-out", "leaf.pem", "-days", "2", "-extfile", "leaf.ext"]);
-    openssl(&d, &["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-        "-keyout", "rogue.key", "-out", "rogue.pem", "-days", "2", "-subj", "/CN=rogue",
-        "-addext", "basicConstraints=critical,CA:FALSE", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"]);
+    openssl(
+        &d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "leaf.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "leaf.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "leaf.ext",
+        ],
+    );
+    openssl(
+        &d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "rogue.key",
+            "-out",
+            "rogue.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=rogue",
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ],
+    );
     Certs {
         ca: d.join("ca.pem"),
         cert: d.join("leaf.pem"),
@@ -618,7 +762,10 @@ pub fn certs(dir: &Path) -> Certs {
 
 /// Runs a Python snippet with Debian's python3 (smtplib); returns stdout, panics on failure.
 pub fn python(code: &str) -> String {
-    let out = Command::new("/usr/bin/python3").args(["-c", code]).output().unwrap();
+    let out = Command::new("/usr/bin/python3")
+        .args(["-c", code])
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "python failed:\n{code}\n{}",
