@@ -215,8 +215,8 @@ fn recipient_fields(
         (Some(reply), DsnKind::Failed) => {
             let s = reply.status();
             // Action failed carries a permanent class even when the cause was expiry.
-            if s.starts_with('4') {
-                format!("5{}", &s[1..])
+            if let Some(rest) = s.strip_prefix('4') {
+                format!("5{rest}")
             } else {
                 s
             }

@@ -370,7 +370,10 @@ fn domain_arg(name: &str, arg: &str) -> Result<String, TermError> {
 }
 
 /// `[:domain-spec][/cidr4][//cidr6]`
-fn dual_cidr_arg(arg: &str) -> Result<(Option<String>, Option<u8>, Option<u8>), TermError> {
+/// A domain-spec and the IPv4 and IPv6 CIDR lengths of `a` and `mx`.
+type DualCidr = (Option<String>, Option<u8>, Option<u8>);
+
+fn dual_cidr_arg(arg: &str) -> Result<DualCidr, TermError> {
     let (rest, cidr6) = match arg.find("//") {
         Some(i) => (&arg[..i], Some(cidr_len(&arg[i + 2..], 128)?)),
         None => (arg, None),

@@ -476,7 +476,7 @@ mod tests {
             ),
             (2, 2, 3, 3, true)
         );
-        assert_eq!(s.stats(2 * day, 3).unwrap().ready, false);
+        assert!(!s.stats(2 * day, 3).unwrap().ready);
     }
 
     #[test]
