@@ -439,11 +439,7 @@ fn the_message_arrives_byte_for_byte() {
     c.expect("MAIL FROM:<a@example.test> BODY=8BITMIME", 250);
     c.expect("RCPT TO:<x@partner.test>", 250);
     c.expect("DATA", 354);
-    let stuffed = body.replace(
-        "
-.", "
-..",
-    );
+    let stuffed = body.replace("\r\n.", "\r\n..");
     c.send(stuffed.as_bytes());
     c.send(b".\r\n");
     let id = queued_id(&c.reply());
