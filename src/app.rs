@@ -93,7 +93,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         None
     };
 
-    let mut smtp_listeners = Vec::new();
+    let mut smtp_listeners: Vec<(TcpListener, bool)> = Vec::new();
     for addr in &cfg.server.listen {
         smtp_listeners.push((bind(*addr).await?, false));
     }
@@ -199,12 +199,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         gate: gate.clone(),
         tls,
     });
+    let mut bound = Vec::new();
     for (l, implicit) in smtp_listeners {
         if let Ok(addr) = l.local_addr() {
             tracing::info!(%addr, implicit_tls = implicit, "smtp listening");
+            bound.push(addr);
         }
         tokio::spawn(listener.clone().serve(l, implicit, phase_rx.clone()));
     }
+    let smtp_addrs = bound.clone();
     let state = Arc::new(AdminState {
         config: cfg.clone(),
         queue: queue.clone(),
@@ -214,6 +217,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         trusted: trusted_store.clone(),
         metrics,
         listening: false.into(),
+        smtp_addrs,
     });
     state.listening.store(true, Ordering::Relaxed);
     let (admin_stop_tx, mut admin_stop_rx) = watch::channel(false);

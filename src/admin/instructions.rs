@@ -28,14 +28,14 @@ pub struct Instructions {
     pub text: String,
 }
 
-pub fn build(cfg: &Config, platform: &str, reports: &[Report]) -> Result<Instructions, String> {
+/// `port`: where the relay actually listens for the platform's connections.
+pub fn build(
+    cfg: &Config,
+    port: u16,
+    platform: &str,
+    reports: &[Report],
+) -> Result<Instructions, String> {
     let host = cfg.server.hostname.clone();
-    let port = cfg
-        .server
-        .listen
-        .first()
-        .or(cfg.server.listen_tls.first())
-        .map_or(25, |a| a.port());
     let tls = match &cfg.tls {
         Some(t) if t.require => "required: the relay refuses mail before STARTTLS".to_string(),
         Some(_) => "offered (STARTTLS); the relay's certificate must be trusted by the platform"

@@ -40,6 +40,8 @@ pub struct AdminState {
     pub metrics: PrometheusHandle,
     /// Set once every SMTP listener is bound.
     pub listening: AtomicBool,
+    /// Where the SMTP listeners are bound (the configured port may be 0).
+    pub smtp_addrs: Vec<std::net::SocketAddr>,
 }
 
 pub type Shared = Arc<AdminState>;

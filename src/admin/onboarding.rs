@@ -532,7 +532,9 @@ pub async fn instructions(
 ) -> Result<Response, ApiError> {
     let platform = q.platform.as_deref().unwrap_or("exchange");
     let reports = spf_reports(&st, &st.config.routing.region).await;
-    let ins = instructions::build(&st.config, platform, &reports).map_err(ApiError::bad_request)?;
+    let port = st.smtp_addrs.first().map_or(25, |a| a.port());
+    let ins =
+        instructions::build(&st.config, port, platform, &reports).map_err(ApiError::bad_request)?;
     if q.format.as_deref() == Some("text") {
         return Ok((
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],

@@ -511,6 +511,9 @@ impl Upstream {
     pub fn start_on(dir: &Path, port: u16, args: &[&str]) -> Upstream {
         let out = dir.join(format!("upstream-{port}"));
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/upstream.py");
+        std::fs::create_dir_all(&out).unwrap();
+        // aiosmtpd logs every refused handshake with a traceback; keep it out of the way.
+        let log = std::fs::File::create(out.join("stderr.log")).unwrap();
         let mut child = Command::new("/usr/bin/python3")
             .arg(script)
             .args(["--port", &port.to_string(), "--out"])
@@ -518,7 +521,7 @@ impl Upstream {
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(log)
             .spawn()
             .expect("python3 with aiosmtpd");
         let mut first = String::new();
