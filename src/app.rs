@@ -220,6 +220,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         smtp_addrs,
     });
     state.listening.store(true, Ordering::Relaxed);
+    admin::onboarding::spawn_gauge_refresh(state.clone(), Duration::from_secs(900));
     let (admin_stop_tx, mut admin_stop_rx) = watch::channel(false);
     let admin_task = admin_listener.map(|l| {
         if let Ok(addr) = l.local_addr() {

@@ -24,6 +24,7 @@ pub fn install() -> PrometheusHandle {
                 .and_then(|b| b.install_recorder())
                 .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder().handle());
             describe();
+            zero();
             handle
         })
         .clone()
@@ -38,6 +39,29 @@ pub fn spawn_upkeep(handle: PrometheusHandle) {
             handle.run_upkeep();
         }
     });
+}
+
+/// Series that exist from the start, so a dashboard shows 0 rather than "no data".
+fn zero() {
+    for name in [
+        "smartrelay_connections_accepted_total",
+        "smartrelay_messages_accepted_total",
+        "smartrelay_received_bytes_total",
+        "smartrelay_queue_retries_total",
+        "smartrelay_queue_write_errors_total",
+        "smartrelay_messages_expired_total",
+        "smartrelay_trusted_new_entries_total",
+        "smartrelay_events_dropped_total",
+    ] {
+        metrics::counter!(name).absolute(0);
+    }
+    for reason in ["ip_not_allowed", "limit", "tls_required"] {
+        metrics::counter!("smartrelay_connections_refused_total", "reason" => reason).absolute(0);
+    }
+    for action in ["failed", "delayed", "relayed"] {
+        metrics::counter!("smartrelay_dsn_sent_total", "action" => action).absolute(0);
+    }
+    metrics::gauge!("smartrelay_sessions_active").set(0.0);
 }
 
 fn describe() {
