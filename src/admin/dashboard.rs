@@ -43,7 +43,9 @@ const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:2em auto;max-w
 h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}
 .step{padding:.4em .6em;margin:.3em 0;border-left:4px solid #bbb;background:#fafafa}
 .done{border-color:#2e7d32}.failing{border-color:#c62828}.todo{border-color:#9e9e9e}
-.mark{font-weight:bold;margin-right:.4em}.done .mark{color:#2e7d32}.failing .mark{color:#c62828}.todo .mark{color:#757575}
+.mark{font-weight:bold;margin-right:.4em}.done .mark{color:#2e7d32}.todo .mark{color:#757575}
+.bang{display:inline-block;width:1.2em;height:1.2em;line-height:1.2em;text-align:center;border-radius:50%;background:#c62828;color:#fff;font-weight:bold}
+.tick{color:#2e7d32;font-weight:bold}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:.2em .5em;text-align:left;font-size:.9em}
 code,pre{background:#f0f0f0;padding:.1em .3em}pre{padding:.5em;white-space:pre-wrap}
 .error{color:#c62828}.warning{color:#ef6c00}.info{color:#555}.notify{background:#ffebee}
@@ -124,7 +126,8 @@ pub async fn page(State(st): State<Shared>) -> Response {
     for step in &steps.steps {
         let (class, mark) = match step.state {
             StepState::Done => ("done", "✔"),
-            StepState::Failing => ("failing", "❗"),
+            // A drawn badge: the emoji needs a font that servers seldom have.
+            StepState::Failing => ("failing", "<span class=\"bang\" title=\"failing\">!</span>"),
             StepState::Todo => ("todo", "○"),
         };
         let _ = write!(
@@ -292,7 +295,11 @@ fn spf_details(b: &mut String, r: &crate::spf::validate::Report) {
         b,
         "<p class=\"spf-result\" data-valid=\"{}\">{} SPF for {} against include:{} — {} of 10 DNS lookups, {} void</p>",
         r.valid,
-        if r.valid { "✔ valid" } else { "❗ not valid" },
+        if r.valid {
+            "<span class=\"tick\">✔</span> valid"
+        } else {
+            "<span class=\"bang\">!</span> not valid"
+        },
         esc(&r.domain),
         esc(&r.include),
         r.lookups,
@@ -374,7 +381,11 @@ fn connector_details(b: &mut String, v: Option<&onboarding::Verification>) {
                     match h.starttls_offered { Some(true) => "offered", Some(false) => "not offered", None => "?" },
                     esc(h.tls.as_deref().unwrap_or("none")),
                     match h.certificate_verified { Some(true) => "verified", Some(false) => "does not verify", None => "-" },
-                    if h.ok { "✔".to_string() } else { format!("❗ {}", esc(h.error.as_deref().unwrap_or(""))) }
+                    if h.ok {
+                        "<span class=\"tick\">✔</span>".to_string()
+                    } else {
+                        format!("<span class=\"bang\">!</span> {}", esc(h.error.as_deref().unwrap_or("")))
+                    }
                 );
             }
             b.push_str("</table>");
