@@ -122,6 +122,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         },
         bus.clone(),
     )?;
+    queue.spawn_gauges();
     let spf = Arc::new(SpfService::new(dns, cfg.dns.spf_timeout.0));
     let router = Arc::new(SpfRouter::new(
         &cfg.routing,

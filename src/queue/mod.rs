@@ -35,6 +35,8 @@ pub struct QueueSettings {
 struct Entry {
     envelope: Arc<Envelope>,
     state: DeliveryState,
+    /// A state file exists on disk for this message.
+    state_saved: bool,
     /// Kept from ingress until the first attempt, so a fresh message is not read back.
     data: Option<Bytes>,
     in_flight: bool,
@@ -55,6 +57,9 @@ impl Index {
 
 pub struct Queue<S: Spool> {
     spool: Arc<S>,
+    /// Delivered messages to unlink (and whether a state file exists), off the delivery
+    /// path: no fsync is owed for a removal.
+    removals: Mutex<std::sync::mpsc::Sender<(QueueId, bool)>>,
     index: Mutex<Index>,
     wake: Notify,
     settings: QueueSettings,
@@ -117,6 +122,7 @@ impl<S: Spool> Queue<S> {
             // greylisting upstream would refuse an early retry).
             let state = r
                 .state
+                .clone()
                 .unwrap_or_else(|| DeliveryState::new(r.envelope.recipients.len(), now));
             let id = r.envelope.id.clone();
             index.schedule(&id, state.next_attempt);
@@ -124,6 +130,7 @@ impl<S: Spool> Queue<S> {
                 id,
                 Entry {
                     envelope: Arc::new(r.envelope),
+                    state_saved: r.state.is_some(),
                     state,
                     data: None,
                     in_flight: false,
@@ -134,7 +141,24 @@ impl<S: Spool> Queue<S> {
             tracing::info!(messages = index.entries.len(), "recovered queued messages");
         }
         let slots = Arc::new(Semaphore::new(settings.concurrency));
+        let (tx, rx) = std::sync::mpsc::channel::<(QueueId, bool)>();
+        let reaper_spool = spool.clone();
+        std::thread::Builder::new()
+            .name("spool-unlink".into())
+            .spawn(move || {
+                // Ends when the queue (the only sender) is dropped.
+                for (id, state) in rx {
+                    if let Err(e) = reaper_spool.remove(&id, state) {
+                        tracing::error!(queue_id = %id, error = %e, "cannot remove delivered message; it may be delivered again");
+                    }
+                }
+            })
+            .map_err(|e| SpoolError::Io {
+                what: "unlink thread".into(),
+                source: e,
+            })?;
         let queue = Arc::new(Queue {
+            removals: Mutex::new(tx),
             spool,
             index: Mutex::new(index),
             wake: Notify::new(),
@@ -147,23 +171,30 @@ impl<S: Spool> Queue<S> {
         Ok(queue)
     }
 
+    /// Refreshes the queue gauges every second: one pass over the index per tick, not
+    /// per message.
+    pub fn spawn_gauges(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                match weak.upgrade() {
+                    Some(q) => q.update_gauges(),
+                    None => return,
+                }
+            }
+        });
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
         self.index.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Durably stores a message (ingress or a DSN of ours) and schedules it.
     async fn store(&self, envelope: Envelope, data: Bytes) -> Result<(), SpoolError> {
-        let spool = self.spool.clone();
         let env = Arc::new(envelope);
-        let (e2, d2) = (env.clone(), data.clone());
-        let result = tokio::task::spawn_blocking(move || spool.store(&e2, &d2))
-            .await
-            .unwrap_or_else(|join| {
-                Err(SpoolError::Io {
-                    what: "store task".into(),
-                    source: std::io::Error::other(join.to_string()),
-                })
-            });
+        let result = self.spool.store(&env, data.clone()).await;
         if let Err(e) = &result {
             self.unhealthy_until
                 .store(now_ms() + UNHEALTHY_FOR_MS, Ordering::Relaxed);
@@ -181,13 +212,13 @@ impl<S: Spool> Queue<S> {
                 id,
                 Entry {
                     envelope: env,
+                    state_saved: false,
                     state: DeliveryState::new(rcpts, now),
                     data: Some(data),
                     in_flight: false,
                 },
             );
         }
-        self.update_gauges();
         self.wake.notify_one();
         Ok(())
     }
@@ -268,26 +299,22 @@ impl<S: Spool> Queue<S> {
         }
         let spool = self.spool.clone();
         let id2 = id.clone();
-        tokio::task::spawn_blocking(move || spool.remove(&id2))
+        tokio::task::spawn_blocking(move || spool.remove(&id2, true))
             .await
             .map_err(|e| SpoolError::Io {
                 what: "remove task".into(),
                 source: std::io::Error::other(e.to_string()),
             })??;
         tracing::info!(queue_id = %id, "removed by administrator");
-        self.update_gauges();
         Ok(())
     }
 
     async fn persist_state(&self, id: &QueueId, state: &DeliveryState) -> Result<(), SpoolError> {
-        let spool = self.spool.clone();
-        let (id, state) = (id.clone(), state.clone());
-        tokio::task::spawn_blocking(move || spool.save_state(&id, &state))
-            .await
-            .map_err(|e| SpoolError::Io {
-                what: "state task".into(),
-                source: std::io::Error::other(e.to_string()),
-            })?
+        // Marked before the write: should it fail halfway, removal still looks for it.
+        if let Some(e) = self.lock().entries.get_mut(id) {
+            e.state_saved = true;
+        }
+        self.spool.save_state(id, state).await
     }
 
     /// Whether the spool directory takes writes (for readiness checks).

@@ -126,7 +126,6 @@ impl<S: Spool> Queue<S> {
         for r in reports {
             self.events.publish(Event::Delivery(r)).await;
         }
-        self.update_gauges();
     }
 
     async fn run_item<C: Courier>(
@@ -290,13 +289,19 @@ impl<S: Spool> Queue<S> {
     }
 
     async fn finish(&self, id: &QueueId) {
-        let spool = self.spool.clone();
-        let id2 = id.clone();
-        let removed = tokio::task::spawn_blocking(move || spool.remove(&id2)).await;
-        if !matches!(removed, Ok(Ok(()))) {
-            tracing::error!(queue_id = %id, "cannot remove delivered message; it may be delivered again");
+        let state = self
+            .lock()
+            .entries
+            .remove(id)
+            .is_some_and(|e| e.state_saved);
+        let sent = self
+            .removals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send((id.clone(), state));
+        if sent.is_err() {
+            tracing::error!(queue_id = %id, "unlink thread gone; the message may be delivered again");
         }
-        self.lock().entries.remove(id);
         tracing::info!(queue_id = %id, "removed");
     }
 

@@ -1,5 +1,10 @@
 //! The storage behind the queue, as a small trait so another backend can replace the
-//! file spool. Calls block (disk I/O); the queue runs them on the blocking pool.
+//! file spool. Durable writes are async (a backend may batch them); the rest blocks on
+//! disk I/O and is run on the blocking pool.
+
+use std::future::Future;
+
+use bytes::Bytes;
 
 use crate::envelope::{DeliveryState, Envelope, QueueId};
 
@@ -27,15 +32,24 @@ pub struct Recovered {
 }
 
 pub trait Spool: Send + Sync + 'static {
-    /// Makes the message durable: when this returns `Ok`, a crash cannot lose it, and an
-    /// error leaves nothing that recovery would deliver.
-    fn store(&self, envelope: &Envelope, data: &[u8]) -> Result<(), SpoolError>;
+    /// Makes the message durable: when this resolves `Ok`, a crash cannot lose it, and
+    /// an error leaves nothing that recovery would deliver.
+    fn store(
+        &self,
+        envelope: &Envelope,
+        data: Bytes,
+    ) -> impl Future<Output = Result<(), SpoolError>> + Send;
+    /// Replaces the delivery state atomically and durably.
+    fn save_state(
+        &self,
+        id: &QueueId,
+        state: &DeliveryState,
+    ) -> impl Future<Output = Result<(), SpoolError>> + Send;
     /// The message data (as received, with our Received header).
     fn load(&self, id: &QueueId) -> Result<Vec<u8>, SpoolError>;
-    /// Replaces the delivery state atomically.
-    fn save_state(&self, id: &QueueId, state: &DeliveryState) -> Result<(), SpoolError>;
-    /// Removes a message and its state; after a crash it may come back (at least once).
-    fn remove(&self, id: &QueueId) -> Result<(), SpoolError>;
+    /// Removes a message, and its state when `state` says one was saved; after a crash
+    /// it may come back (at least once).
+    fn remove(&self, id: &QueueId, state: bool) -> Result<(), SpoolError>;
     /// Every complete message, for delivery after a restart. Incomplete writes are
     /// purged; unreadable entries are moved aside, never delivered and never fatal.
     fn recover(&self) -> Result<Vec<Recovered>, SpoolError>;

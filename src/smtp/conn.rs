@@ -363,20 +363,18 @@ where
                 size: sub.envelope.size,
                 at: sub.envelope.received_at,
             };
-            let line = format!(
-                "client=[{}] from=<{}> nrcpt={} size={} tls={}",
+            let (ip, nrcpt, size, tls) = (
                 sub.envelope.client.ip,
-                sub.envelope.sender,
                 sub.envelope.recipients.len(),
                 sub.envelope.size,
-                sub.envelope.client.tls.is_some()
+                sub.envelope.client.tls.is_some(),
             );
-            let size = sub.envelope.size;
+            let sender = sub.envelope.sender.clone();
             let result = shared.intake.submit(*sub).await;
             let r = session.stored(&id, &result);
             match &result {
                 Ok(()) => {
-                    tracing::info!(queue_id = %id, "accepted {line}");
+                    tracing::info!(queue_id = %id, "accepted client=[{ip}] from=<{sender}> nrcpt={nrcpt} size={size} tls={tls}");
                     metrics::counter!("smartrelay_messages_accepted_total").increment(1);
                     metrics::counter!("smartrelay_received_bytes_total").increment(size);
                     metrics::histogram!("smartrelay_accept_latency_seconds")
@@ -384,7 +382,7 @@ where
                     shared.events.publish(event).await;
                 }
                 Err(e) => {
-                    tracing::error!(queue_id = %id, error = %e, "not queued {line}");
+                    tracing::error!(queue_id = %id, error = %e, "not queued client=[{ip}] from=<{sender}> nrcpt={nrcpt} size={size}");
                     count("data", &r);
                 }
             }

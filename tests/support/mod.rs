@@ -782,7 +782,9 @@ pub fn python(code: &str) -> String {
 /// A queued message read straight from the spool file: (envelope, data).
 pub fn spool_message(spool: &Path, id: &str) -> Option<(Value, Vec<u8>)> {
     let raw = std::fs::read(spool.join("msg").join(id)).ok()?;
-    let rest = raw.strip_prefix(b"SRQ1\n")?;
+    // "SRQ2\n" <length> "\n" <envelope JSON> <data> "\0SRQ" <CRC-32>
+    let raw = &raw[..raw.len().checked_sub(8)?];
+    let rest = raw.strip_prefix(b"SRQ2\n")?;
     let nl = rest.iter().position(|&b| b == b'\n')?;
     let len: usize = std::str::from_utf8(&rest[..nl]).ok()?.parse().ok()?;
     let env: Value = serde_json::from_slice(&rest[nl + 1..nl + 1 + len]).ok()?;

@@ -1,0 +1,262 @@
+#!/usr/bin/env bash
+# End-to-end benchmark: smartrelay against Postfix on the same machine, in one run.
+#
+#   benches/e2e.sh [MESSAGES] [SESSIONS] [SIZE]      (defaults 5000 20 5120; ROUNDS=3)
+#
+# Measures, with Postfix's smtp-source as the load client and smtp-sink as the smart host:
+#   direct      smtp-source -> smtp-sink                 (the ceiling)
+#   postfix     smtp-source -> Postfix (fsync) -> smtp-sink
+#   smartrelay  smtp-source -> smartrelay (fsync) -> smtp-sink
+#   smartrelay, trusted-sender recording off (its cost)
+# For each: accept rate (until smtp-source is done) and end-to-end rate (until the sink
+# has every message). Then RSS with 1,000 idle sessions and the trusted-list export of
+# 100,000 entries. Everything talks to 127.0.0.1 only. Results: benches/results.md.
+set -euo pipefail
+
+N=${1:-5000}
+S=${2:-20}
+L=${3:-5120}
+ROUNDS=${ROUNDS:-3}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BIN=${SMARTRELAY_BIN:-$ROOT/target/release/smartrelay}
+WORK=$(mktemp -d /tmp/smartrelay-bench.XXXXXX)
+# Postfix daemons and smtp-sink run as other users: they must reach their files.
+chmod 755 "$WORK"
+OUT=$ROOT/benches/results.md
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done
+  [ -d "$WORK/postfix" ] && postfix -c "$WORK/postfix/etc" stop >/dev/null 2>&1 || true
+  sleep 0.5
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+[ -x "$BIN" ] || (cd "$ROOT" && cargo build --release --quiet)
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+now() { date +%s.%N; }
+wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 not up" >&2; exit 1; }
+
+# smtp-sink's counter only goes to a terminal: run it under script(1) and read the log.
+start_sink() {
+  local port=$1 log=$2
+  script -qfc "smtp-sink -u nobody -c 127.0.0.1:$port 1000" "$log" >/dev/null 2>&1 &
+  PIDS+=($!)
+  wait_port "$port"
+}
+sink_count() { tr '\r' '\n' <"$1" | grep -o 'mesg=[0-9]*' | tail -1 | cut -d= -f2; }
+wait_sink() {
+  local log=$1 want=$2
+  while :; do
+    local c; c=$(sink_count "$log"); c=${c:-0}
+    [ "$c" -ge "$want" ] && return 0
+    sleep 0.05
+  done
+}
+
+# Runs one load; prints "accept_rate e2e_rate".
+run_load() {
+  local port=$1 sinklog=$2 base
+  base=$(sink_count "$sinklog"); base=${base:-0}
+  local t0 t1 t2
+  t0=$(now)
+  smtp-source -s "$S" -m "$N" -l "$L" -d -f bench@example.test -t rcpt@partner.test "127.0.0.1:$port"
+  t1=$(now)
+  wait_sink "$sinklog" $((base + N))
+  t2=$(now)
+  python3 -c "print('%.0f %.0f' % ($N/($t1-$t0), $N/($t2-$t0)))"
+}
+
+start_relay() {
+  local name=$1 sinkport=$2 trusted=$3 dir=$WORK/$1
+  mkdir -p "$dir"
+  local port admin; port=$(free_port); admin=$(free_port)
+  cat >"$dir/smartrelay.toml" <<EOF
+[server]
+hostname = "relay.bench"
+listen = ["127.0.0.1:$port"]
+max_connections = 4000
+max_connections_per_ip = 4000
+[access]
+allowed_ranges = ["127.0.0.0/8"]
+domains = ["example.test"]
+[queue]
+dir = "$dir/spool"
+[routing]
+spf_aware = false
+[routing.regions.eu]
+hosts = ["127.0.0.1:$sinkport"]
+tls = "none"
+[admin]
+listen = "127.0.0.1:$admin"
+database = "$dir/state.sqlite3"
+[trusted]
+enabled = $trusted
+database = "$dir/trusted.sqlite3"
+[log]
+level = "warn"
+EOF
+  "$BIN" run --config "$dir/smartrelay.toml" >/dev/null 2>"$dir/relay.log" &
+  local pid=$!
+  wait_port "$port" >/dev/null
+  echo "$pid $port $admin"
+}
+
+start_postfix() {
+  local sinkport=$1 pf=$WORK/postfix port
+  port=$(free_port)
+  mkdir -p "$pf/etc" "$pf/queue" "$pf/data"
+  cat >"$pf/etc/main.cf" <<EOF
+compatibility_level = 3.6
+queue_directory = $pf/queue
+data_directory = $pf/data
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = postfix.bench
+mydestination =
+inet_interfaces = loopback-only
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+relayhost = [127.0.0.1]:$sinkport
+smtpd_relay_restrictions = permit_mynetworks, reject
+alias_maps =
+alias_database =
+local_recipient_maps =
+maillog_file = $pf/maillog
+maillog_file_prefixes = $pf
+EOF
+  cat >"$pf/etc/master.cf" <<EOF
+127.0.0.1:$port inet n - n - - smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+local     unix  -       n       n       -       -       local
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+EOF
+  chown postfix "$pf/data"
+  postfix -c "$pf/etc" check >/dev/null 2>&1 || true
+  script -qc "postfix -c $pf/etc start" /dev/null >"$WORK/postfix-start.log" 2>&1 || { cat "$WORK/postfix-start.log" >&2; exit 1; }
+  wait_port "$port"
+  echo "$port"
+}
+
+rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+
+echo "== smartrelay benchmark: $N messages of $L bytes, $S sessions ($(nproc) cores), $ROUNDS rounds"
+
+# Each variant gets a fresh sink (and relay or Postfix) per round; the disk is synced
+# and given a second between runs so one run's writeback does not land on the next.
+settle() { sync; sleep 1; }
+variant_direct() {
+  local sp; sp=$(free_port); start_sink "$sp" "$WORK/direct-$1.log"
+  run_load "$sp" "$WORK/direct-$1.log"
+}
+variant_postfix() {
+  local sp pp; sp=$(free_port); start_sink "$sp" "$WORK/pf-$1.log"
+  rm -rf "$WORK/postfix"; pp=$(start_postfix "$sp")
+  run_load "$pp" "$WORK/pf-$1.log"
+  postfix -c "$WORK/postfix/etc" stop >/dev/null 2>&1 || true
+}
+variant_relay() {
+  local name=$1 trusted=$2 round=$3 sp pid port admin
+  sp=$(free_port); start_sink "$sp" "$WORK/$name-$round.log"
+  rm -rf "${WORK:?}/$name"
+  read -r pid port admin < <(start_relay "$name" "$sp" "$trusted")
+  PIDS+=("$pid")
+  run_load "$port" "$WORK/$name-$round.log"
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+}
+median() { python3 -c "import statistics,sys; print('%.0f' % statistics.median(float(x) for x in sys.argv[1:]))" "$@"; }
+
+declare -A ACC E2E
+for round in $(seq "$ROUNDS"); do
+  for v in direct postfix relay notrusted; do
+    settle
+    case $v in
+      direct) read -r a e < <(variant_direct "$round") ;;
+      postfix) read -r a e < <(variant_postfix "$round") ;;
+      relay) read -r a e < <(variant_relay relay true "$round") ;;
+      notrusted) read -r a e < <(variant_relay notrusted false "$round") ;;
+    esac
+    ACC[$v]="${ACC[$v]:-} $a"; E2E[$v]="${E2E[$v]:-} $e"
+    printf 'round %d %-10s accept %6s/s  end-to-end %6s/s\n' "$round" "$v" "$a" "$e"
+  done
+done
+# shellcheck disable=SC2086
+{
+  D_ACC=$(median ${ACC[direct]}); D_E2E=$(median ${E2E[direct]})
+  P_ACC=$(median ${ACC[postfix]}); P_E2E=$(median ${E2E[postfix]})
+  R_ACC=$(median ${ACC[relay]}); R_E2E=$(median ${E2E[relay]})
+  T_ACC=$(median ${ACC[notrusted]}); T_E2E=$(median ${E2E[notrusted]})
+}
+
+# Idle sessions: 1,000 clients connected, greeted and silent.
+settle
+SR_SINK=$(free_port); start_sink "$SR_SINK" "$WORK/idle-sink.log"
+rm -rf "$WORK/relay"
+read -r SR_PID SR_PORT SR_ADMIN < <(start_relay relay "$SR_SINK" true)
+PIDS+=("$SR_PID")
+RSS_BEFORE=$(rss_kb "$SR_PID")
+python3 - "$SR_PORT" "$SR_PID" >"$WORK/idle.txt" <<'PY'
+import socket, sys, time
+port, pid = int(sys.argv[1]), sys.argv[2]
+socks = []
+for _ in range(1000):
+    s = socket.create_connection(("127.0.0.1", port)); s.recv(512)
+    s.sendall(b"EHLO idle.bench\r\n"); s.recv(4096)
+    socks.append(s)
+time.sleep(1)
+rss = [l.split()[1] for l in open("/proc/%s/status" % pid) if l.startswith("VmRSS")][0]
+print(rss)
+PY
+RSS_IDLE=$(cat "$WORK/idle.txt")
+echo "smartrelay  RSS ${RSS_BEFORE} kB idle, ${RSS_IDLE} kB with 1000 idle sessions"
+kill "$SR_PID"; wait "$SR_PID" 2>/dev/null || true
+
+# Trusted-list export: 100,000 entries.
+python3 -c "
+for i in range(100000): print('user%06d@partner%03d.test' % (i, i % 500))" >"$WORK/100k.csv"
+"$BIN" trusted import "$WORK/100k.csv" --config "$WORK/relay/smartrelay.toml" >/dev/null
+t0=$(now); "$BIN" trusted export --format csv --config "$WORK/relay/smartrelay.toml" >"$WORK/export.csv"; t1=$(now)
+EXPORT_S=$(python3 -c "print('%.2f' % ($t1-$t0))")
+EXPORT_LINES=$(($(wc -l <"$WORK/export.csv") - 1))
+echo "trusted export: $EXPORT_LINES entries in ${EXPORT_S}s"
+
+ratio() { python3 -c "print('%.2f' % ($1/$2))"; }
+cat >"$OUT" <<EOF
+# Benchmark results
+
+Command: \`benches/e2e.sh $N $S $L\` ($N messages of $L bytes over $S sessions, $(nproc) cores,
+$(date -u +%Y-%m-%d)); medians of $ROUNDS alternating rounds. smtp-source is the client, smtp-sink the smart host; Postfix
+$(postconf -d -h mail_version) fsyncs its queue files, smartrelay fsyncs file and directory
+before every 250. Rates in messages per second; ratios against Postfix and against the
+direct source-to-sink ceiling measured in the same run.
+
+| path | accept/s | end-to-end/s | accept vs Postfix | end-to-end vs Postfix | end-to-end vs direct |
+|---|---:|---:|---:|---:|---:|
+| smtp-source -> smtp-sink (direct) | $D_ACC | $D_E2E | | | 1.00 |
+| smtp-source -> Postfix -> smtp-sink | $P_ACC | $P_E2E | 1.00 | 1.00 | $(ratio "$P_E2E" "$D_E2E") |
+| smtp-source -> smartrelay -> smtp-sink | $R_ACC | $R_E2E | $(ratio "$R_ACC" "$P_ACC") | $(ratio "$R_E2E" "$P_E2E") | $(ratio "$R_E2E" "$D_E2E") |
+| same, trusted-list recording off | $T_ACC | $T_E2E | | | |
+
+- Trusted-list recording costs $(python3 -c "print('%.1f' % (100*(1-$R_E2E/$T_E2E)))") % of end-to-end throughput (negative: within noise).
+- RSS: ${RSS_BEFORE} kB at rest; ${RSS_IDLE} kB with 1,000 idle sessions open.
+- \`smartrelay trusted export --format csv\` of $EXPORT_LINES entries: ${EXPORT_S} s.
+EOF
+echo "written to $OUT"
