@@ -626,3 +626,20 @@ fn full_disk_answers_452_and_the_relay_keeps_running() {
     }));
     assert_eq!(relay.queue().len(), 1);
 }
+
+#[test]
+fn shipped_example_configurations_are_valid() {
+    for file in ["config/smartrelay.toml", "config/production.example.toml"] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+        let out = Command::new(bin())
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

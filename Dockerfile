@@ -1,0 +1,25 @@
+# Multi-stage build: compile with the Rust toolchain, run on slim Debian as a non-root user.
+FROM rust:1.95-slim-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+RUN cargo build --release --locked && strip target/release/smartrelay
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --home-dir /var/lib/smartrelay --shell /usr/sbin/nologin smartrelay \
+ && mkdir -p /var/lib/smartrelay /etc/smartrelay \
+ && chown smartrelay /var/lib/smartrelay
+COPY --from=build /src/target/release/smartrelay /usr/local/bin/smartrelay
+COPY config/production.example.toml /etc/smartrelay/smartrelay.toml
+USER smartrelay
+WORKDIR /var/lib/smartrelay
+# SMTP (map the host's port 25 here: a non-root process cannot bind it), implicit TLS,
+# and the admin API/dashboard/metrics.
+EXPOSE 2525 4650 8025
+VOLUME ["/var/lib/smartrelay"]
+HEALTHCHECK --interval=30s --timeout=5s CMD ["/bin/sh", "-c", "exec 3<>/dev/tcp/127.0.0.1/8025 && printf 'GET /healthz HTTP/1.0\\r\\n\\r\\n' >&3 && grep -q ok <&3"]
+ENTRYPOINT ["smartrelay"]
+CMD ["run", "--config", "/etc/smartrelay/smartrelay.toml"]
