@@ -714,3 +714,87 @@ fn queue_management_from_the_cli() {
     assert!(relay.wait_queue_empty(T));
     let _ = Command::new("true").status();
 }
+
+#[test]
+fn smtp_auth_to_the_upstream() {
+    let dir = tmpdir("upstream-auth");
+    let up = Upstream::start(&dir, &["--auth", "relay:s3cret"]);
+    let cfg = Cfg::new(&dir, &up.addr()).set(
+        "routing.regions.eu",
+        "auth",
+        "{ username = \"relay\", password_env = \"SR_TEST_PASSWORD\" }",
+    );
+    let path = cfg.write();
+    let relay = Relay::start_with(&dir, &path, &[("SR_TEST_PASSWORD", "s3cret")]).unwrap();
+    send(
+        &relay,
+        "a@example.test",
+        &["x@partner.test"],
+        "Subject: auth\r\n\r\nx",
+    );
+    assert_eq!(up.wait_messages(1, T)[0].0["auth"], "relay");
+    drop(relay);
+    // A wrong password defers (4.7.8) and sends nothing.
+    let dir2 = tmpdir("upstream-auth-bad");
+    let path = Cfg::new(&dir2, &up.addr())
+        .set(
+            "routing.regions.eu",
+            "auth",
+            "{ username = \"relay\", password_env = \"SR_TEST_PASSWORD\" }",
+        )
+        .write();
+    let relay = Relay::start_with(&dir2, &path, &[("SR_TEST_PASSWORD", "wrong")]).unwrap();
+    let id = send(
+        &relay,
+        "a@example.test",
+        &["y@partner.test"],
+        "Subject: auth\r\n\r\nx",
+    );
+    let tried = wait_until(T, || {
+        relay.get(&format!("/api/v1/queue/{id}")).1["attempts"] == 1
+    });
+    let (_, m) = relay.get(&format!("/api/v1/queue/{id}"));
+    assert!(tried, "{m:#}\n{}", relay.logs().join("\n"));
+    assert_eq!(m["recipients"][0]["reply"]["esc"], "4.7.8", "{m}");
+    assert_eq!(up.messages().len(), 1);
+    // And a password variable that is not set is a configuration error.
+    let out = Command::new(bin())
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SR_TEST_PASSWORD"));
+}
+
+#[test]
+fn a_host_that_never_greets_times_out_and_the_next_one_delivers() {
+    let dir = tmpdir("greeting-timeout");
+    // The kernel completes the handshake, nobody ever says 220.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let up = Upstream::start(&dir, &[]);
+    let cfg = Cfg::new(&dir, "x:25")
+        .set(
+            "routing.regions.eu",
+            "hosts",
+            &format!("[\"{}\", \"{}\"]", silent.local_addr().unwrap(), up.addr()),
+        )
+        .set("delivery", "connect_timeout", "\"1s\"");
+    let relay = Relay::start(&cfg);
+    let started = std::time::Instant::now();
+    send(
+        &relay,
+        "a@example.test",
+        &["x@partner.test"],
+        "Subject: slow\r\n\r\nx",
+    );
+    assert_eq!(up.wait_messages(1, T).len(), 1);
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "the silent host was tried first"
+    );
+    assert!(relay.log_json().iter().any(|l| l["error"]
+        .as_str()
+        .unwrap_or("")
+        .contains("timed out during greeting")));
+}

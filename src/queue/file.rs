@@ -134,11 +134,11 @@ impl FileSpool {
         wait.await.map_err(|_| gone())?
     }
 
-    fn read_entry(&self, path: &Path) -> Result<(Envelope, Vec<u8>), String> {
+    fn read_entry(&self, path: &Path) -> Result<(Envelope, Vec<u8>), Unreadable> {
         let mut raw = Vec::new();
         File::open(path)
             .and_then(|mut f| f.read_to_end(&mut raw))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Unreadable::Corrupt(e.to_string()))?;
         decode(&raw)
     }
 
@@ -341,24 +341,43 @@ fn trailer(head: &[u8], data: &[u8]) -> Bytes {
     Bytes::from(t)
 }
 
-fn decode(raw: &[u8]) -> Result<(Envelope, Vec<u8>), String> {
+/// Why a spool file is not a message.
+#[derive(Debug)]
+enum Unreadable {
+    /// The write never finished (short, no trailer, or blocks never written): the
+    /// message was never acknowledged, because the answer waits for the sync.
+    Incomplete(&'static str),
+    /// Complete but not understood: kept for a human.
+    Corrupt(String),
+}
+
+impl std::fmt::Display for Unreadable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unreadable::Incomplete(why) => write!(f, "incomplete write: {why}"),
+            Unreadable::Corrupt(why) => f.write_str(why),
+        }
+    }
+}
+
+fn decode(raw: &[u8]) -> Result<(Envelope, Vec<u8>), Unreadable> {
     let split = raw
         .len()
         .checked_sub(TRAILER.len() + 4)
-        .ok_or("too short")?;
+        .ok_or(Unreadable::Incomplete("too short"))?;
     let (body, tail) = raw.split_at(split);
     if !tail.starts_with(TRAILER) {
-        return Err("no trailer: the write never finished".into());
+        return Err(Unreadable::Incomplete("no trailer"));
     }
-    let want = u32::from_be_bytes(
-        tail[TRAILER.len()..]
-            .try_into()
-            .map_err(|_| "bad trailer")?,
-    );
-    if crc32fast::hash(body) != want {
-        return Err("checksum mismatch: incomplete or damaged".into());
+    let mut crc = [0u8; 4];
+    crc.copy_from_slice(&tail[TRAILER.len()..]);
+    if crc32fast::hash(body) != u32::from_be_bytes(crc) {
+        return Err(Unreadable::Incomplete("checksum mismatch"));
     }
-    let raw = body;
+    parse_body(body).map_err(Unreadable::Corrupt)
+}
+
+fn parse_body(raw: &[u8]) -> Result<(Envelope, Vec<u8>), String> {
     let rest = raw.strip_prefix(MAGIC).ok_or("bad magic")?;
     let nl = memchr::memchr(b'\n', rest).ok_or("no length line")?;
     let len: usize = std::str::from_utf8(&rest[..nl])
@@ -416,7 +435,7 @@ impl Spool for FileSpool {
             .map(|(_, data)| data)
             .map_err(|reason| SpoolError::Corrupt {
                 id: id.to_string(),
-                reason,
+                reason: reason.to_string(),
             })
     }
 
@@ -466,7 +485,11 @@ impl Spool for FileSpool {
                     out.push(Recovered { envelope, state });
                 }
                 Ok(_) => self.set_aside(name, "envelope ID does not match file name"),
-                Err(reason) => self.set_aside(name, &reason),
+                Err(Unreadable::Incomplete(why)) => {
+                    tracing::warn!(entry = %name, why, "interrupted write removed (it was never acknowledged)");
+                    let _ = fs::remove_file(self.msg.join(name));
+                }
+                Err(Unreadable::Corrupt(reason)) => self.set_aside(name, &reason),
             }
         }
         Ok(out)
@@ -551,7 +574,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn recovery_purges_staging_and_sets_aside_corrupt_entries() {
+    async fn recovery_removes_interrupted_writes_and_sets_aside_corrupt_entries() {
         let dir = tempdir("recover");
         let spool = FileSpool::open(&dir, SyncMode::Filesystem).unwrap();
         let env = envelope(b"ok\r\n");
@@ -578,8 +601,20 @@ mod tests {
         assert_eq!(rec[0].envelope.id, env.id);
         assert!(rec[0].state.is_none());
         assert_eq!(fs::read_dir(dir.join("tmp")).unwrap().count(), 0);
-        assert!(dir.join("corrupt").join(bad.as_str()).exists());
-        assert!(dir.join("corrupt").join(holed.id.as_str()).exists());
+        assert!(!dir.join("msg").join(bad.as_str()).exists());
+        assert!(!dir.join("msg").join(holed.id.as_str()).exists());
+        assert!(
+            !dir.join("corrupt").exists(),
+            "interrupted writes are removed, not kept"
+        );
+        // A complete file that does not parse is kept for a human.
+        let odd = QueueId::generate();
+        let head = b"SRQ2\n2\n{}".to_vec();
+        let mut file = head.clone();
+        file.extend_from_slice(&trailer(&head, b""));
+        fs::write(dir.join("msg").join(odd.as_str()), file).unwrap();
+        assert_eq!(spool.recover().unwrap().len(), 1);
+        assert!(dir.join("corrupt").join(odd.as_str()).exists());
         assert!(!dir.join("msg").join("FFFFFFFFFFFFFFFFFFFF.st").exists());
     }
 

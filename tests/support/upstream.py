@@ -14,7 +14,7 @@ import sys
 import threading
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import AuthResult, LoginPassword
 
 
 class Handler:
@@ -59,6 +59,7 @@ class Handler:
             "rcpt_options": envelope.rcpt_options,
             "tls": session.ssl is not None,
             "peer": session.peer[0],
+            "auth": session.auth_data.login.decode() if isinstance(session.auth_data, LoginPassword) else None,
         }
         with open(base + ".json", "w") as f:
             json.dump(meta, f)
@@ -76,6 +77,7 @@ def main():
     p.add_argument("--cert")
     p.add_argument("--key")
     p.add_argument("--no-smtputf8", action="store_true")
+    p.add_argument("--auth", help="require AUTH with USER:PASS")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     replies = {}
@@ -87,6 +89,17 @@ def main():
     if args.cert:
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         tls.load_cert_chain(args.cert, args.key)
+    auth = {}
+    if args.auth:
+        user, _, password = args.auth.partition(":")
+
+        def authenticator(server, session, envelope, mechanism, data):
+            ok = isinstance(data, LoginPassword) and data.login.decode() == user and data.password.decode() == password
+            handler.log({"event": "auth", "mechanism": mechanism, "ok": ok})
+            # handled=False: let aiosmtpd send the 535 itself.
+            return AuthResult(success=ok, handled=False, auth_data=data)
+
+        auth = dict(authenticator=authenticator, auth_required=True, auth_require_tls=False)
     controller = Controller(
         handler,
         hostname="127.0.0.1",
@@ -96,6 +109,7 @@ def main():
         enable_SMTPUTF8=not args.no_smtputf8,
         decode_data=False,
         ident="upstream.test ESMTP",
+        **auth,
     )
     controller.start()
     print("READY %d" % args.port, flush=True)
