@@ -206,6 +206,37 @@ pub struct Envelope {
 }
 
 impl Envelope {
+    /// A plain envelope for unit tests: 7-bit, no DSN parameters, from 127.0.0.1.
+    #[cfg(test)]
+    pub(crate) fn for_test(sender: &str, recipients: &[&str], size: u64) -> Envelope {
+        Envelope {
+            id: QueueId::generate(),
+            sender: sender.into(),
+            recipients: recipients
+                .iter()
+                .map(|a| Recipient {
+                    address: a.to_string(),
+                    notify: None,
+                    orcpt: None,
+                })
+                .collect(),
+            body: BodyType::SevenBit,
+            smtputf8: false,
+            ret: None,
+            envid: None,
+            client: ClientInfo {
+                ip: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+                helo: "client.test".into(),
+                tls: None,
+            },
+            received_at: 0,
+            size,
+            message_id: None,
+            flags: ContentFlags::default(),
+            generated_dsn: false,
+        }
+    }
+
     pub fn is_null_sender(&self) -> bool {
         self.sender.is_empty()
     }

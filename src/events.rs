@@ -142,6 +142,21 @@ impl EventBus {
         rx
     }
 
+    /// Publishes without ever waiting: for high-volume events (connections) that must
+    /// not slow the accept loop. A full queue drops the event, even for a lossless
+    /// subscriber; use [`EventBus::publish`] for what must arrive.
+    pub fn publish_now(&self, event: Event) {
+        if self.subscribers.is_empty() {
+            return;
+        }
+        let event = Arc::new(event);
+        for s in &self.subscribers {
+            if let Err(mpsc::error::TrySendError::Full(_)) = s.tx.try_send(event.clone()) {
+                metrics::counter!("smartrelay_events_dropped_total").increment(1);
+            }
+        }
+    }
+
     pub async fn publish(&self, event: Event) {
         if self.subscribers.is_empty() {
             return;
@@ -160,6 +175,41 @@ impl EventBus {
             }
         }
     }
+}
+
+/// Waits for the next event, then takes what else arrives within `wait`, up to `max`.
+/// `None` when the bus is closed or `stop` fires and nothing is left; on stop, what is
+/// already queued is still returned, so a consumer can write it before it ends.
+pub async fn next_batch(
+    rx: &mut mpsc::Receiver<Arc<Event>>,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+    max: usize,
+    wait: std::time::Duration,
+) -> Option<Vec<Arc<Event>>> {
+    let mut batch = Vec::new();
+    let first = if *stop.borrow() {
+        None
+    } else {
+        tokio::select! {
+            ev = rx.recv() => ev,
+            _ = stop.changed() => None,
+        }
+    };
+    let Some(first) = first else {
+        while let Ok(ev) = rx.try_recv() {
+            batch.push(ev);
+        }
+        return (!batch.is_empty()).then_some(batch);
+    };
+    batch.push(first);
+    let deadline = tokio::time::Instant::now() + wait;
+    while batch.len() < max {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(ev)) => batch.push(ev),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    Some(batch)
 }
 
 #[cfg(test)]
@@ -193,5 +243,35 @@ mod tests {
             m += 1;
         }
         assert_eq!(m, 1);
+    }
+
+    #[tokio::test]
+    async fn batches_end_with_what_was_queued_at_stop() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let (stop_tx, mut stop) = tokio::sync::watch::channel(false);
+        let ev = || {
+            Arc::new(Event::Connection {
+                ip: "127.0.0.1".parse().unwrap(),
+                at: 0,
+                refused: None,
+            })
+        };
+        for _ in 0..3 {
+            tx.send(ev()).await.unwrap();
+        }
+        let b = next_batch(&mut rx, &mut stop, 2, std::time::Duration::from_millis(10)).await;
+        assert_eq!(b.map(|b| b.len()), Some(2), "capped at max");
+        stop_tx.send(true).unwrap();
+        let b = next_batch(&mut rx, &mut stop, 2, std::time::Duration::from_millis(10)).await;
+        assert_eq!(
+            b.map(|b| b.len()),
+            Some(1),
+            "what was queued is still handed out"
+        );
+        assert!(
+            next_batch(&mut rx, &mut stop, 2, std::time::Duration::from_millis(10))
+                .await
+                .is_none()
+        );
     }
 }

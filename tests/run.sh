@@ -1,30 +1,7 @@
 #!/usr/bin/env bash
-# The test command: installs what the tests talk to (Debian packages) when missing,
-# then runs every test. Real peers only: Postfix's smtp-sink, swaks, Python's smtplib
-# and aiosmtpd, sqlite3, openssl, headless Chromium, Prometheus's text parser.
+# The test command: installs what the tests talk to when missing (tests/setup.sh), then
+# runs every test against real peers on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-need=()
-command -v smtp-sink >/dev/null 2>&1 || [ -x /usr/sbin/smtp-sink ] || need+=(postfix)
-command -v swaks >/dev/null 2>&1 || need+=(swaks libnet-ssleay-perl libio-socket-ssl-perl)
-[ -x /usr/bin/python3 ] && /usr/bin/python3 -c "import aiosmtpd" 2>/dev/null || need+=(python3 python3-aiosmtpd)
-[ -x /usr/bin/python3 ] && /usr/bin/python3 -c "import prometheus_client" 2>/dev/null || need+=(python3-prometheus-client)
-command -v chromium >/dev/null 2>&1 || need+=(chromium)
-command -v sqlite3 >/dev/null 2>&1 || need+=(sqlite3)
-command -v openssl >/dev/null 2>&1 || need+=(openssl)
-command -v prlimit >/dev/null 2>&1 || need+=(util-linux)
-command -v script >/dev/null 2>&1 || need+=(bsdutils)
-command -v gcc >/dev/null 2>&1 || need+=(gcc libc6-dev)
-
-if [ ${#need[@]} -gt 0 ]; then
-  echo "installing: ${need[*]}"
-  SUDO=""
-  [ "$(id -u)" -eq 0 ] || SUDO=sudo
-  # Postfix asks how to configure itself; the tests only use its smtp-sink/smtp-source.
-  echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
-fi
-
+tests/setup.sh
 cargo test --locked "$@"

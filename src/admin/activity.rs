@@ -131,31 +131,8 @@ impl Activity {
         mut rx: mpsc::Receiver<Arc<Event>>,
         mut stop: watch::Receiver<bool>,
     ) {
-        let mut batch = Vec::with_capacity(512);
-        loop {
-            let first = tokio::select! {
-                ev = rx.recv() => ev,
-                _ = stop.changed() => None,
-            };
-            let Some(first) = first else {
-                while let Ok(ev) = rx.try_recv() {
-                    batch.push(ev);
-                }
-                if !batch.is_empty() {
-                    let events = std::mem::take(&mut batch);
-                    let _ = self.with(move |c| write_batch(c, &events)).await;
-                }
-                break;
-            };
-            batch.push(first);
-            let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
-            while batch.len() < 512 {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(ev)) => batch.push(ev),
-                    _ => break,
-                }
-            }
-            let events = std::mem::take(&mut batch);
+        let wait = Duration::from_millis(500);
+        while let Some(events) = crate::events::next_batch(&mut rx, &mut stop, 512, wait).await {
             if let Err(e) = self.with(move |c| write_batch(c, &events)).await {
                 tracing::warn!(error = %e, "activity batch not recorded");
             }

@@ -286,36 +286,15 @@ mod tests {
         let data =
             b"Received: from x\r\nSubject: hello\r\nMessage-ID: <m@a.test>\r\n\r\nbody line\r\n"
                 .to_vec();
-        let env = Envelope {
-            id: QueueId::generate(),
-            sender: "alice@example.test".into(),
-            recipients: vec![
-                Recipient {
-                    address: "bob@ext.test".into(),
-                    notify: None,
-                    orcpt: Some("rfc822;Bob+2Bx@ext.test".into()),
-                },
-                Recipient {
-                    address: "carol@ext.test".into(),
-                    notify: None,
-                    orcpt: None,
-                },
-            ],
-            body: BodyType::SevenBit,
-            smtputf8: false,
-            ret: None,
-            envid: Some("ENV1".into()),
-            client: ClientInfo {
-                ip: "127.0.0.1".parse().unwrap(),
-                helo: "c".into(),
-                tls: None,
-            },
-            received_at: 1_700_000_000_000,
-            size: data.len() as u64,
-            message_id: Some("m@a.test".into()),
-            flags: Default::default(),
-            generated_dsn: false,
-        };
+        let mut env = Envelope::for_test(
+            "alice@example.test",
+            &["bob@ext.test", "carol@ext.test"],
+            data.len() as u64,
+        );
+        env.recipients[0].orcpt = Some("rfc822;Bob+2Bx@ext.test".into());
+        env.envid = Some("ENV1".into());
+        env.received_at = 1_700_000_000_000;
+        env.message_id = Some("m@a.test".into());
         (env, data)
     }
 

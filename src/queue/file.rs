@@ -508,32 +508,11 @@ impl Spool for FileSpool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::envelope::{ClientInfo, Recipient};
 
     fn envelope(data: &[u8]) -> Envelope {
-        Envelope {
-            id: QueueId::generate(),
-            sender: "a@example.test".into(),
-            recipients: vec![Recipient {
-                address: "b@x.test".into(),
-                notify: None,
-                orcpt: None,
-            }],
-            body: Default::default(),
-            smtputf8: false,
-            ret: None,
-            envid: None,
-            client: ClientInfo {
-                ip: "127.0.0.1".parse().unwrap(),
-                helo: "c".into(),
-                tls: None,
-            },
-            received_at: 1,
-            size: data.len() as u64,
-            message_id: None,
-            flags: Default::default(),
-            generated_dsn: false,
-        }
+        let mut e = Envelope::for_test("a@example.test", &["b@x.test"], data.len() as u64);
+        e.received_at = 1;
+        e
     }
 
     fn tempdir(name: &str) -> PathBuf {

@@ -212,7 +212,7 @@ impl<L: SpfLookup> SenderPolicy for SpfRouter<L> {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::envelope::{ClientInfo, QueueId, Recipient};
+
     use crate::pipeline::{GatewayAuthorization, SpfLookupError};
     use std::path::Path;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -348,32 +348,7 @@ hosts = ["127.0.0.1:2700"]
     #[tokio::test]
     async fn internal_recipients_split_off() {
         let r = router("default");
-        let env = Envelope {
-            id: QueueId::generate(),
-            sender: "a@de.test".into(),
-            recipients: ["x@ext.test", "y@us.test", "z@other.test"]
-                .iter()
-                .map(|a| Recipient {
-                    address: a.to_string(),
-                    notify: None,
-                    orcpt: None,
-                })
-                .collect(),
-            body: Default::default(),
-            smtputf8: false,
-            ret: None,
-            envid: None,
-            client: ClientInfo {
-                ip: "127.0.0.1".parse().unwrap(),
-                helo: "h".into(),
-                tls: None,
-            },
-            received_at: 0,
-            size: 0,
-            message_id: None,
-            flags: Default::default(),
-            generated_dsn: false,
-        };
+        let env = Envelope::for_test("a@de.test", &["x@ext.test", "y@us.test", "z@other.test"], 0);
         let plan = r.plan(&env, &[0, 1, 2]).await;
         let legs: Vec<(String, Vec<usize>)> = plan
             .into_iter()

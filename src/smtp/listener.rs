@@ -163,15 +163,12 @@ impl<I: Intake, P: SenderPolicy> Listener<I, P> {
             return;
         };
         metrics::counter!("smartrelay_connections_accepted_total").increment(1);
-        let events = self.shared.events.clone();
+        self.shared.events.publish_now(Event::Connection {
+            ip,
+            at: now_ms(),
+            refused: None,
+        });
         tokio::spawn(async move {
-            events
-                .publish(Event::Connection {
-                    ip,
-                    at: now_ms(),
-                    refused: None,
-                })
-                .await;
             metrics::gauge!("smartrelay_sessions_active").increment(1.0);
             self.session(stream, ip, implicit_tls, phase).await;
             metrics::gauge!("smartrelay_sessions_active").decrement(1.0);
@@ -182,15 +179,10 @@ impl<I: Intake, P: SenderPolicy> Listener<I, P> {
     fn refused(&self, ip: IpAddr, reason: RefusalReason) {
         metrics::counter!("smartrelay_connections_refused_total", "reason" => reason.label())
             .increment(1);
-        let events = self.shared.events.clone();
-        tokio::spawn(async move {
-            events
-                .publish(Event::Connection {
-                    ip,
-                    at: now_ms(),
-                    refused: Some(reason),
-                })
-                .await;
+        self.shared.events.publish_now(Event::Connection {
+            ip,
+            at: now_ms(),
+            refused: Some(reason),
         });
     }
 

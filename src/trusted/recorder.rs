@@ -19,30 +19,16 @@ pub async fn record(
     flush_interval: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut batch: Vec<Observation> = Vec::with_capacity(batch_size);
-    loop {
-        let ev = tokio::select! {
-            ev = rx.recv() => ev,
-            _ = stop.changed() => None,
-        };
-        let Some(ev) = ev else {
-            // Shutdown: take what is already queued, write it, and stop.
-            while let Ok(ev) = rx.try_recv() {
-                collect(&policy, &ev, &mut batch);
-            }
-            break;
-        };
-        collect(&policy, &ev, &mut batch);
-        let deadline = tokio::time::Instant::now() + flush_interval;
-        while batch.len() < batch_size {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(ev)) => collect(&policy, &ev, &mut batch),
-                Ok(None) | Err(_) => break,
-            }
+    // At shutdown the last batch still comes through, so it is written before the end.
+    while let Some(events) =
+        crate::events::next_batch(&mut rx, &mut stop, batch_size, flush_interval).await
+    {
+        let mut batch = Vec::new();
+        for ev in &events {
+            collect(&policy, ev, &mut batch);
         }
         flush(&store, &mut batch).await;
     }
-    flush(&store, &mut batch).await;
 }
 
 fn collect(policy: &TrustPolicy, ev: &Event, batch: &mut Vec<Observation>) {
