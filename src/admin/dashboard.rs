@@ -99,8 +99,8 @@ pub async fn page(State(st): State<Shared>) -> Response {
     let mut b = String::new();
     let cfg = &st.config;
     let _ = write!(b, "<h1>smartrelay on {}</h1>", esc(&cfg.server.hostname));
-    let steps = match onboarding::compute_steps(&st).await {
-        Ok(s) => s,
+    let overview = match onboarding::overview(&st).await {
+        Ok(o) => o,
         Err(e) => {
             return (
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -109,6 +109,12 @@ pub async fn page(State(st): State<Shared>) -> Response {
                 .into_response()
         }
     };
+    let (steps, reports, ips, verification) = (
+        &overview.steps,
+        &overview.spf,
+        &overview.ips,
+        overview.verification.as_ref(),
+    );
     let done = steps
         .steps
         .iter()
@@ -120,9 +126,6 @@ pub async fn page(State(st): State<Shared>) -> Response {
         steps.complete,
         steps.steps.len()
     );
-    let reports = onboarding::spf_reports(&st, &cfg.routing.region).await;
-    let ips = onboarding::outbound_ips_view(&st).await.ok();
-    let verification = onboarding::last_verification(&st).await;
     for step in &steps.steps {
         let (class, mark) = match step.state {
             StepState::Done => ("done", "✔"),
@@ -139,15 +142,13 @@ pub async fn page(State(st): State<Shared>) -> Response {
         );
         b.push_str("<details><summary>More</summary>");
         if step.id == "outbound_ips" {
-            if let Some(ips) = &ips {
-                outbound_details(&mut b, ips);
-            }
+            outbound_details(&mut b, ips);
         } else if let Some(domain) = step.id.strip_prefix("spf:") {
             if let Some(r) = reports.iter().find(|r| r.domain == domain) {
                 spf_details(&mut b, r);
             }
         } else if step.id == "connector" {
-            connector_details(&mut b, verification.as_ref());
+            connector_details(&mut b, verification);
         } else if step.id == "domains" {
             let _ = write!(
                 b,

@@ -201,7 +201,19 @@ pub async fn spf_reports(st: &AdminState, region: &str) -> Vec<Report> {
     out
 }
 
+/// Everything the onboarding page shows, looked up once.
+pub struct Overview {
+    pub steps: Steps,
+    pub spf: Vec<Report>,
+    pub ips: OutboundIps,
+    pub verification: Option<Verification>,
+}
+
 pub async fn compute_steps(st: &AdminState) -> Result<Steps, ApiError> {
+    Ok(overview(st).await?.steps)
+}
+
+pub async fn overview(st: &AdminState) -> Result<Overview, ApiError> {
     let cfg = &st.config;
     let mut steps = vec![Step {
         id: "domains".into(),
@@ -241,7 +253,8 @@ pub async fn compute_steps(st: &AdminState) -> Result<Steps, ApiError> {
             )
         },
     });
-    for report in spf_reports(st, &cfg.routing.region).await {
+    let spf = spf_reports(st, &cfg.routing.region).await;
+    for report in &spf {
         let first_error = report.errors().next().map(|f| f.message.clone());
         steps.push(Step {
             id: format!("spf:{}", report.domain),
@@ -313,9 +326,14 @@ pub async fn compute_steps(st: &AdminState) -> Result<Steps, ApiError> {
             flow.accepted, flow.delivered, flow.deferred, flow.bounced
         ),
     });
-    Ok(Steps {
-        complete: steps.iter().all(|s| s.state == StepState::Done),
-        steps,
+    Ok(Overview {
+        steps: Steps {
+            complete: steps.iter().all(|s| s.state == StepState::Done),
+            steps,
+        },
+        spf,
+        ips,
+        verification,
     })
 }
 
@@ -395,10 +413,6 @@ pub fn spawn_gauge_refresh(st: std::sync::Arc<AdminState>, every: Duration) {
             }
         }
     });
-}
-
-pub async fn last_verification(st: &AdminState) -> Option<Verification> {
-    st.activity.meta(VERIFICATION_KEY).await.ok().flatten()
 }
 
 pub async fn confirm(st: &AdminState) -> Result<Confirmation, ApiError> {

@@ -298,7 +298,7 @@ impl Session {
 
     fn rcpt(&mut self, recipient: String, params: command::RcptParams) -> Action {
         let max = self.cfg.max_recipients;
-        let postmaster = format!("postmaster@{}", self.cfg.postmaster_domain);
+        let postmaster_domain = &self.cfg.postmaster_domain;
         let Some(tx) = self.tx.as_mut() else {
             return self.error(common::bad_sequence("Need MAIL before RCPT"));
         };
@@ -320,7 +320,7 @@ impl Session {
             return Action::Reply(Reply::new(452, "4.5.3", "Too many recipients"));
         }
         let address = if recipient == "postmaster" {
-            postmaster
+            format!("postmaster@{postmaster_domain}")
         } else {
             recipient
         };
