@@ -91,6 +91,9 @@ dir = "$dir/spool"
 sync = "$sync"
 [routing]
 spf_aware = false
+[dns]
+# Loopback only: the onboarding refresh's SPF lookups must not leave the machine.
+nameservers = ["127.0.0.1:1"]
 [routing.regions.eu]
 hosts = ["127.0.0.1:$sinkport"]
 tls = "none"

@@ -81,6 +81,9 @@ impl Cfg {
             .set("routing.regions.eu", "tls", "\"none\"")
             .set("delivery", "connect_timeout", "\"5s\"")
             .set("delivery", "host_backoff", "\"1s\"")
+            // Tests talk to loopback only: without a test's own DNS server, lookups go
+            // to a loopback port where nothing listens, never to the system resolver.
+            .set("dns", "nameservers", "[\"127.0.0.1:1\"]")
             .set("dns", "timeout", "\"2s\"")
             .set("admin", "listen", "\"127.0.0.1:0\"")
             .set("admin", "database", &format!("\"{d}/state.sqlite3\""))
