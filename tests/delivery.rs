@@ -50,6 +50,11 @@ fn spf_cfg(dir: &std::path::Path, dns: &Dns, eu: &str) -> Cfg {
         .set("dns", "nameservers", &format!("[\"{}\"]", dns.addr))
 }
 
+/// A path as a TOML string.
+fn toml_path(p: &std::path::Path) -> String {
+    format!("\"{}\"", p.display())
+}
+
 fn send(relay: &Relay, from: &str, to: &[&str], body: &str) -> String {
     let mut c = Smtp::connect(relay.smtp);
     c.greet();
@@ -512,11 +517,7 @@ fn tls_to_the_upstream_opportunistic_required_and_failing() {
     let dir2 = tmpdir("upstream-tls-req");
     let cfg = Cfg::new(&dir2, &good.addr())
         .set("routing.regions.eu", "tls", "\"required\"")
-        .set(
-            "routing.regions.eu",
-            "ca_file",
-            &format!("\"{}\"", certs.ca.display()),
-        );
+        .set("routing.regions.eu", "ca_file", &toml_path(&certs.ca));
     let relay = Relay::start(&cfg);
     send(
         &relay,
@@ -529,11 +530,7 @@ fn tls_to_the_upstream_opportunistic_required_and_failing() {
     let dir3 = tmpdir("upstream-tls-bad");
     let cfg = Cfg::new(&dir3, &rogue.addr())
         .set("routing.regions.eu", "tls", "\"required\"")
-        .set(
-            "routing.regions.eu",
-            "ca_file",
-            &format!("\"{}\"", certs.ca.display()),
-        );
+        .set("routing.regions.eu", "ca_file", &toml_path(&certs.ca));
     let relay = Relay::start(&cfg);
     let id = send(
         &relay,

@@ -155,6 +155,17 @@ fn only_accepted_external_recipients_of_real_mail_are_trusted() {
     assert_eq!(stats["added_per_day"][0]["added"], 2);
 }
 
+/// `smartrelay trusted ARGS --config CONFIG`, run to completion.
+fn trusted_cli(args: &[&str], config: &std::path::Path) -> std::process::Output {
+    Command::new(bin())
+        .arg("trusted")
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap()
+}
+
 fn support_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -233,46 +244,26 @@ fn paging_csv_and_a_round_trip_through_export_and_import() {
         "{csv}"
     );
     // Export with the CLI, import into another relay's list, export again.
-    let export = Command::new(bin())
-        .args(["trusted", "export", "--format", "csv", "--config"])
-        .arg(&relay.config)
-        .output()
-        .unwrap();
+    let export = trusted_cli(&["export", "--format", "csv"], &relay.config);
     assert!(export.status.success());
     let file = dir.join("export.csv");
     std::fs::write(&file, &export.stdout).unwrap();
     let other = tmpdir("trusted-import");
     let other_cfg = Cfg::new(&other, "127.0.0.1:2").write();
-    let import = Command::new(bin())
-        .args(["trusted", "import"])
-        .arg(&file)
-        .arg("--config")
-        .arg(&other_cfg)
-        .output()
-        .unwrap();
+    let import = trusted_cli(&["import", file.to_str().unwrap()], &other_cfg);
     assert!(
         import.status.success(),
         "{}",
         String::from_utf8_lossy(&import.stderr)
     );
     assert!(String::from_utf8_lossy(&import.stdout).starts_with("12 address(es) added"));
-    let again = Command::new(bin())
-        .args(["trusted", "export", "--format", "json", "--config"])
-        .arg(&other_cfg)
-        .output()
-        .unwrap();
+    let again = trusted_cli(&["export", "--format", "json"], &other_cfg);
     let entries: Vec<Value> = serde_json::from_slice(&again.stdout).unwrap();
     let a: BTreeSet<String> = addresses(&entries).into_iter().collect();
     assert_eq!(a, rcpts.iter().cloned().collect::<BTreeSet<_>>());
     assert!(entries.iter().all(|e| e["origin"] == "imported"));
     // Importing twice adds nothing.
-    let import = Command::new(bin())
-        .args(["trusted", "import"])
-        .arg(&file)
-        .arg("--config")
-        .arg(&other_cfg)
-        .output()
-        .unwrap();
+    let import = trusted_cli(&["import", file.to_str().unwrap()], &other_cfg);
     assert!(String::from_utf8_lossy(&import.stdout).starts_with("0 address(es) added"));
 }
 
@@ -291,11 +282,7 @@ fn entries_expire_after_the_retention() {
     // The periodic pruning drops what nothing was delivered to within 2 s, keeps the rest.
     assert!(wait_until(T, || addresses(&listed(&relay, "")) == ["new@partner.test"]));
     // The CLI prunes on demand with its own retention.
-    let out = Command::new(bin())
-        .args(["trusted", "prune", "--retention", "1ms", "--config"])
-        .arg(&relay.config)
-        .output()
-        .unwrap();
+    let out = trusted_cli(&["prune", "--retention", "1ms"], &relay.config);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("removed"));
     assert!(listed(&relay, "").is_empty());

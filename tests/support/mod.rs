@@ -667,31 +667,42 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
+/// `<name>.pem` and `<name>.key`: a self-signed P-256 certificate with these extensions.
+fn self_signed(dir: &Path, name: &str, subject: &str, extensions: &[&str]) {
+    let (key, pem) = (format!("{name}.key"), format!("{name}.pem"));
+    let mut args = vec![
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        &key,
+        "-out",
+        &pem,
+        "-days",
+        "2",
+        "-subj",
+        subject,
+    ];
+    for e in extensions {
+        args.extend(["-addext", e]);
+    }
+    openssl(dir, &args);
+}
+
 /// A CA and a leaf it signed, plus a self-signed certificate, made with openssl.
 pub fn certs(dir: &Path) -> Certs {
     let d = dir.join("tls");
     std::fs::create_dir_all(&d).unwrap();
-    openssl(
+    self_signed(
         &d,
+        "ca",
+        "/CN=smartrelay test CA",
         &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=smartrelay test CA",
-            "-addext",
             "basicConstraints=critical,CA:TRUE",
-            "-addext",
             "keyUsage=critical,keyCertSign",
         ],
     );
@@ -733,27 +744,13 @@ pub fn certs(dir: &Path) -> Certs {
             "leaf.ext",
         ],
     );
-    openssl(
+    // rustls refuses a certificate without CA:FALSE as an end entity.
+    self_signed(
         &d,
+        "rogue",
+        "/CN=rogue",
         &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "rogue.key",
-            "-out",
-            "rogue.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=rogue",
-            "-addext",
             "basicConstraints=critical,CA:FALSE",
-            "-addext",
             "subjectAltName=IP:127.0.0.1,DNS:localhost",
         ],
     );
