@@ -213,28 +213,22 @@ impl Api {
     fn call(&self, method: &str, path: &str) -> Result<(u16, Value)> {
         let url = format!("{}{path}", self.base);
         let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let with_auth = |r: ureq::RequestBuilder<ureq::typestate::WithoutBody>| match &auth {
+            Some(a) => r.header("Authorization", a),
+            None => r,
+        };
         let resp = match method {
-            "GET" => {
-                let mut r = self.agent.get(&url);
-                if let Some(a) = &auth {
-                    r = r.header("Authorization", a);
-                }
-                r.call()
-            }
-            "DELETE" => {
-                let mut r = self.agent.delete(&url);
-                if let Some(a) = &auth {
-                    r = r.header("Authorization", a);
-                }
-                r.call()
-            }
-            _ => {
-                let mut r = self.agent.post(&url);
-                if let Some(a) = &auth {
-                    r = r.header("Authorization", a);
-                }
-                r.send_empty()
-            }
+            "GET" => with_auth(self.agent.get(&url)).call(),
+            "DELETE" => with_auth(self.agent.delete(&url)).call(),
+            // POST carries no body here; ureq types it apart, so the token goes on by hand.
+            _ => match &auth {
+                Some(a) => self
+                    .agent
+                    .post(&url)
+                    .header("Authorization", a)
+                    .send_empty(),
+                None => self.agent.post(&url).send_empty(),
+            },
         };
         let mut resp = resp.with_context(|| format!("cannot reach the relay at {url}"))?;
         let status = resp.status().as_u16();

@@ -337,28 +337,18 @@ pub fn http_text(method: &str, url: &str, token: Option<&str>) -> (u16, String) 
         .build()
         .into();
     let auth = token.map(|t| format!("Bearer {t}"));
+    let with_auth = |r: ureq::RequestBuilder<ureq::typestate::WithoutBody>| match &auth {
+        Some(a) => r.header("Authorization", a),
+        None => r,
+    };
     let resp = match method {
-        "GET" => {
-            let mut r = agent.get(url);
-            if let Some(a) = &auth {
-                r = r.header("Authorization", a);
-            }
-            r.call()
-        }
-        "DELETE" => {
-            let mut r = agent.delete(url);
-            if let Some(a) = &auth {
-                r = r.header("Authorization", a);
-            }
-            r.call()
-        }
-        _ => {
-            let mut r = agent.post(url);
-            if let Some(a) = &auth {
-                r = r.header("Authorization", a);
-            }
-            r.send_empty()
-        }
+        "GET" => with_auth(agent.get(url)).call(),
+        "DELETE" => with_auth(agent.delete(url)).call(),
+        // POST carries no body here; ureq types it apart, so the token goes on by hand.
+        _ => match &auth {
+            Some(a) => agent.post(url).header("Authorization", a).send_empty(),
+            None => agent.post(url).send_empty(),
+        },
     };
     let mut resp = resp.unwrap_or_else(|e| panic!("{method} {url}: {e}"));
     let status = resp.status().as_u16();
