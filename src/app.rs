@@ -85,7 +85,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         None => None,
     };
     let dns = HickoryDns::new(&cfg.dns.nameservers, cfg.dns.timeout.0)?;
-    let spool = Arc::new(FileSpool::open(&cfg.queue.dir, cfg.queue.sync)?);
+    let spool = Arc::new(FileSpool::open(&cfg.queue.dir)?);
     let activity = Arc::new(Activity::open(&cfg.admin.database)?);
     let trusted_store = if cfg.trusted.enabled {
         Some(Arc::new(trusted::Store::open(&cfg.trusted.database)?))
@@ -254,6 +254,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     }
     let _ = stop_tx.send(true);
     let _ = scheduler.await;
+    queue.close().await;
     if let Some(t) = trusted_task {
         let _ = t.await;
     }

@@ -175,24 +175,10 @@ pub struct AccessConfig {
     pub internal_domains: Vec<String>,
 }
 
-/// How a batch of spool writes is made durable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum SyncMode {
-    /// One `syncfs` per batch (Linux): cheapest when the spool has its file system to
-    /// itself, but it also writes back whatever else is dirty on that file system.
-    #[default]
-    Filesystem,
-    /// Only the batch's own files: writeback started for all, `fdatasync` each, one
-    /// directory fsync.
-    Files,
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueueConfig {
     pub dir: PathBuf,
-    pub sync: SyncMode,
     pub retry: Vec<Dur>,
     pub max_age: Dur,
     pub delay_warning: Option<Dur>,
@@ -208,7 +194,6 @@ impl Default for QueueConfig {
             .collect();
         QueueConfig {
             dir: "var/spool".into(),
-            sync: SyncMode::Filesystem,
             retry,
             max_age: Dur(Duration::from_secs(5 * 86_400)),
             delay_warning: None,

@@ -199,18 +199,17 @@ fn health_and_readiness() {
     );
     let (s, v) = relay.get("/readyz");
     assert_eq!((s, v["ready"].clone()), (200, Value::Bool(true)));
-    // The queue directory stops taking writes: not ready, and it says why.
-    let tmp = dir.join("spool/tmp");
-    std::fs::remove_dir(&tmp).unwrap();
-    std::fs::write(&tmp, b"not a directory").unwrap();
+    // The spool stops taking new files (its probe path is taken by a directory): not
+    // ready, and it says why.
+    let probe = dir.join("spool/log/probe");
+    std::fs::create_dir(&probe).unwrap();
     let (s, v) = relay.get("/readyz");
     assert_eq!(s, 503);
     assert!(
         v["failing"][0].as_str().unwrap().starts_with("queue:"),
         "{v}"
     );
-    std::fs::remove_file(&tmp).unwrap();
-    std::fs::create_dir(&tmp).unwrap();
+    std::fs::remove_dir(&probe).unwrap();
     assert_eq!(relay.get("/readyz").0, 200);
 }
 

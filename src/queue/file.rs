@@ -1,61 +1,93 @@
-//! The file spool: one file per message, made durable before anyone is told so.
+//! The file spool: an append-only log of checksummed records in segment files, made
+//! durable before anyone is told so.
 //!
-//! All durable writes go through one committer thread that takes whatever is pending
-//! as a batch. Message files are written in place under `msg/` and made durable,
-//! content and directory entry together, by one `syncfs` for the whole batch (an fsync
-//! per file and one of `msg/` where there is no syncfs). Under load one journal commit
-//! covers many messages, and no session waits on a thread of its own.
+//! One committer thread owns the open segment. It takes whatever writes are pending
+//! as a batch, appends them with one write and makes them durable with one
+//! `fdatasync`; only then does each waiting session get its answer. Appending to one
+//! file needs no new inode or directory entry per message, so a commit is a data
+//! flush, not a file-system journal commit, and under load one flush covers many
+//! messages. A new segment's directory entry is synced before anything is written
+//! to it.
 //!
-//! A message file ends with a CRC-32 of everything before it, so a file a crash cut
-//! short or left with unwritten blocks is never taken for a message: it was never
-//! acknowledged either, because the answer only goes out after the sync. State files
-//! replace an existing file, so they are written to `tmp/`, synced, renamed and the
-//! directory synced.
+//! Delivery states and removals are records too; the last record for an ID wins. A
+//! removal is not synced on its own (a crash before it reaches the disk only means
+//! the message is delivered once more). Segments are deleted oldest first, once none
+//! of their messages is still queued, so a removal record never outlives the message
+//! it removes; live messages that hold an old segment back are copied forward.
 //!
 //! ```text
-//! <dir>/lock          held (flock) while a relay uses the spool
-//! <dir>/tmp/          staging for state files; leftovers are interrupted writes
-//! <dir>/msg/<ID>      "SRQ2\n" <envelope length> "\n" <envelope JSON> <data> <trailer>
-//!                     trailer: "\0SRQ" and the CRC-32 (big-endian) of all before it
-//! <dir>/msg/<ID>.st   delivery state (JSON), replaced atomically
-//! <dir>/corrupt/      entries that could not be read, kept for a human
+//! <dir>/lock             held (flock) while a relay uses the spool
+//! <dir>/log/<seq>.seg    segments, 16 hex digits, written in order
+//! <dir>/corrupt/         records that check out but cannot be read, kept for a human
 //! ```
 
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
-use std::io::{IoSlice, Read, Write};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
+use super::record::{self, Kind, Record, Scanned};
 use super::spool::{Recovered, Spool, SpoolError};
-use crate::config::SyncMode;
 use crate::envelope::{DeliveryState, Envelope, QueueId};
 
-const MAGIC: &[u8] = b"SRQ2\n";
-const TRAILER: &[u8] = b"\0SRQ";
-/// Most files one commit takes; more wait for the next.
+/// A segment is closed once it reaches this size.
+const SEGMENT_BYTES: u64 = 64 << 20;
+/// Most writes one commit takes; more wait for the next.
 const MAX_BATCH: usize = 256;
-/// Committer threads: while one waits for its journal commit, the next batch is written
-/// and queued behind it instead of waiting for it to finish.
-const COMMITTERS: usize = 1;
+/// Octets after which a batch takes no more writes (a single larger one still goes).
+const MAX_BATCH_BYTES: usize = 16 << 20;
+/// Closed segments kept behind the oldest one before its live messages are copied
+/// forward, so a long-deferred message does not hold back the disk space of all the
+/// mail that came after it.
+const COMPACT_BEHIND: usize = 4;
 
 pub struct FileSpool {
     dir: PathBuf,
-    tmp: PathBuf,
-    msg: PathBuf,
-    jobs: mpsc::Sender<Job>,
+    index: Arc<Mutex<Index>>,
+    /// Taken on drop, which lets the committer finish what was sent and stop.
+    jobs: Option<mpsc::UnboundedSender<Job>>,
+    committer: Option<std::thread::JoinHandle<()>>,
     _lock: File,
 }
 
-/// One file to make durable under `msg/`.
+/// Where every queued message is; shared by the committer (the only writer) and the
+/// readers.
+#[derive(Default)]
+struct Index {
+    segments: BTreeMap<u64, Segment>,
+    entries: HashMap<QueueId, Loc>,
+}
+
+struct Segment {
+    file: Arc<File>,
+    /// Queued messages whose record is in this segment.
+    live: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    seg: u64,
+    at: u64,
+    len: u64,
+}
+
+struct Loc {
+    msg: Span,
+    state: Option<Span>,
+}
+
+/// One record for the committer to append.
 struct Job {
-    name: String,
+    /// `None` for a barrier: no record, the batch is synced all the same.
+    record: Option<(Kind, QueueId)>,
     parts: [Bytes; 3],
-    /// Replaces an existing file: staged in `tmp/` and renamed once synced.
-    replace: bool,
-    done: oneshot::Sender<Result<(), SpoolError>>,
+    /// `None` for a removal: nobody waits for it.
+    done: Option<oneshot::Sender<Result<(), SpoolError>>>,
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SpoolError {
@@ -63,11 +95,23 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SpoolError {
     move |source| SpoolError::Io { what, source }
 }
 
+fn segment_name(seq: u64) -> String {
+    format!("{seq:016X}.seg")
+}
+
+fn lock_index(index: &Mutex<Index>) -> MutexGuard<'_, Index> {
+    index.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl FileSpool {
-    pub fn open(dir: &Path, sync: SyncMode) -> Result<FileSpool, SpoolError> {
-        let tmp = dir.join("tmp");
-        let msg = dir.join("msg");
-        for d in [dir, &tmp, &msg] {
+    /// Opens (or creates) the spool and indexes every record in it.
+    pub fn open(dir: &Path) -> Result<FileSpool, SpoolError> {
+        FileSpool::open_with(dir, SEGMENT_BYTES)
+    }
+
+    fn open_with(dir: &Path, segment_bytes: u64) -> Result<FileSpool, SpoolError> {
+        let log = dir.join("log");
+        for d in [dir, &log] {
             fs::create_dir_all(d).map_err(io(d.display().to_string()))?;
         }
         let lock_path = dir.join("lock");
@@ -79,318 +123,118 @@ impl FileSpool {
             .map_err(io(lock_path.display().to_string()))?;
         lock.try_lock()
             .map_err(|_| SpoolError::Locked(dir.display().to_string()))?;
-        let (jobs, rx) = mpsc::channel(4 * MAX_BATCH);
-        let rx = Arc::new(Mutex::new(rx));
-        for n in 0..COMMITTERS {
-            let committer = Committer {
-                sync,
-                tmp: tmp.clone(),
-                msg: msg.clone(),
-                msg_dir: File::open(&msg).map_err(io(msg.display().to_string()))?,
-            };
-            let rx = rx.clone();
-            std::thread::Builder::new()
-                .name(format!("spool-commit-{n}"))
-                .spawn(move || committer.run(&rx))
-                .map_err(io("committer thread"))?;
-        }
+        let (index, next_seq) = load_index(dir, &log)?;
+        let index = Arc::new(Mutex::new(index));
+        let (jobs, rx) = mpsc::unbounded_channel();
+        let committer = Committer {
+            log_dir: File::open(&log).map_err(io(log.display().to_string()))?,
+            log,
+            index: index.clone(),
+            current: None,
+            next_seq,
+            segment_bytes,
+            buf: Vec::new(),
+        };
+        committer.collect_garbage();
+        let committer = std::thread::Builder::new()
+            .name("spool-commit".into())
+            .spawn(move || committer.run(rx))
+            .map_err(io("committer thread"))?;
         Ok(FileSpool {
             dir: dir.to_owned(),
-            tmp,
-            msg,
-            jobs,
+            index,
+            jobs: Some(jobs),
+            committer: Some(committer),
             _lock: lock,
         })
     }
 
-    fn msg_path(&self, id: &QueueId) -> PathBuf {
-        self.msg.join(id.as_str())
-    }
-
-    fn state_path(&self, id: &QueueId) -> PathBuf {
-        self.msg.join(format!("{id}.st"))
+    fn send(&self, job: Job) -> Result<(), SpoolError> {
+        self.jobs
+            .as_ref()
+            .and_then(|j| j.send(job).ok())
+            .ok_or_else(|| SpoolError::Io {
+                what: "spool committer".into(),
+                source: std::io::Error::other("committer thread stopped"),
+            })
     }
 
     async fn commit(
         &self,
-        name: String,
+        record: Option<(Kind, QueueId)>,
         parts: [Bytes; 3],
-        replace: bool,
     ) -> Result<(), SpoolError> {
         let (done, wait) = oneshot::channel();
-        let gone = || SpoolError::Io {
+        self.send(Job {
+            record,
+            parts,
+            done: Some(done),
+        })?;
+        wait.await.map_err(|_| SpoolError::Io {
             what: "spool committer".into(),
             source: std::io::Error::other("committer thread stopped"),
-        };
-        self.jobs
-            .send(Job {
-                name,
-                parts,
-                replace,
-                done,
-            })
-            .await
-            .map_err(|_| gone())?;
-        wait.await.map_err(|_| gone())?
+        })?
     }
 
-    fn read_entry(&self, path: &Path) -> Result<(Envelope, Vec<u8>), Unreadable> {
-        let mut raw = Vec::new();
-        File::open(path)
-            .and_then(|mut f| f.read_to_end(&mut raw))
-            .map_err(|e| Unreadable::Corrupt(e.to_string()))?;
-        decode(&raw)
+    /// Reads and checks one record.
+    fn read(&self, span: Span) -> Result<Vec<u8>, String> {
+        let file = lock_index(&self.index)
+            .segments
+            .get(&span.seg)
+            .map(|s| s.file.clone())
+            .ok_or("segment is gone")?;
+        read_span(&file, span)
     }
 
-    fn set_aside(&self, name: &str, reason: &str) {
-        let corrupt = self.dir.join("corrupt");
-        let _ = fs::create_dir_all(&corrupt);
-        tracing::error!(
-            entry = name,
+    fn read_message(&self, id: &QueueId) -> Result<(Envelope, Vec<u8>), SpoolError> {
+        let span = lock_index(&self.index)
+            .entries
+            .get(id)
+            .map(|l| l.msg)
+            .ok_or_else(|| SpoolError::NotFound(id.to_string()))?;
+        let corrupt = |reason: String| SpoolError::Corrupt {
+            id: id.to_string(),
             reason,
-            "spool entry unreadable, moved to corrupt/"
-        );
-        let _ = fs::rename(self.msg.join(name), corrupt.join(name));
+        };
+        let raw = self.read(span).map_err(corrupt)?;
+        let (rec, _) = record::decode(&raw).ok_or_else(|| corrupt("checksum mismatch".into()))?;
+        parse_message(&rec, id).map_err(corrupt)
+    }
+
+    fn read_state(&self, id: &QueueId) -> Option<DeliveryState> {
+        let span = lock_index(&self.index).entries.get(id)?.state?;
+        let raw = self.read(span).ok()?;
+        let (rec, _) = record::decode(&raw)?;
+        serde_json::from_slice(rec.payload).ok()
+    }
+
+    /// Keeps an unreadable message's record for a human and drops it from the queue.
+    fn set_aside(&self, id: &QueueId, reason: &str) {
+        tracing::error!(queue_id = %id, reason, "spool entry unreadable, copied to corrupt/");
+        let corrupt = self.dir.join("corrupt");
+        let span = lock_index(&self.index).entries.get(id).map(|l| l.msg);
+        if let Some(raw) = span.and_then(|s| self.read(s).ok()) {
+            let _ = fs::create_dir_all(&corrupt);
+            let _ = fs::write(corrupt.join(id.as_str()), raw);
+        }
+        let _ = self.remove(id);
     }
 }
 
-struct Committer {
-    sync: SyncMode,
-    tmp: PathBuf,
-    msg: PathBuf,
-    msg_dir: File,
+fn read_span(file: &File, span: Span) -> Result<Vec<u8>, String> {
+    let len = usize::try_from(span.len).map_err(|e| e.to_string())?;
+    let mut raw = vec![0u8; len];
+    file.read_exact_at(&mut raw, span.at)
+        .map_err(|e| e.to_string())?;
+    Ok(raw)
 }
 
-impl Committer {
-    fn run(self, rx: &Mutex<mpsc::Receiver<Job>>) {
-        let mut batch = Vec::with_capacity(MAX_BATCH);
-        loop {
-            {
-                // One committer takes a batch at a time; the lock is released before
-                // the slow part, so the other can take the next batch meanwhile.
-                let mut rx = rx.lock().unwrap_or_else(|e| e.into_inner());
-                // Ends when the spool (the only sender) is dropped.
-                let Some(first) = rx.blocking_recv() else {
-                    return;
-                };
-                batch.push(first);
-                while batch.len() < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(job) => batch.push(job),
-                        Err(_) => break,
-                    }
-                }
-            }
-            self.commit(&mut batch);
-        }
+fn parse_message(rec: &Record<'_>, id: &QueueId) -> Result<(Envelope, Vec<u8>), String> {
+    let (json, data) = record::split_message(rec.payload).ok_or("truncated envelope")?;
+    let envelope: Envelope = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+    if envelope.id != *id {
+        return Err("envelope ID does not match the record".into());
     }
-
-    /// Writes and syncs a batch; every job gets its own answer.
-    fn commit(&self, batch: &mut Vec<Job>) {
-        let mut written: Vec<(Job, PathBuf, File)> = Vec::with_capacity(batch.len());
-        for job in batch.drain(..) {
-            let path = if job.replace {
-                self.tmp.join(&job.name)
-            } else {
-                self.msg.join(&job.name)
-            };
-            match write_file(&path, &job.parts) {
-                Ok(f) => written.push((job, path, f)),
-                Err(e) => {
-                    let _ = fs::remove_file(&path);
-                    let _ = job.done.send(Err(e));
-                }
-            }
-        }
-        if written.is_empty() {
-            return;
-        }
-        if let Err(e) = sync_files(self.sync, written.iter().map(|(_, _, f)| f), &self.msg_dir) {
-            // Unknown what reached the disk: take it all back, so nothing that was
-            // refused is delivered later.
-            return fail_all(written.into_iter().map(|(j, p, _)| (j, p)), &e);
-        }
-        let (staged, direct): (Vec<_>, Vec<_>) =
-            written.into_iter().partition(|(j, _, _)| j.replace);
-        for (job, _, _) in direct {
-            let _ = job.done.send(Ok(()));
-        }
-        if staged.is_empty() {
-            return;
-        }
-        let mut renamed = Vec::with_capacity(staged.len());
-        for (job, tmp, file) in staged {
-            drop(file);
-            let dest = self.msg.join(&job.name);
-            match fs::rename(&tmp, &dest) {
-                Ok(()) => renamed.push((job, dest)),
-                Err(e) => {
-                    let _ = fs::remove_file(&tmp);
-                    let _ = job.done.send(Err(io(dest.display().to_string())(e)));
-                }
-            }
-        }
-        let synced = self.msg_dir.sync_all();
-        for (job, dest) in renamed {
-            let _ = job
-                .done
-                .send(synced.as_ref().map(|_| ()).map_err(|e| SpoolError::Io {
-                    what: dest.display().to_string(),
-                    source: std::io::Error::new(e.kind(), e.to_string()),
-                }));
-        }
-    }
-}
-
-fn write_file(path: &Path, parts: &[Bytes; 3]) -> Result<File, SpoolError> {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(io(path.display().to_string()))?;
-    let slices = [
-        IoSlice::new(&parts[0]),
-        IoSlice::new(&parts[1]),
-        IoSlice::new(&parts[2]),
-    ];
-    let written = f
-        .write_vectored(&slices)
-        .map_err(io(path.display().to_string()))?;
-    // Short writes are rare; finish by hand if one happens.
-    let all: usize = parts.iter().map(Bytes::len).sum();
-    if written < all {
-        let rest: Vec<u8> = parts
-            .iter()
-            .flat_map(|p| p.iter())
-            .skip(written)
-            .copied()
-            .collect();
-        f.write_all(&rest).map_err(io(path.display().to_string()))?;
-    }
-    Ok(f)
-}
-
-/// Makes every file of the batch durable, content and directory entry.
-fn sync_files<'a>(
-    mode: SyncMode,
-    files: impl Iterator<Item = &'a File> + Clone,
-    dir: &File,
-) -> std::io::Result<()> {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        if mode == SyncMode::Filesystem {
-            // syncfs writes back every dirty page, inode and directory entry of the
-            // file system and waits for it: one journal commit for the whole batch,
-            // where per-file fsyncs would each wait for one of their own. It reports
-            // writeback errors (Linux >= 5.8).
-            // SAFETY: `dir` is an open file descriptor for the duration of the call.
-            let rc = unsafe { libc::syncfs(dir.as_raw_fd()) };
-            return if rc == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            };
-        }
-        // Start writeback of the whole batch first, so the first fdatasync's commit
-        // covers every file and the others find their work done. A hint only: the
-        // fdatasync calls below are what the durability rests on.
-        for f in files.clone() {
-            // SAFETY: an open file descriptor; offset 0 and length 0 mean the whole file.
-            unsafe { libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = mode;
-    for f in files {
-        f.sync_data()?;
-    }
-    dir.sync_all()
-}
-
-fn fail_all(items: impl IntoIterator<Item = (Job, PathBuf)>, e: &std::io::Error) {
-    for (job, path) in items {
-        let _ = fs::remove_file(&path);
-        let _ = job.done.send(Err(SpoolError::Io {
-            what: path.display().to_string(),
-            source: std::io::Error::new(e.kind(), e.to_string()),
-        }));
-    }
-}
-
-fn encode_header(envelope: &Envelope) -> Result<Vec<u8>, SpoolError> {
-    let json = serde_json::to_vec(envelope).map_err(|e| SpoolError::Corrupt {
-        id: envelope.id.to_string(),
-        reason: e.to_string(),
-    })?;
-    let mut head = Vec::with_capacity(json.len() + 16);
-    head.extend_from_slice(MAGIC);
-    head.extend_from_slice(json.len().to_string().as_bytes());
-    head.push(b'\n');
-    head.extend_from_slice(&json);
-    Ok(head)
-}
-
-fn trailer(head: &[u8], data: &[u8]) -> Bytes {
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(head);
-    crc.update(data);
-    let mut t = TRAILER.to_vec();
-    t.extend_from_slice(&crc.finalize().to_be_bytes());
-    Bytes::from(t)
-}
-
-/// Why a spool file is not a message.
-#[derive(Debug)]
-enum Unreadable {
-    /// The write never finished (short, no trailer, or blocks never written): the
-    /// message was never acknowledged, because the answer waits for the sync.
-    Incomplete(&'static str),
-    /// Complete but not understood: kept for a human.
-    Corrupt(String),
-}
-
-impl std::fmt::Display for Unreadable {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Unreadable::Incomplete(why) => write!(f, "incomplete write: {why}"),
-            Unreadable::Corrupt(why) => f.write_str(why),
-        }
-    }
-}
-
-fn decode(raw: &[u8]) -> Result<(Envelope, Vec<u8>), Unreadable> {
-    let split = raw
-        .len()
-        .checked_sub(TRAILER.len() + 4)
-        .ok_or(Unreadable::Incomplete("too short"))?;
-    let (body, tail) = raw.split_at(split);
-    if !tail.starts_with(TRAILER) {
-        return Err(Unreadable::Incomplete("no trailer"));
-    }
-    let mut crc = [0u8; 4];
-    crc.copy_from_slice(&tail[TRAILER.len()..]);
-    if crc32fast::hash(body) != u32::from_be_bytes(crc) {
-        return Err(Unreadable::Incomplete("checksum mismatch"));
-    }
-    parse_body(body).map_err(Unreadable::Corrupt)
-}
-
-fn parse_body(raw: &[u8]) -> Result<(Envelope, Vec<u8>), String> {
-    let rest = raw.strip_prefix(MAGIC).ok_or("bad magic")?;
-    let nl = memchr::memchr(b'\n', rest).ok_or("no length line")?;
-    let len: usize = std::str::from_utf8(&rest[..nl])
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .ok_or("bad length")?;
-    let body_start = nl + 1 + len;
-    if rest.len() < body_start {
-        return Err("truncated envelope".into());
-    }
-    let envelope: Envelope =
-        serde_json::from_slice(&rest[nl + 1..body_start]).map_err(|e| e.to_string())?;
-    let data = rest[body_start..].to_vec();
     if data.len() as u64 != envelope.size {
         return Err(format!(
             "data is {} octets, envelope says {}",
@@ -398,17 +242,417 @@ fn parse_body(raw: &[u8]) -> Result<(Envelope, Vec<u8>), String> {
             envelope.size
         ));
     }
-    Ok((envelope, data))
+    Ok((envelope, data.to_vec()))
+}
+
+/// Scans every segment in order and replays its records; returns the index and the
+/// number for the next segment. New mail always goes to a new segment, so nothing is
+/// ever appended after an interrupted write.
+fn load_index(dir: &Path, log: &Path) -> Result<(Index, u64), SpoolError> {
+    let mut seqs: Vec<u64> = fs::read_dir(log)
+        .map_err(io(log.display().to_string()))?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            u64::from_str_radix(name.strip_suffix(".seg")?, 16).ok()
+        })
+        .collect();
+    seqs.sort_unstable();
+    let mut index = Index::default();
+    for &seq in &seqs {
+        let path = log.join(segment_name(seq));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io(path.display().to_string()))?;
+        let mut raw = Vec::new();
+        std::io::Read::read_to_end(&mut &file, &mut raw).map_err(io(path.display().to_string()))?;
+        for step in record::scan(&raw) {
+            match step {
+                Scanned::Record { at, record } => replay(&mut index, dir, seq, at, &record),
+                Scanned::Garbage { at, len } => tracing::warn!(
+                    segment = %path.display(),
+                    at,
+                    len,
+                    "skipped octets that are not a whole record (an interrupted write, never acknowledged)"
+                ),
+            }
+        }
+        index.segments.insert(
+            seq,
+            Segment {
+                file: Arc::new(file),
+                live: 0,
+            },
+        );
+    }
+    for loc in index.entries.values() {
+        if let Some(s) = index.segments.get_mut(&loc.msg.seg) {
+            s.live += 1;
+        }
+    }
+    let next = seqs.last().map_or(1, |s| s + 1);
+    Ok((index, next))
+}
+
+fn replay(index: &mut Index, dir: &Path, seq: u64, at: usize, rec: &Record<'_>) {
+    let span = Span {
+        seg: seq,
+        at: at as u64,
+        len: (record::HEAD_LEN + rec.id.len() + rec.payload.len()) as u64,
+    };
+    let Some(id) = std::str::from_utf8(rec.id).ok().and_then(QueueId::parse) else {
+        // Checksummed but not an ID of ours: keep the octets for a human.
+        let corrupt = dir.join("corrupt");
+        let _ = fs::create_dir_all(&corrupt);
+        let _ = fs::write(corrupt.join(format!("{seq:016X}-{at}")), rec.payload);
+        tracing::error!(segment = seq, at, "record with a malformed ID set aside");
+        return;
+    };
+    match rec.kind {
+        Kind::Message => {
+            // A second copy comes from copying a live message forward; it keeps its state.
+            let state = index.entries.get(&id).and_then(|l| l.state);
+            index.entries.insert(id, Loc { msg: span, state });
+        }
+        Kind::State => {
+            if let Some(l) = index.entries.get_mut(&id) {
+                l.state = Some(span);
+            }
+        }
+        Kind::Removed => {
+            index.entries.remove(&id);
+        }
+    }
+}
+
+/// The segment new records go to.
+struct Current {
+    seq: u64,
+    file: Arc<File>,
+    len: u64,
+}
+
+struct Committer {
+    log: PathBuf,
+    log_dir: File,
+    index: Arc<Mutex<Index>>,
+    current: Option<Current>,
+    next_seq: u64,
+    segment_bytes: u64,
+    buf: Vec<u8>,
+}
+
+impl Committer {
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Job>) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        // Ends when the spool (the only sender) is dropped.
+        while let Some(first) = rx.blocking_recv() {
+            let mut bytes = first.len();
+            batch.push(first);
+            while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+                match rx.try_recv() {
+                    Ok(job) => {
+                        bytes += job.len();
+                        batch.push(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit(&mut batch);
+            self.collect_garbage();
+            self.compact();
+        }
+    }
+
+    fn current(&mut self) -> std::io::Result<&mut Current> {
+        if self.current.is_none() {
+            let seq = self.next_seq;
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(self.log.join(segment_name(seq)))?;
+            // The segment's directory entry is durable before any record in it is
+            // acknowledged.
+            self.log_dir.sync_all()?;
+            self.next_seq += 1;
+            let file = Arc::new(file);
+            lock_index(&self.index).segments.insert(
+                seq,
+                Segment {
+                    file: file.clone(),
+                    live: 0,
+                },
+            );
+            self.current = Some(Current { seq, file, len: 0 });
+        }
+        self.current
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("no segment"))
+    }
+
+    /// Appends the records in `buf` and syncs them when `durable`; on failure the
+    /// segment is cut back, so nothing that was refused is found at the next start.
+    fn append(&mut self, durable: bool) -> std::io::Result<(u64, u64)> {
+        let buf = std::mem::take(&mut self.buf);
+        let result = self.write_out(&buf, durable);
+        self.buf = buf;
+        self.buf.clear();
+        let full = self
+            .current
+            .as_ref()
+            .is_some_and(|c| c.len >= self.segment_bytes);
+        if full {
+            self.current = None;
+        }
+        result
+    }
+
+    fn write_out(&mut self, buf: &[u8], durable: bool) -> std::io::Result<(u64, u64)> {
+        if buf.is_empty() {
+            // A barrier alone: earlier appends may still be unsynced.
+            return match &self.current {
+                Some(cur) if durable => cur.file.sync_data().map(|()| (cur.seq, cur.len)),
+                Some(cur) => Ok((cur.seq, cur.len)),
+                None => Ok((0, 0)),
+            };
+        }
+        let cur = self.current()?;
+        let base = cur.len;
+        let written = cur.file.write_all_at(buf, base).and_then(|()| {
+            if durable {
+                cur.file.sync_data()
+            } else {
+                Ok(())
+            }
+        });
+        match written {
+            Ok(()) => {
+                cur.len += buf.len() as u64;
+                Ok((cur.seq, base))
+            }
+            Err(e) => {
+                if cur.file.set_len(base).is_err() {
+                    // Cannot cut it back: leave it and start a fresh one.
+                    tracing::error!(segment = cur.seq, "cannot truncate a failed write");
+                    self.current = None;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn commit(&mut self, batch: &mut Vec<Job>) {
+        self.buf.clear();
+        let mut offsets = Vec::with_capacity(batch.len());
+        for job in batch.iter() {
+            offsets.push(self.buf.len() as u64);
+            for p in &job.parts {
+                self.buf.extend_from_slice(p);
+            }
+        }
+        let durable = batch.iter().any(|j| j.done.is_some());
+        let appended = self.append(durable);
+        let mut index = lock_index(&self.index);
+        let mut answers = Vec::with_capacity(batch.len());
+        for (job, off) in batch.drain(..).zip(offsets) {
+            let len = job.len() as u64;
+            match (&appended, job.record) {
+                // Removals apply even when their record was not written: at worst the
+                // message comes back after a crash and is delivered once more.
+                (_, Some((Kind::Removed, id))) => {
+                    if let Some(loc) = index.entries.remove(&id) {
+                        if let Some(s) = index.segments.get_mut(&loc.msg.seg) {
+                            s.live = s.live.saturating_sub(1);
+                        }
+                    }
+                }
+                (Ok(_), None) => answers.push((job.done, Ok(()))),
+                (Ok((seg, base)), Some((kind, id))) => {
+                    let span = Span {
+                        seg: *seg,
+                        at: base + off,
+                        len,
+                    };
+                    if kind == Kind::Message {
+                        index.entries.insert(
+                            id,
+                            Loc {
+                                msg: span,
+                                state: None,
+                            },
+                        );
+                        if let Some(s) = index.segments.get_mut(seg) {
+                            s.live += 1;
+                        }
+                    } else if let Some(loc) = index.entries.get_mut(&id) {
+                        loc.state = Some(span);
+                    }
+                    answers.push((job.done, Ok(())));
+                }
+                (Err(e), _) => {
+                    let err = SpoolError::Io {
+                        what: "spool segment".into(),
+                        source: std::io::Error::new(e.kind(), e.to_string()),
+                    };
+                    answers.push((job.done, Err(err)));
+                }
+            }
+        }
+        drop(index);
+        for (done, answer) in answers {
+            if let Some(done) = done {
+                let _ = done.send(answer);
+            }
+        }
+    }
+
+    /// Deletes the oldest segments while none of their messages is queued.
+    fn collect_garbage(&self) {
+        let current = self.current.as_ref().map(|c| c.seq);
+        let mut index = lock_index(&self.index);
+        while let Some((&seq, seg)) = index.segments.first_key_value() {
+            if seg.live > 0 || Some(seq) == current {
+                break;
+            }
+            index.segments.remove(&seq);
+            let path = self.log.join(segment_name(seq));
+            if let Err(e) = fs::remove_file(&path) {
+                tracing::error!(segment = %path.display(), error = %e, "cannot delete spool segment");
+            }
+        }
+    }
+
+    /// Copies the live messages of the oldest segment forward once enough closed
+    /// segments wait behind it; it is deleted at the next collection.
+    fn compact(&mut self) {
+        let current = self.current.as_ref().map(|c| c.seq);
+        let (oldest, file, moving) = {
+            let index = lock_index(&self.index);
+            let closed = index.segments.len() - usize::from(current.is_some());
+            let Some((&oldest, seg)) = index.segments.first_key_value() else {
+                return;
+            };
+            if closed <= COMPACT_BEHIND || Some(oldest) == current {
+                return;
+            }
+            let moving: Vec<Moving> = index
+                .entries
+                .iter()
+                .filter(|(_, l)| l.msg.seg == oldest)
+                .map(|(id, l)| Moving {
+                    id: id.clone(),
+                    msg: l.msg,
+                    state: l
+                        .state
+                        .and_then(|s| index.segments.get(&s.seg).map(|sg| (sg.file.clone(), s))),
+                })
+                .collect();
+            (oldest, seg.file.clone(), moving)
+        };
+        // (id, offset in buf of the message, its length, offset of the state, its length)
+        let mut placed = Vec::with_capacity(moving.len());
+        self.buf.clear();
+        for Moving { id, msg, state } in moving {
+            let Ok(raw) = read_span(&file, msg) else {
+                tracing::error!(queue_id = %id, "cannot read a message to copy it forward");
+                return;
+            };
+            let msg_at = self.buf.len() as u64;
+            self.buf.extend_from_slice(&raw);
+            let state_at = state.and_then(|(f, s)| {
+                let raw = read_span(&f, s).ok()?;
+                let at = self.buf.len() as u64;
+                self.buf.extend_from_slice(&raw);
+                Some((at, s.len))
+            });
+            placed.push((id, msg_at, msg.len, state_at));
+        }
+        let moved = placed.len();
+        match self.append(true) {
+            Ok((seg, base)) => {
+                let mut index = lock_index(&self.index);
+                for (id, msg_at, msg_len, state_at) in placed {
+                    if let Some(loc) = index.entries.get_mut(&id) {
+                        loc.msg = Span {
+                            seg,
+                            at: base + msg_at,
+                            len: msg_len,
+                        };
+                        loc.state = state_at.map(|(at, len)| Span {
+                            seg,
+                            at: base + at,
+                            len,
+                        });
+                    }
+                }
+                if let Some(s) = index.segments.get_mut(&oldest) {
+                    s.live = 0;
+                }
+                if let Some(s) = index.segments.get_mut(&seg) {
+                    s.live += moved;
+                }
+                drop(index);
+                tracing::info!(
+                    segment = oldest,
+                    messages = moved,
+                    "copied queued messages forward from an old spool segment"
+                );
+                self.collect_garbage();
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot copy queued messages forward; will retry")
+            }
+        }
+    }
+}
+
+/// A live message copied forward out of the oldest segment, with its latest state.
+struct Moving {
+    id: QueueId,
+    msg: Span,
+    state: Option<(Arc<File>, Span)>,
+}
+
+impl Drop for FileSpool {
+    /// Waits for what was sent (removals included) to be written, so the lock is not
+    /// released while the committer still writes.
+    fn drop(&mut self) {
+        self.jobs = None;
+        if let Some(c) = self.committer.take() {
+            let _ = c.join();
+        }
+    }
+}
+
+impl Job {
+    fn len(&self) -> usize {
+        self.parts.iter().map(Bytes::len).sum()
+    }
+}
+
+fn too_large(id: &QueueId) -> impl FnOnce(record::RecordError) -> SpoolError + '_ {
+    move |e| SpoolError::Corrupt {
+        id: id.to_string(),
+        reason: e.to_string(),
+    }
 }
 
 impl Spool for FileSpool {
     async fn store(&self, envelope: &Envelope, data: Bytes) -> Result<(), SpoolError> {
-        let head = encode_header(envelope)?;
-        let tail = trailer(&head, &data);
+        let id = &envelope.id;
+        let json = serde_json::to_vec(envelope).map_err(|e| SpoolError::Corrupt {
+            id: id.to_string(),
+            reason: e.to_string(),
+        })?;
+        let prefix = record::message_prefix(&json).map_err(too_large(id))?;
+        let head =
+            record::head(Kind::Message, id.as_str(), &[&prefix, &data]).map_err(too_large(id))?;
         self.commit(
-            envelope.id.to_string(),
-            [Bytes::from(head), data, tail],
-            false,
+            Some((Kind::Message, id.clone())),
+            [Bytes::from(head), Bytes::from(prefix), data],
         )
         .await
     }
@@ -418,85 +662,54 @@ impl Spool for FileSpool {
             id: id.to_string(),
             reason: e.to_string(),
         })?;
+        let head = record::head(Kind::State, id.as_str(), &[&json]).map_err(too_large(id))?;
         self.commit(
-            format!("{id}.st"),
-            [Bytes::from(json), Bytes::new(), Bytes::new()],
-            true,
+            Some((Kind::State, id.clone())),
+            [Bytes::from(head), Bytes::from(json), Bytes::new()],
         )
         .await
     }
 
-    fn load(&self, id: &QueueId) -> Result<Vec<u8>, SpoolError> {
-        let path = self.msg_path(id);
-        if !path.exists() {
-            return Err(SpoolError::NotFound(id.to_string()));
-        }
-        self.read_entry(&path)
-            .map(|(_, data)| data)
-            .map_err(|reason| SpoolError::Corrupt {
-                id: id.to_string(),
-                reason: reason.to_string(),
-            })
+    async fn flush(&self) -> Result<(), SpoolError> {
+        self.commit(None, [Bytes::new(), Bytes::new(), Bytes::new()])
+            .await
     }
 
-    fn remove(&self, id: &QueueId, state: bool) -> Result<(), SpoolError> {
-        // Message first: a state file left alone is cleaned up at start-up, whereas a
-        // message left without its state would only be delivered once more.
-        match fs::remove_file(self.msg_path(id)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io(id.to_string())(e)),
-        }
-        if state {
-            let _ = fs::remove_file(self.state_path(id));
-        }
-        Ok(())
+    fn load(&self, id: &QueueId) -> Result<Vec<u8>, SpoolError> {
+        self.read_message(id).map(|(_, data)| data)
+    }
+
+    fn remove(&self, id: &QueueId) -> Result<(), SpoolError> {
+        let head = record::head(Kind::Removed, id.as_str(), &[]).map_err(too_large(id))?;
+        self.send(Job {
+            record: Some((Kind::Removed, id.clone())),
+            parts: [Bytes::from(head), Bytes::new(), Bytes::new()],
+            done: None,
+        })
     }
 
     fn recover(&self) -> Result<Vec<Recovered>, SpoolError> {
-        // Interrupted state writes never replaced anything: drop them.
-        for entry in fs::read_dir(&self.tmp).map_err(io("tmp"))?.flatten() {
-            let _ = fs::remove_file(entry.path());
-        }
-        let mut names: Vec<String> = fs::read_dir(&self.msg)
-            .map_err(io("msg"))?
-            .flatten()
-            .filter_map(|e| e.file_name().into_string().ok())
-            .collect();
-        names.sort();
-        let mut out = Vec::new();
-        for name in &names {
-            if let Some(id) = name.strip_suffix(".st") {
-                if names.binary_search_by(|n| n.as_str().cmp(id)).is_err() {
-                    let _ = fs::remove_file(self.msg.join(name));
-                }
-                continue;
-            }
-            let Some(id) = QueueId::parse(name) else {
-                self.set_aside(name, "not a queue ID");
-                continue;
-            };
-            match self.read_entry(&self.msg.join(name)) {
-                Ok((envelope, _)) if envelope.id == id => {
-                    let state = fs::read(self.state_path(&id))
-                        .ok()
-                        .and_then(|raw| serde_json::from_slice::<DeliveryState>(&raw).ok())
+        let mut ids: Vec<QueueId> = lock_index(&self.index).entries.keys().cloned().collect();
+        ids.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.read_message(&id) {
+                Ok((envelope, _)) => {
+                    let state = self
+                        .read_state(&id)
                         .filter(|s| s.rcpts.len() == envelope.recipients.len());
                     out.push(Recovered { envelope, state });
                 }
-                Ok(_) => self.set_aside(name, "envelope ID does not match file name"),
-                Err(Unreadable::Incomplete(why)) => {
-                    tracing::warn!(entry = %name, why, "interrupted write removed (it was never acknowledged)");
-                    let _ = fs::remove_file(self.msg.join(name));
-                }
-                Err(Unreadable::Corrupt(reason)) => self.set_aside(name, &reason),
+                Err(SpoolError::NotFound(_)) => {}
+                Err(e) => self.set_aside(&id, &e.to_string()),
             }
         }
         Ok(out)
     }
 
     fn probe(&self) -> Result<(), SpoolError> {
-        let path = self.tmp.join("probe");
+        // Where segments are created: a full or read-only file system fails here.
+        let path = self.dir.join("log").join("probe");
         let result = File::create(&path)
             .and_then(|mut f| f.write_all(b"probe"))
             .map_err(io(path.display().to_string()));
@@ -522,93 +735,105 @@ mod tests {
         d
     }
 
+    fn segments(dir: &Path) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = fs::read_dir(dir.join("log"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        v.sort();
+        v
+    }
+
     #[tokio::test]
-    async fn store_load_state_remove() {
+    async fn store_load_state_remove_and_reopen() {
         let dir = tempdir("basic");
-        let spool = FileSpool::open(&dir, SyncMode::Filesystem).unwrap();
-        let data: &[u8] = b"Subject: x\r\n\r\n\0binary\xff\r\n";
+        let data: &[u8] = b"Subject: x\r\n\r\n\0binary\xff SRL1\r\n";
         let env = envelope(data);
-        spool.store(&env, Bytes::from_static(data)).await.unwrap();
-        assert_eq!(spool.load(&env.id).unwrap(), data);
-        let mut st = DeliveryState::new(1, 5);
-        st.attempts = 3;
-        spool.save_state(&env.id, &st).await.unwrap();
+        let gone = envelope(b"y");
+        {
+            let spool = FileSpool::open(&dir).unwrap();
+            spool.store(&env, Bytes::from_static(data)).await.unwrap();
+            spool.store(&gone, Bytes::from_static(b"y")).await.unwrap();
+            assert_eq!(spool.load(&env.id).unwrap(), data);
+            let mut st = DeliveryState::new(1, 5);
+            st.attempts = 3;
+            spool.save_state(&env.id, &st).await.unwrap();
+            spool.remove(&gone.id).unwrap();
+            spool.flush().await.unwrap();
+            assert!(matches!(spool.load(&gone.id), Err(SpoolError::NotFound(_))));
+        }
+        // A new process finds the same queue.
+        let spool = FileSpool::open(&dir).unwrap();
         let rec = spool.recover().unwrap();
         assert_eq!(rec.len(), 1);
         assert_eq!(rec[0].envelope, env);
         assert_eq!(rec[0].state.as_ref().unwrap().attempts, 3);
-        spool.remove(&env.id, true).unwrap();
-        assert!(spool.recover().unwrap().is_empty());
-        assert!(matches!(spool.load(&env.id), Err(SpoolError::NotFound(_))));
+        assert_eq!(spool.load(&env.id).unwrap(), data);
     }
 
     #[tokio::test]
     async fn second_instance_is_locked_out() {
         let dir = tempdir("lock");
-        let _a = FileSpool::open(&dir, SyncMode::Filesystem).unwrap();
-        assert!(matches!(
-            FileSpool::open(&dir, SyncMode::Files),
-            Err(SpoolError::Locked(_))
-        ));
+        let _a = FileSpool::open(&dir).unwrap();
+        assert!(matches!(FileSpool::open(&dir), Err(SpoolError::Locked(_))));
     }
 
     #[tokio::test]
-    async fn recovery_removes_interrupted_writes_and_sets_aside_corrupt_entries() {
+    async fn interrupted_writes_are_skipped_and_unreadable_records_set_aside() {
         let dir = tempdir("recover");
-        let spool = FileSpool::open(&dir, SyncMode::Filesystem).unwrap();
-        let env = envelope(b"ok\r\n");
-        spool
-            .store(&env, Bytes::from_static(b"ok\r\n"))
-            .await
-            .unwrap();
-        fs::write(dir.join("tmp").join("0000000000000000000A"), b"half").unwrap();
-        // A file the crash cut short, and one with the right length but a block that
-        // was never written: neither passes for a message.
-        let bad = QueueId::generate();
-        let mut truncated = encode_header(&envelope(b"0123456789")).unwrap();
-        truncated.extend_from_slice(b"01234");
-        fs::write(dir.join("msg").join(bad.as_str()), truncated).unwrap();
-        let holed = envelope(b"0123456789");
-        let head = encode_header(&holed).unwrap();
-        let mut zeroed = head.clone();
-        zeroed.extend_from_slice(&[0u8; 10]);
-        zeroed.extend_from_slice(&trailer(&head, b"0123456789"));
-        fs::write(dir.join("msg").join(holed.id.as_str()), zeroed).unwrap();
-        fs::write(dir.join("msg").join("FFFFFFFFFFFFFFFFFFFF.st"), b"{}").unwrap();
+        let ok = envelope(b"ok\r\n");
+        {
+            let spool = FileSpool::open(&dir).unwrap();
+            spool
+                .store(&ok, Bytes::from_static(b"ok\r\n"))
+                .await
+                .unwrap();
+        }
+        // What a crash can leave at the end of a segment: a record cut short, then a
+        // record of the right length whose data blocks were never written.
+        let seg = segments(&dir).pop().unwrap();
+        let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
+        let torn = envelope(b"0123456789");
+        let json = serde_json::to_vec(&torn).unwrap();
+        let prefix = record::message_prefix(&json).unwrap();
+        let head =
+            record::head(Kind::Message, torn.id.as_str(), &[&prefix, b"0123456789"]).unwrap();
+        f.write_all(&head).unwrap();
+        f.write_all(&prefix).unwrap();
+        f.write_all(b"01234").unwrap();
+        let holed = envelope(b"abcdefghij");
+        let json = serde_json::to_vec(&holed).unwrap();
+        let prefix = record::message_prefix(&json).unwrap();
+        let head =
+            record::head(Kind::Message, holed.id.as_str(), &[&prefix, b"abcdefghij"]).unwrap();
+        f.write_all(&head).unwrap();
+        f.write_all(&prefix).unwrap();
+        f.write_all(&[0u8; 10]).unwrap();
+        // A record that checks out but whose envelope is not one.
+        let odd = QueueId::generate();
+        let prefix = record::message_prefix(b"{}").unwrap();
+        let head = record::head(Kind::Message, odd.as_str(), &[&prefix]).unwrap();
+        f.write_all(&head).unwrap();
+        f.write_all(&prefix).unwrap();
+        drop(f);
+        let spool = FileSpool::open(&dir).unwrap();
         let rec = spool.recover().unwrap();
         assert_eq!(rec.len(), 1);
-        assert_eq!(rec[0].envelope.id, env.id);
+        assert_eq!(rec[0].envelope.id, ok.id);
         assert!(rec[0].state.is_none());
-        assert_eq!(fs::read_dir(dir.join("tmp")).unwrap().count(), 0);
-        assert!(!dir.join("msg").join(bad.as_str()).exists());
-        assert!(!dir.join("msg").join(holed.id.as_str()).exists());
-        assert!(
-            !dir.join("corrupt").exists(),
-            "interrupted writes are removed, not kept"
-        );
-        // A complete file that does not parse is kept for a human.
-        let odd = QueueId::generate();
-        let head = b"SRQ2\n2\n{}".to_vec();
-        let mut file = head.clone();
-        file.extend_from_slice(&trailer(&head, b""));
-        fs::write(dir.join("msg").join(odd.as_str()), file).unwrap();
-        assert_eq!(spool.recover().unwrap().len(), 1);
         assert!(dir.join("corrupt").join(odd.as_str()).exists());
-        assert!(!dir.join("msg").join("FFFFFFFFFFFFFFFFFFFF.st").exists());
+        assert!(dir.join("corrupt").read_dir().unwrap().count() == 1);
+        // Set aside for good: not found again at the next start.
+        drop(spool);
+        let spool = FileSpool::open(&dir).unwrap();
+        assert_eq!(spool.recover().unwrap().len(), 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_stores_are_all_committed() {
-        for (n, mode) in [SyncMode::Filesystem, SyncMode::Files]
-            .into_iter()
-            .enumerate()
-        {
-            concurrent_stores(&tempdir(&format!("group{n}")), mode).await;
-        }
-    }
-
-    async fn concurrent_stores(dir: &Path, mode: SyncMode) {
-        let spool = Arc::new(FileSpool::open(dir, mode).unwrap());
+        let dir = tempdir("group");
+        let spool = Arc::new(FileSpool::open(&dir).unwrap());
         let tasks: Vec<_> = (0..160)
             .map(|_| {
                 let s = spool.clone();
@@ -624,6 +849,8 @@ mod tests {
         for t in tasks {
             ids.push(t.await.unwrap().unwrap());
         }
+        drop(spool);
+        let spool = FileSpool::open(&dir).unwrap();
         let recovered: Vec<QueueId> = spool
             .recover()
             .unwrap()
@@ -632,28 +859,72 @@ mod tests {
             .collect();
         assert_eq!(recovered.len(), 160);
         assert!(ids.iter().all(|id| recovered.contains(id)));
-        assert_eq!(fs::read_dir(dir.join("tmp")).unwrap().count(), 0);
     }
 
     #[tokio::test]
-    async fn a_failed_write_leaves_nothing_behind() {
+    async fn old_segments_are_deleted_or_compacted() {
+        let dir = tempdir("segments");
+        let spool = FileSpool::open_with(&dir, 64 << 10).unwrap();
+        // Ten segments' worth of 4 KiB messages; the first one stays queued.
+        let big = Bytes::from(vec![b'x'; 4 << 10]);
+        let kept = envelope(&big);
+        spool.store(&kept, big.clone()).await.unwrap();
+        let mut st = DeliveryState::new(1, 5);
+        st.attempts = 2;
+        spool.save_state(&kept.id, &st).await.unwrap();
+        for _ in 0..160 {
+            let e = envelope(&big);
+            spool.store(&e, big.clone()).await.unwrap();
+            spool.remove(&e.id).unwrap();
+        }
+        spool.flush().await.unwrap();
+        let n = segments(&dir).len();
+        assert!(
+            n <= COMPACT_BEHIND + 2,
+            "{n} segments left for one queued message"
+        );
+        assert_eq!(spool.load(&kept.id).unwrap(), big);
+        drop(spool);
+        let spool = FileSpool::open(&dir).unwrap();
+        let rec = spool.recover().unwrap();
+        assert_eq!(rec.len(), 1);
+        assert_eq!(rec[0].envelope.id, kept.id);
+        assert_eq!(rec[0].state.as_ref().unwrap().attempts, 2);
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_is_taken_back() {
         let dir = tempdir("fail");
-        let spool = FileSpool::open(&dir, SyncMode::Filesystem).unwrap();
-        // A directory where the file would go makes the write fail.
-        let env = envelope(b"x\r\n");
-        let blocker = dir.join("msg").join(env.id.as_str());
-        fs::create_dir(&blocker).unwrap();
-        assert!(spool
-            .store(&env, Bytes::from_static(b"x\r\n"))
-            .await
-            .is_err());
-        fs::remove_dir(&blocker).unwrap();
-        // The next message is unaffected.
+        let spool = FileSpool::open(&dir).unwrap();
         let ok = envelope(b"y\r\n");
         spool
             .store(&ok, Bytes::from_static(b"y\r\n"))
             .await
             .unwrap();
-        assert_eq!(spool.recover().unwrap().len(), 1);
+        // Make the open segment refuse writes, as a full disk would.
+        let seg = segments(&dir).pop().unwrap();
+        let len = fs::metadata(&seg).unwrap().len();
+        {
+            let index = lock_index(&spool.index);
+            let (_, s) = index.segments.last_key_value().unwrap();
+            let ro = File::open(&seg).unwrap();
+            // SAFETY: both are open descriptors; dup2 swaps what the segment's
+            // descriptor refers to for a read-only one.
+            unsafe {
+                use std::os::fd::AsRawFd;
+                libc::dup2(ro.as_raw_fd(), s.file.as_raw_fd());
+            }
+        }
+        let bad = envelope(b"x\r\n");
+        assert!(spool
+            .store(&bad, Bytes::from_static(b"x\r\n"))
+            .await
+            .is_err());
+        assert_eq!(fs::metadata(&seg).unwrap().len(), len);
+        drop(spool);
+        let spool = FileSpool::open(&dir).unwrap();
+        let rec = spool.recover().unwrap();
+        assert_eq!(rec.len(), 1);
+        assert_eq!(rec[0].envelope.id, ok.id);
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod dsn;
 pub mod file;
+pub mod record;
 pub mod retry;
 pub mod scheduler;
 pub mod spool;
@@ -35,8 +36,6 @@ pub struct QueueSettings {
 struct Entry {
     envelope: Arc<Envelope>,
     state: DeliveryState,
-    /// A state file exists on disk for this message.
-    state_saved: bool,
     /// Kept from ingress until the first attempt, so a fresh message is not read back.
     data: Option<Bytes>,
     in_flight: bool,
@@ -57,9 +56,6 @@ impl Index {
 
 pub struct Queue<S: Spool> {
     spool: Arc<S>,
-    /// Delivered messages to unlink (and whether a state file exists), off the delivery
-    /// path: no fsync is owed for a removal.
-    removals: Mutex<std::sync::mpsc::Sender<(QueueId, bool)>>,
     index: Mutex<Index>,
     wake: Notify,
     settings: QueueSettings,
@@ -130,7 +126,6 @@ impl<S: Spool> Queue<S> {
                 id,
                 Entry {
                     envelope: Arc::new(r.envelope),
-                    state_saved: r.state.is_some(),
                     state,
                     data: None,
                     in_flight: false,
@@ -141,24 +136,7 @@ impl<S: Spool> Queue<S> {
             tracing::info!(messages = index.entries.len(), "recovered queued messages");
         }
         let slots = Arc::new(Semaphore::new(settings.concurrency));
-        let (tx, rx) = std::sync::mpsc::channel::<(QueueId, bool)>();
-        let reaper_spool = spool.clone();
-        std::thread::Builder::new()
-            .name("spool-unlink".into())
-            .spawn(move || {
-                // Ends when the queue (the only sender) is dropped.
-                for (id, state) in rx {
-                    if let Err(e) = reaper_spool.remove(&id, state) {
-                        tracing::error!(queue_id = %id, error = %e, "cannot remove delivered message; it may be delivered again");
-                    }
-                }
-            })
-            .map_err(|e| SpoolError::Io {
-                what: "unlink thread".into(),
-                source: e,
-            })?;
         let queue = Arc::new(Queue {
-            removals: Mutex::new(tx),
             spool,
             index: Mutex::new(index),
             wake: Notify::new(),
@@ -212,7 +190,6 @@ impl<S: Spool> Queue<S> {
                 id,
                 Entry {
                     envelope: env,
-                    state_saved: false,
                     state: DeliveryState::new(rcpts, now),
                     data: Some(data),
                     in_flight: false,
@@ -297,24 +274,21 @@ impl<S: Spool> Queue<S> {
         if self.lock().entries.remove(id).is_none() {
             return Err(QueueError::NotFound(id.to_string()));
         }
-        let spool = self.spool.clone();
-        let id2 = id.clone();
-        tokio::task::spawn_blocking(move || spool.remove(&id2, true))
-            .await
-            .map_err(|e| SpoolError::Io {
-                what: "remove task".into(),
-                source: std::io::Error::other(e.to_string()),
-            })??;
+        self.spool.remove(id)?;
         tracing::info!(queue_id = %id, "removed by administrator");
         Ok(())
     }
 
     async fn persist_state(&self, id: &QueueId, state: &DeliveryState) -> Result<(), SpoolError> {
-        // Marked before the write: should it fail halfway, removal still looks for it.
-        if let Some(e) = self.lock().entries.get_mut(id) {
-            e.state_saved = true;
-        }
         self.spool.save_state(id, state).await
+    }
+
+    /// Makes the queue's last changes durable, so a clean stop is followed by no
+    /// repeated delivery.
+    pub async fn close(&self) {
+        if let Err(e) = self.spool.flush().await {
+            tracing::error!(error = %e, "cannot flush the spool; some messages may be delivered again");
+        }
     }
 
     /// Whether the spool directory takes writes (for readiness checks).

@@ -289,18 +289,9 @@ impl<S: Spool> Queue<S> {
     }
 
     async fn finish(&self, id: &QueueId) {
-        let state = self
-            .lock()
-            .entries
-            .remove(id)
-            .is_some_and(|e| e.state_saved);
-        let sent = self
-            .removals
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send((id.clone(), state));
-        if sent.is_err() {
-            tracing::error!(queue_id = %id, "unlink thread gone; the message may be delivered again");
+        self.lock().entries.remove(id);
+        if let Err(e) = self.spool.remove(id) {
+            tracing::error!(queue_id = %id, error = %e, "cannot remove a finished message; it may be delivered again");
         }
         tracing::info!(queue_id = %id, "removed");
     }

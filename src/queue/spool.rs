@@ -1,6 +1,6 @@
 //! The storage behind the queue, as a small trait so another backend can replace the
-//! file spool. Durable writes are async (a backend may batch them); the rest blocks on
-//! disk I/O and is run on the blocking pool.
+//! file spool. Durable writes are async (a backend may batch them); reads block on disk
+//! I/O and are run on the blocking pool; a removal does not wait.
 
 use std::future::Future;
 
@@ -45,11 +45,13 @@ pub trait Spool: Send + Sync + 'static {
         id: &QueueId,
         state: &DeliveryState,
     ) -> impl Future<Output = Result<(), SpoolError>> + Send;
+    /// Makes every earlier write durable, removals included (at shutdown).
+    fn flush(&self) -> impl Future<Output = Result<(), SpoolError>> + Send;
     /// The message data (as received, with our Received header).
     fn load(&self, id: &QueueId) -> Result<Vec<u8>, SpoolError>;
-    /// Removes a message, and its state when `state` says one was saved; after a crash
-    /// it may come back (at least once).
-    fn remove(&self, id: &QueueId, state: bool) -> Result<(), SpoolError>;
+    /// Removes a message without waiting for the disk: after a crash it may come back
+    /// (at least once), never the other way round.
+    fn remove(&self, id: &QueueId) -> Result<(), SpoolError>;
     /// Every complete message, for delivery after a restart. Incomplete writes are
     /// purged; unreadable entries are moved aside, never delivered and never fatal.
     fn recover(&self) -> Result<Vec<Recovered>, SpoolError>;

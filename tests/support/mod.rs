@@ -769,28 +769,61 @@ pub fn python(code: &str) -> String {
 
 // ---------------------------------------------------------------- the spool on disk
 
-/// A queued message read straight from the spool file: (envelope, data).
-pub fn spool_message(spool: &Path, id: &str) -> Option<(Value, Vec<u8>)> {
-    let raw = std::fs::read(spool.join("msg").join(id)).ok()?;
-    // "SRQ2\n" <length> "\n" <envelope JSON> <data> "\0SRQ" <CRC-32>
-    let raw = &raw[..raw.len().checked_sub(8)?];
-    let rest = raw.strip_prefix(b"SRQ2\n")?;
-    let nl = rest.iter().position(|&b| b == b'\n')?;
-    let len: usize = std::str::from_utf8(&rest[..nl]).ok()?.parse().ok()?;
-    let env: Value = serde_json::from_slice(&rest[nl + 1..nl + 1 + len]).ok()?;
-    Some((env, rest[nl + 1 + len..].to_vec()))
+/// Every message the spool's segment log holds, replayed in order (removal records
+/// applied): ID -> (envelope, data). Decoded here from the documented record format,
+/// independently of the relay's own reader.
+pub fn spool_messages(spool: &Path) -> std::collections::BTreeMap<String, (Value, Vec<u8>)> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut segs: Vec<PathBuf> = std::fs::read_dir(spool.join("log"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    segs.sort();
+    for seg in segs {
+        let raw = std::fs::read(&seg).unwrap_or_default();
+        let mut pos = 0;
+        // "SRL1" kind idlen len(4) crc(4) id payload; crc over kind..len, id, payload.
+        while pos + 14 <= raw.len() {
+            let h = &raw[pos..pos + 14];
+            let id_len = h[5] as usize;
+            let len = u32::from_be_bytes([h[6], h[7], h[8], h[9]]) as usize;
+            let end = pos + 14 + id_len + len;
+            let ok = &h[..4] == b"SRL1" && end <= raw.len() && {
+                let mut c = crc32fast::Hasher::new();
+                c.update(&h[4..10]);
+                c.update(&raw[pos + 14..end]);
+                c.finalize() == u32::from_be_bytes([h[10], h[11], h[12], h[13]])
+            };
+            if !ok {
+                pos += 1;
+                continue;
+            }
+            let id = String::from_utf8_lossy(&raw[pos + 14..pos + 14 + id_len]).into_owned();
+            let payload = &raw[pos + 14 + id_len..end];
+            match h[4] {
+                1 => {
+                    let n = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]])
+                        as usize;
+                    if let Ok(env) = serde_json::from_slice(&payload[4..4 + n]) {
+                        out.insert(id, (env, payload[4 + n..].to_vec()));
+                    }
+                }
+                3 => {
+                    out.remove(&id);
+                }
+                _ => {}
+            }
+            pos = end;
+        }
+    }
+    out
 }
 
-/// IDs of every message file in the spool.
+/// A queued message read straight from the spool: (envelope, data).
+pub fn spool_message(spool: &Path, id: &str) -> Option<(Value, Vec<u8>)> {
+    spool_messages(spool).remove(id)
+}
+
+/// IDs of every message in the spool.
 pub fn spool_ids(spool: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(spool.join("msg"))
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().into_string().ok())
-                .filter(|n| !n.ends_with(".st"))
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
+    spool_messages(spool).into_keys().collect()
 }
