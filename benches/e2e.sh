@@ -74,7 +74,7 @@ run_load() {
 }
 
 start_relay() {
-  local name=$1 sinkport=$2 trusted=$3 sync=${4:-filesystem} dir=$WORK/$1
+  local name=$1 sinkport=$2 trusted=$3 dir=$WORK/$1
   mkdir -p "$dir"
   local port admin; port=$(free_port); admin=$(free_port)
   cat >"$dir/smartrelay.toml" <<EOF
@@ -88,7 +88,6 @@ allowed_ranges = ["127.0.0.0/8"]
 domains = ["example.test"]
 [queue]
 dir = "$dir/spool"
-sync = "$sync"
 [routing]
 spf_aware = false
 [dns]
@@ -184,11 +183,11 @@ variant_postfix() {
   postfix -c "$WORK/postfix-$1/etc" stop >/dev/null 2>&1 || true
 }
 variant_relay() {
-  local name=$1 trusted=$2 round=$3 sync=$4 sp pid port admin
+  local name=$1 trusted=$2 round=$3 sp pid port admin
   sp=$(free_port); start_sink "$sp" "$LOGS/$name-$round.log"
   # A fresh directory per round; nothing is deleted until the end, because deletions
   # (with the discard mount option) slow the next run's syncs down.
-  read -r pid port admin < <(start_relay "$name-$round" "$sp" "$trusted" "$sync")
+  read -r pid port admin < <(start_relay "$name-$round" "$sp" "$trusted")
   PIDS+=("$pid")
   run_load "$port" "$LOGS/$name-$round.log"
   kill "$pid"; wait "$pid" 2>/dev/null || true
@@ -197,14 +196,13 @@ median() { python3 -c "import statistics,sys; print('%.0f' % statistics.median(f
 
 declare -A ACC E2E
 for round in $(seq "$ROUNDS"); do
-  for v in direct postfix relay notrusted files; do
+  for v in direct postfix relay notrusted; do
     settle
     case $v in
       direct) read -r a e < <(variant_direct "$round") ;;
       postfix) read -r a e < <(variant_postfix "$round") ;;
-      relay) read -r a e < <(variant_relay relay true "$round" filesystem) ;;
-      notrusted) read -r a e < <(variant_relay notrusted false "$round" filesystem) ;;
-      files) read -r a e < <(variant_relay files true "$round" files) ;;
+      relay) read -r a e < <(variant_relay relay true "$round") ;;
+      notrusted) read -r a e < <(variant_relay notrusted false "$round") ;;
     esac
     ACC[$v]="${ACC[$v]:-} $a"; E2E[$v]="${E2E[$v]:-} $e"
     printf 'round %d %-10s accept %6s/s  end-to-end %6s/s\n' "$round" "$v" "$a" "$e"
@@ -216,7 +214,6 @@ done
   P_ACC=$(median ${ACC[postfix]}); P_E2E=$(median ${E2E[postfix]})
   R_ACC=$(median ${ACC[relay]}); R_E2E=$(median ${E2E[relay]})
   T_ACC=$(median ${ACC[notrusted]}); T_E2E=$(median ${E2E[notrusted]})
-  F_ACC=$(median ${ACC[files]}); F_E2E=$(median ${E2E[files]})
   RANGE_R=$(python3 -c "import sys; v=[float(x) for x in sys.argv[1:]]; print('%.0f-%.0f' % (min(v), max(v)))" ${E2E[relay]})
   RANGE_P=$(python3 -c "import sys; v=[float(x) for x in sys.argv[1:]]; print('%.0f-%.0f' % (min(v), max(v)))" ${E2E[postfix]})
 }
@@ -258,8 +255,8 @@ cat >"$OUT" <<EOF
 
 Command: \`benches/e2e.sh $N $S $L\` ($N messages of $L bytes over $S sessions, $(nproc) cores,
 $(date -u +%Y-%m-%d)); medians of $ROUNDS alternating rounds. smtp-source is the client, smtp-sink the smart host; Postfix
-$(postconf -d -h mail_version) fsyncs its queue files, smartrelay fsyncs file and directory
-before every 250. Rates in messages per second; ratios against Postfix and against the
+$(postconf -d -h mail_version) fsyncs its queue files; smartrelay appends to its spool log and
+fdatasyncs it before every 250. Rates in messages per second; ratios against Postfix and against the
 direct source-to-sink ceiling measured in the same run.
 
 | path | accept/s | end-to-end/s | accept vs Postfix | end-to-end vs Postfix | end-to-end vs direct |
@@ -268,11 +265,10 @@ direct source-to-sink ceiling measured in the same run.
 | smtp-source -> Postfix -> smtp-sink | $P_ACC | $P_E2E | 1.00 | 1.00 | $(ratio "$P_E2E" "$D_E2E") |
 | smtp-source -> smartrelay -> smtp-sink | $R_ACC | $R_E2E | $(ratio "$R_ACC" "$P_ACC") | $(ratio "$R_E2E" "$P_E2E") | $(ratio "$R_E2E" "$D_E2E") |
 | same, trusted-list recording off | $T_ACC | $T_E2E | $(ratio "$T_ACC" "$P_ACC") | $(ratio "$T_E2E" "$P_E2E") | $(ratio "$T_E2E" "$D_E2E") |
-| same, \`queue.sync = "files"\` | $F_ACC | $F_E2E | $(ratio "$F_ACC" "$P_ACC") | $(ratio "$F_E2E" "$P_E2E") | $(ratio "$F_E2E" "$D_E2E") |
 
-Per-round end-to-end rates varied $RANGE_R/s for smartrelay and $RANGE_P/s for Postfix: the
-virtual disk's sync latency moves by several times from minute to minute, which is why
-the rounds alternate and medians are reported.
+Per-round end-to-end rates varied $RANGE_R/s for smartrelay and $RANGE_P/s for Postfix. The
+virtual disk's sync latency varies from minute to minute, so the variants alternate
+within each round and medians are reported.
 
 - Trusted-list recording costs $(python3 -c "print('%.1f' % (100*(1-$R_E2E/$T_E2E)))") % of end-to-end throughput (negative: within noise).
 - RSS: ${RSS_BEFORE} kB at rest; ${RSS_IDLE} kB with 1,000 idle sessions open.

@@ -41,6 +41,8 @@ const SEGMENT_BYTES: u64 = 64 << 20;
 const MAX_BATCH: usize = 256;
 /// Octets after which a batch takes no more writes (a single larger one still goes).
 const MAX_BATCH_BYTES: usize = 16 << 20;
+/// Capacity the batch buffer keeps between batches.
+const KEEP_BUFFER: usize = 1 << 20;
 /// Closed segments kept behind the oldest one before its live messages are copied
 /// forward, so a long-deferred message does not hold back the disk space of all the
 /// mail that came after it.
@@ -400,6 +402,8 @@ impl Committer {
         let result = self.write_out(&buf, durable);
         self.buf = buf;
         self.buf.clear();
+        // One large message must not keep its size in memory for good.
+        self.buf.shrink_to(KEEP_BUFFER);
         let full = self
             .current
             .as_ref()
