@@ -116,6 +116,13 @@ impl FileSpool {
         for d in [dir, &log] {
             fs::create_dir_all(d).map_err(io(d.display().to_string()))?;
         }
+        // A freshly made spool's directories must survive a crash as its first
+        // segment will.
+        for d in [dir.parent(), Some(dir)].into_iter().flatten() {
+            if let Ok(f) = File::open(d) {
+                f.sync_all().map_err(io(d.display().to_string()))?;
+            }
+        }
         let lock_path = dir.join("lock");
         let lock = OpenOptions::new()
             .create(true)
