@@ -185,34 +185,32 @@ impl FileSpool {
         })?
     }
 
-    /// Reads and checks one record.
-    fn read(&self, span: Span) -> Result<Vec<u8>, String> {
-        let file = lock_index(&self.index)
-            .segments
-            .get(&span.seg)
-            .map(|s| s.file.clone())
-            .ok_or("segment is gone")?;
-        read_span(&file, span)
+    /// The segment and span of a message's record (or of its latest state), taken
+    /// together: a segment deleted after this is still read through its open file.
+    fn locate(&self, id: &QueueId, state: bool) -> Option<(Arc<File>, Span)> {
+        let index = lock_index(&self.index);
+        let loc = index.entries.get(id)?;
+        let span = if state { loc.state? } else { loc.msg };
+        let file = index.segments.get(&span.seg)?.file.clone();
+        Some((file, span))
     }
 
     fn read_message(&self, id: &QueueId) -> Result<(Envelope, Vec<u8>), SpoolError> {
-        let span = lock_index(&self.index)
-            .entries
-            .get(id)
-            .map(|l| l.msg)
+        let (file, span) = self
+            .locate(id, false)
             .ok_or_else(|| SpoolError::NotFound(id.to_string()))?;
         let corrupt = |reason: String| SpoolError::Corrupt {
             id: id.to_string(),
             reason,
         };
-        let raw = self.read(span).map_err(corrupt)?;
+        let raw = read_span(&file, span).map_err(corrupt)?;
         let (rec, _) = record::decode(&raw).ok_or_else(|| corrupt("checksum mismatch".into()))?;
         parse_message(&rec, id).map_err(corrupt)
     }
 
     fn read_state(&self, id: &QueueId) -> Option<DeliveryState> {
-        let span = lock_index(&self.index).entries.get(id)?.state?;
-        let raw = self.read(span).ok()?;
+        let (file, span) = self.locate(id, true)?;
+        let raw = read_span(&file, span).ok()?;
         let (rec, _) = record::decode(&raw)?;
         serde_json::from_slice(rec.payload).ok()
     }
@@ -221,8 +219,10 @@ impl FileSpool {
     fn set_aside(&self, id: &QueueId, reason: &str) {
         tracing::error!(queue_id = %id, reason, "spool entry unreadable, copied to corrupt/");
         let corrupt = self.dir.join("corrupt");
-        let span = lock_index(&self.index).entries.get(id).map(|l| l.msg);
-        if let Some(raw) = span.and_then(|s| self.read(s).ok()) {
+        let raw = self
+            .locate(id, false)
+            .and_then(|(file, span)| read_span(&file, span).ok());
+        if let Some(raw) = raw {
             let _ = fs::create_dir_all(&corrupt);
             let _ = fs::write(corrupt.join(id.as_str()), raw);
         }
