@@ -102,6 +102,12 @@ fn metrics_parse_and_move_with_traffic() {
     );
     assert_eq!(delta("smartrelay_dsn_sent_total{action=failed}"), 1.0);
     assert!(get(&after, "smartrelay_accept_latency_seconds_count{}") >= 2.0);
+    // Two messages, a DSN and delivery states went through the spool's commits.
+    assert!(delta("smartrelay_spool_commits_total{}") >= 1.0);
+    assert!(delta("smartrelay_spool_records_total{}") >= 4.0);
+    assert!(get(&after, "smartrelay_spool_sync_seconds_count{}") >= 1.0);
+    assert!(get(&after, "smartrelay_spool_bytes{}") > 100.0);
+    assert!(get(&after, "smartrelay_spool_segments{}") >= 1.0);
     assert!(get(&after, "smartrelay_received_bytes_total{}") > 100.0);
     let host = up.addr();
     let sum_outcome = |o: &str| -> f64 {

@@ -49,6 +49,8 @@ fn zero() {
         "smartrelay_received_bytes_total",
         "smartrelay_queue_retries_total",
         "smartrelay_queue_write_errors_total",
+        "smartrelay_spool_commits_total",
+        "smartrelay_spool_records_total",
         "smartrelay_messages_expired_total",
         "smartrelay_trusted_new_entries_total",
         "smartrelay_events_dropped_total",
@@ -110,6 +112,21 @@ fn describe() {
         "smartrelay_queue_write_errors_total",
         "Failed spool writes (the client got 452)"
     );
+    describe_histogram!(
+        "smartrelay_spool_sync_seconds",
+        Unit::Seconds,
+        "One spool commit: appending a batch and its fdatasync"
+    );
+    describe_counter!(
+        "smartrelay_spool_commits_total",
+        "Spool commits (one fdatasync each)"
+    );
+    describe_counter!(
+        "smartrelay_spool_records_total",
+        "Spool records written (messages, states, removals); over commits, the batch size"
+    );
+    describe_gauge!("smartrelay_spool_segments", "Spool segment files on disk");
+    describe_gauge!("smartrelay_spool_bytes", "Octets in spool segment files");
     describe_counter!(
         "smartrelay_messages_expired_total",
         "Messages that reached queue.max_age"

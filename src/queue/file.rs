@@ -69,6 +69,8 @@ struct Segment {
     file: Arc<File>,
     /// Queued messages whose record is in this segment.
     live: usize,
+    /// Octets written.
+    len: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -145,6 +147,7 @@ impl FileSpool {
             buf: Vec::new(),
         };
         committer.collect_garbage();
+        committer.publish_size();
         let committer = std::thread::Builder::new()
             .name("spool-commit".into())
             .spawn(move || committer.run(rx))
@@ -293,6 +296,7 @@ fn load_index(dir: &Path, log: &Path) -> Result<(Index, u64), SpoolError> {
             Segment {
                 file: Arc::new(file),
                 live: 0,
+                len: raw.len() as u64,
             },
         );
     }
@@ -369,10 +373,19 @@ impl Committer {
                     Err(_) => break,
                 }
             }
+            metrics::counter!("smartrelay_spool_records_total").increment(batch.len() as u64);
             self.commit(&mut batch);
             self.collect_garbage();
             self.compact();
+            self.publish_size();
         }
+    }
+
+    fn publish_size(&self) {
+        let index = lock_index(&self.index);
+        let bytes: u64 = index.segments.values().map(|s| s.len).sum();
+        metrics::gauge!("smartrelay_spool_segments").set(index.segments.len() as f64);
+        metrics::gauge!("smartrelay_spool_bytes").set(bytes as f64);
     }
 
     fn current(&mut self) -> std::io::Result<&mut Current> {
@@ -393,6 +406,7 @@ impl Committer {
                 Segment {
                     file: file.clone(),
                     live: 0,
+                    len: 0,
                 },
             );
             self.current = Some(Current { seq, file, len: 0 });
@@ -430,6 +444,7 @@ impl Committer {
                 None => Ok((0, 0)),
             };
         }
+        let started = std::time::Instant::now();
         let cur = self.current()?;
         let base = cur.len;
         let written = cur.file.write_all_at(buf, base).and_then(|()| {
@@ -442,7 +457,16 @@ impl Committer {
         match written {
             Ok(()) => {
                 cur.len += buf.len() as u64;
-                Ok((cur.seq, base))
+                let (seq, len) = (cur.seq, cur.len);
+                if durable {
+                    metrics::histogram!("smartrelay_spool_sync_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    metrics::counter!("smartrelay_spool_commits_total").increment(1);
+                }
+                if let Some(s) = lock_index(&self.index).segments.get_mut(&seq) {
+                    s.len = len;
+                }
+                Ok((seq, base))
             }
             Err(e) => {
                 if cur.file.set_len(base).is_err() {
