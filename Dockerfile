@@ -20,6 +20,7 @@ WORKDIR /var/lib/smartrelay
 # and the admin API/dashboard/metrics.
 EXPOSE 2525 4650 8025
 VOLUME ["/var/lib/smartrelay"]
-HEALTHCHECK --interval=30s --timeout=5s CMD ["/bin/sh", "-c", "exec 3<>/dev/tcp/127.0.0.1/8025 && printf 'GET /healthz HTTP/1.0\\r\\n\\r\\n' >&3 && grep -q ok <&3"]
+# /dev/tcp is bash's (Debian's /bin/sh, dash, has no such thing); /healthz answers "ok".
+HEALTHCHECK --interval=30s --timeout=5s CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/8025 && printf 'GET /healthz HTTP/1.0\\r\\n\\r\\n' >&3 && grep -q '^ok' <&3"]
 ENTRYPOINT ["smartrelay"]
 CMD ["run", "--config", "/etc/smartrelay/smartrelay.toml"]
