@@ -382,3 +382,32 @@ fn dashboard_in_a_real_browser() {
     let png = std::fs::read(&shot).unwrap();
     assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000);
 }
+
+/// The container's HEALTHCHECK, exactly as the Dockerfile has it (the admin port
+/// aside), passes against a running relay and fails once it is gone.
+#[test]
+fn dockerfile_health_check_follows_the_relay() {
+    let dockerfile =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).unwrap();
+    let line = dockerfile
+        .lines()
+        .find(|l| l.starts_with("HEALTHCHECK"))
+        .expect("a HEALTHCHECK");
+    let exec: Vec<String> =
+        serde_json::from_str(line[line.find("CMD").unwrap() + 3..].trim()).expect("exec form");
+    let dir = tmpdir("docker-health");
+    let mut relay = Relay::start(&Cfg::new(&dir, "127.0.0.1:2"));
+    let port = relay.admin.port().to_string();
+    let run = |exec: &[String]| {
+        let args: Vec<String> = exec.iter().map(|a| a.replace("8025", &port)).collect();
+        std::process::Command::new(&args[0])
+            .args(&args[1..])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(run(&exec), "healthy relay reported unhealthy: {exec:?}");
+    relay.stop();
+    assert!(!run(&exec));
+}
