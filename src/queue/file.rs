@@ -927,6 +927,88 @@ mod tests {
         assert_eq!(rec[0].state.as_ref().unwrap().attempts, 2);
     }
 
+    /// Many writers, deferrals and removals over small segments, so segments roll,
+    /// are deleted and are copied forward all along: after a restart exactly the
+    /// queued messages are there, each with its latest state and its own data.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn interleaved_traffic_survives_rolling_compaction_and_restart() {
+        let dir = tempdir("interleaved");
+        let spool = Arc::new(FileSpool::open_with(&dir, 16 << 10).unwrap());
+        let tasks: Vec<_> = (0..8u64)
+            .map(|w| {
+                let s = spool.clone();
+                tokio::spawn(async move {
+                    let mut kept = HashMap::new();
+                    let mut seed = w * 7919 + 1;
+                    for n in 0..150u64 {
+                        seed = seed
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        let body =
+                            Bytes::from(format!("w{w} n{n} {}", "x".repeat((seed % 900) as usize)));
+                        let e = envelope(&body);
+                        s.store(&e, body.clone()).await.unwrap();
+                        match seed >> 60 {
+                            // Deferred: a state or two, and it stays.
+                            0..=2 => {
+                                let mut st = DeliveryState::new(1, 5);
+                                for a in 1..=(seed >> 62) as u32 + 1 {
+                                    st.attempts = a;
+                                    s.save_state(&e.id, &st).await.unwrap();
+                                }
+                                kept.insert(e.id.clone(), (body, Some(st.attempts)));
+                            }
+                            // Waiting for its first attempt.
+                            3 => {
+                                kept.insert(e.id.clone(), (body, None));
+                            }
+                            // Delivered.
+                            _ => s.remove(&e.id).unwrap(),
+                        }
+                        // A deferred message delivered later.
+                        if n % 10 == 9 {
+                            if let Some(id) = kept.keys().next().cloned() {
+                                s.remove(&id).unwrap();
+                                kept.remove(&id);
+                            }
+                        }
+                    }
+                    kept
+                })
+            })
+            .collect();
+        let mut expected = HashMap::new();
+        for t in tasks {
+            expected.extend(t.await.unwrap());
+        }
+        spool.flush().await.unwrap();
+        for (id, (body, _)) in &expected {
+            assert_eq!(&spool.load(id).unwrap()[..], &body[..]);
+        }
+        drop(spool);
+        let spool = FileSpool::open_with(&dir, 16 << 10).unwrap();
+        let rec = spool.recover().unwrap();
+        assert_eq!(rec.len(), expected.len());
+        for r in rec {
+            let (body, attempts) = &expected[&r.envelope.id];
+            assert_eq!(r.state.map(|s| s.attempts), *attempts);
+            assert_eq!(&spool.load(&r.envelope.id).unwrap()[..], &body[..]);
+        }
+        // Deleted as they empty out: far fewer segments than were made (their names
+        // are sequence numbers).
+        let names = segments(&dir);
+        let made = names
+            .last()
+            .and_then(|p| p.file_stem()?.to_str().map(String::from))
+            .and_then(|n| u64::from_str_radix(&n, 16).ok())
+            .unwrap();
+        assert!(
+            (names.len() as u64) < made / 3,
+            "{} of {made} segments left",
+            names.len()
+        );
+    }
+
     #[tokio::test]
     async fn a_failed_write_is_taken_back() {
         let dir = tempdir("fail");
