@@ -215,6 +215,7 @@ done
   R_ACC=$(median ${ACC[relay]}); R_E2E=$(median ${E2E[relay]})
   T_ACC=$(median ${ACC[notrusted]}); T_E2E=$(median ${E2E[notrusted]})
   RANGE_R=$(python3 -c "import sys; v=[float(x) for x in sys.argv[1:]]; print('%.0f-%.0f' % (min(v), max(v)))" ${E2E[relay]})
+  SPREAD=$(python3 -c "import sys; v=[float(x) for x in sys.argv[1:]]; print('%.0f' % (100*(max(v)-min(v))/min(v)))" ${E2E[relay]})
   RANGE_P=$(python3 -c "import sys; v=[float(x) for x in sys.argv[1:]]; print('%.0f-%.0f' % (min(v), max(v)))" ${E2E[postfix]})
 }
 
@@ -270,7 +271,7 @@ Per-round end-to-end rates varied $RANGE_R/s for smartrelay and $RANGE_P/s for P
 virtual disk's sync latency varies from minute to minute, so the variants alternate
 within each round and medians are reported.
 
-- Trusted-list recording costs $(python3 -c "print('%.1f' % (100*(1-$R_E2E/$T_E2E)))") % of end-to-end throughput (negative: within noise).
+- Trusted-list recording costs $(python3 -c "print('%.1f' % (100*(1-$R_E2E/$T_E2E)))") % of end-to-end throughput; rounds of the same variant differ by up to $SPREAD %.
 - RSS: ${RSS_BEFORE} kB at rest; ${RSS_IDLE} kB with 1,000 idle sessions open.
 - \`smartrelay trusted export --format csv\` of $EXPORT_LINES entries: ${EXPORT_S} s.
 EOF
