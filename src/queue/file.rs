@@ -390,16 +390,21 @@ impl Committer {
 
     fn current(&mut self) -> std::io::Result<&mut Current> {
         if self.current.is_none() {
+            // A failed attempt never reuses its number: the file may exist.
             let seq = self.next_seq;
+            self.next_seq += 1;
+            let path = self.log.join(segment_name(seq));
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create_new(true)
-                .open(self.log.join(segment_name(seq)))?;
+                .open(&path)?;
             // The segment's directory entry is durable before any record in it is
             // acknowledged.
-            self.log_dir.sync_all()?;
-            self.next_seq += 1;
+            if let Err(e) = self.log_dir.sync_all() {
+                let _ = fs::remove_file(&path);
+                return Err(e);
+            }
             let file = Arc::new(file);
             lock_index(&self.index).segments.insert(
                 seq,
