@@ -51,9 +51,15 @@ impl Dns {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-                let addr = udp.local_addr().unwrap();
-                let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
+                // UDP and TCP on one port number: the TCP port may be taken by
+                // someone else, so pick again until both are free.
+                let (udp, tcp, addr) = loop {
+                    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+                    let addr = udp.local_addr().unwrap();
+                    if let Ok(tcp) = tokio::net::TcpListener::bind(addr).await {
+                        break (udp, tcp, addr);
+                    }
+                };
                 let mut server = Server::new(Slow(catalog));
                 server.register_socket(udp);
                 server.register_listener(tcp, Duration::from_secs(5), 65_535);
@@ -110,13 +116,16 @@ pub struct Silent {
 
 impl Silent {
     pub fn start() -> Silent {
-        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let addr = udp.local_addr().unwrap();
-        let tcp = std::net::TcpListener::bind(addr).unwrap();
-        Silent {
-            addr,
-            _udp: udp,
-            _tcp: tcp,
+        loop {
+            let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let addr = udp.local_addr().unwrap();
+            if let Ok(tcp) = std::net::TcpListener::bind(addr) {
+                return Silent {
+                    addr,
+                    _udp: udp,
+                    _tcp: tcp,
+                };
+            }
         }
     }
 }
