@@ -497,11 +497,19 @@ pub struct Upstream {
 }
 
 impl Upstream {
+    /// On a free port; another is tried should someone take it between finding and
+    /// binding it.
     pub fn start(dir: &Path, args: &[&str]) -> Upstream {
-        Upstream::start_on(dir, free_port(), args)
+        (0..5)
+            .find_map(|_| Upstream::try_start_on(dir, free_port(), args))
+            .expect("upstream did not start on any of 5 ports")
     }
 
     pub fn start_on(dir: &Path, port: u16, args: &[&str]) -> Upstream {
+        Upstream::try_start_on(dir, port, args).expect("upstream did not start")
+    }
+
+    fn try_start_on(dir: &Path, port: u16, args: &[&str]) -> Option<Upstream> {
         let out = dir.join(format!("upstream-{port}"));
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/upstream.py");
         std::fs::create_dir_all(&out).unwrap();
@@ -521,8 +529,12 @@ impl Upstream {
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut first)
             .unwrap();
-        assert!(first.starts_with("READY"), "upstream: {first}");
-        Upstream { child, port, out }
+        if !first.starts_with("READY") {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        Some(Upstream { child, port, out })
     }
 
     pub fn addr(&self) -> String {
