@@ -673,7 +673,7 @@ impl Job {
     }
 }
 
-fn too_large(id: &QueueId) -> impl FnOnce(record::RecordError) -> SpoolError + '_ {
+fn unrecordable(id: &QueueId) -> impl FnOnce(record::RecordError) -> SpoolError + '_ {
     move |e| SpoolError::Corrupt {
         id: id.to_string(),
         reason: e.to_string(),
@@ -683,13 +683,9 @@ fn too_large(id: &QueueId) -> impl FnOnce(record::RecordError) -> SpoolError + '
 impl Spool for FileSpool {
     async fn store(&self, envelope: &Envelope, data: Bytes) -> Result<(), SpoolError> {
         let id = &envelope.id;
-        let json = serde_json::to_vec(envelope).map_err(|e| SpoolError::Corrupt {
-            id: id.to_string(),
-            reason: e.to_string(),
-        })?;
-        let prefix = record::message_prefix(&json).map_err(too_large(id))?;
-        let head =
-            record::head(Kind::Message, id.as_str(), &[&prefix, &data]).map_err(too_large(id))?;
+        let prefix = record::message_prefix(envelope).map_err(unrecordable(id))?;
+        let head = record::head(Kind::Message, id.as_str(), &[&prefix, &data])
+            .map_err(unrecordable(id))?;
         self.commit(
             Some((Kind::Message, id.clone())),
             [Bytes::from(head), Bytes::from(prefix), data],
@@ -702,7 +698,7 @@ impl Spool for FileSpool {
             id: id.to_string(),
             reason: e.to_string(),
         })?;
-        let head = record::head(Kind::State, id.as_str(), &[&json]).map_err(too_large(id))?;
+        let head = record::head(Kind::State, id.as_str(), &[&json]).map_err(unrecordable(id))?;
         self.commit(
             Some((Kind::State, id.clone())),
             [Bytes::from(head), Bytes::from(json), Bytes::new()],
@@ -720,7 +716,7 @@ impl Spool for FileSpool {
     }
 
     fn remove(&self, id: &QueueId) -> Result<(), SpoolError> {
-        let head = record::head(Kind::Removed, id.as_str(), &[]).map_err(too_large(id))?;
+        let head = record::head(Kind::Removed, id.as_str(), &[]).map_err(unrecordable(id))?;
         self.send(Job {
             record: Some((Kind::Removed, id.clone())),
             parts: [Bytes::from(head), Bytes::new(), Bytes::new()],
@@ -835,16 +831,14 @@ mod tests {
         let seg = segments(&dir).pop().unwrap();
         let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
         let torn = envelope(b"0123456789");
-        let json = serde_json::to_vec(&torn).unwrap();
-        let prefix = record::message_prefix(&json).unwrap();
+        let prefix = record::message_prefix(&torn).unwrap();
         let head =
             record::head(Kind::Message, torn.id.as_str(), &[&prefix, b"0123456789"]).unwrap();
         f.write_all(&head).unwrap();
         f.write_all(&prefix).unwrap();
         f.write_all(b"01234").unwrap();
         let holed = envelope(b"abcdefghij");
-        let json = serde_json::to_vec(&holed).unwrap();
-        let prefix = record::message_prefix(&json).unwrap();
+        let prefix = record::message_prefix(&holed).unwrap();
         let head =
             record::head(Kind::Message, holed.id.as_str(), &[&prefix, b"abcdefghij"]).unwrap();
         f.write_all(&head).unwrap();
@@ -852,7 +846,7 @@ mod tests {
         f.write_all(&[0u8; 10]).unwrap();
         // A record that checks out but whose envelope is not one.
         let odd = QueueId::generate();
-        let prefix = record::message_prefix(b"{}").unwrap();
+        let prefix = record::message_prefix(&serde_json::json!({})).unwrap();
         let head = record::head(Kind::Message, odd.as_str(), &[&prefix]).unwrap();
         f.write_all(&head).unwrap();
         f.write_all(&prefix).unwrap();

@@ -263,7 +263,7 @@ impl<S: Spool> Queue<S> {
             }
             st
         };
-        self.persist_state(id, &state).await?;
+        self.spool.save_state(id, &state).await?;
         self.wake.notify_one();
         self.show(id)
             .ok_or_else(|| QueueError::NotFound(id.to_string()))
@@ -277,10 +277,6 @@ impl<S: Spool> Queue<S> {
         self.spool.remove(id)?;
         tracing::info!(queue_id = %id, "removed by administrator");
         Ok(())
-    }
-
-    async fn persist_state(&self, id: &QueueId, state: &DeliveryState) -> Result<(), SpoolError> {
-        self.spool.save_state(id, state).await
     }
 
     /// Makes the queue's last changes durable, so a clean stop is followed by no

@@ -47,6 +47,8 @@ pub enum RecordError {
     TooLarge(usize),
     #[error("record ID longer than 255 octets")]
     IdTooLong,
+    #[error("envelope cannot be serialized: {0}")]
+    Envelope(String),
 }
 
 /// Everything that goes before the payload parts of a record, checksum included.
@@ -70,13 +72,14 @@ pub fn head(kind: Kind, id: &str, payload: &[&[u8]]) -> Result<Vec<u8>, RecordEr
     Ok(out)
 }
 
-/// The part of a message payload before its data.
-pub fn message_prefix(envelope_json: &[u8]) -> Result<Vec<u8>, RecordError> {
-    let len = u32::try_from(envelope_json.len())
-        .map_err(|_| RecordError::TooLarge(envelope_json.len()))?;
-    let mut out = Vec::with_capacity(4 + envelope_json.len());
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(envelope_json);
+/// The part of a message payload before its data: the envelope serialized straight
+/// after room for its length, so it is not copied again.
+pub fn message_prefix<T: serde::Serialize>(envelope: &T) -> Result<Vec<u8>, RecordError> {
+    let mut out = vec![0u8; 4];
+    serde_json::to_writer(&mut out, envelope).map_err(|e| RecordError::Envelope(e.to_string()))?;
+    let len = out.len() - 4;
+    let len = u32::try_from(len).map_err(|_| RecordError::TooLarge(len))?;
+    out[..4].copy_from_slice(&len.to_be_bytes());
     Ok(out)
 }
 
@@ -183,7 +186,7 @@ mod tests {
 
     #[test]
     fn round_trip_of_a_message() {
-        let prefix = message_prefix(br#"{"a":1}"#).unwrap();
+        let prefix = message_prefix(&serde_json::json!({"a": 1})).unwrap();
         let data: &[u8] = b"Subject: x\r\n\r\n\0SRL1 binary\xff\r\n";
         let raw = record(Kind::Message, "ID1", &[&prefix, data]);
         let (rec, len) = decode(&raw).unwrap();
@@ -205,7 +208,11 @@ mod tests {
 
     #[test]
     fn scan_skips_torn_and_damaged_records() {
-        let a = record(Kind::Message, "A", &[&message_prefix(b"{}").unwrap(), b"x"]);
+        let a = record(
+            Kind::Message,
+            "A",
+            &[&message_prefix(&serde_json::json!({})).unwrap(), b"x"],
+        );
         let b = record(Kind::State, "A", &[b"{}"]);
         let c = record(Kind::Removed, "A", &[]);
         let mut seg = a.clone();
@@ -241,7 +248,7 @@ mod tests {
         let raw = record(
             Kind::Message,
             "A",
-            &[&message_prefix(b"{}").unwrap(), &data],
+            &[&message_prefix(&serde_json::json!({})).unwrap(), &data],
         );
         let steps: Vec<Scanned> = scan(&raw).collect();
         assert_eq!(steps.len(), 1);

@@ -117,7 +117,7 @@ impl<S: Spool> Queue<S> {
         } else {
             let next = self.settings.retry.next_attempt(state.attempts, now_after);
             state.next_attempt = next;
-            if let Err(e) = self.persist_state(id, &state).await {
+            if let Err(e) = self.spool.save_state(id, &state).await {
                 tracing::error!(queue_id = %id, error = %e, "cannot save delivery state");
             }
             metrics::counter!("smartrelay_queue_retries_total").increment(1);
