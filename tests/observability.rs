@@ -411,3 +411,36 @@ fn dockerfile_health_check_follows_the_relay() {
     relay.stop();
     assert!(!run(&exec));
 }
+
+/// The remote panic found in the field: a multi-byte character right after the verb.
+/// Every such line gets a 501 and the session goes on; once the clients have gone, the
+/// session gauge is back at zero and no panic was counted.
+#[test]
+fn non_ascii_commands_get_a_reply_and_leave_the_gauges_true() {
+    let dir = tmpdir("obs-nonascii");
+    let cfg = Cfg::new(&dir, &format!("127.0.0.1:{}", free_port()));
+    let relay = Relay::start(&cfg);
+    for i in 0..20 {
+        let mut c = Smtp::connect(relay.smtp);
+        c.greet();
+        c.expect("EHLO client.test", 250);
+        c.expect("MAIL FROM:<alice@example.test>", 250);
+        let bad = [
+            "RCPT T\u{f6}:<a@b.c>",
+            "RCPT \u{20ac}",
+            "MAIL FR\u{f6}M:<x@y.z>",
+        ][i % 3];
+        let r = c.cmd(bad);
+        assert_eq!(r.code, 501, "{bad}: {}", r.text());
+        c.expect("RSET", 250);
+        c.expect("QUIT", 221);
+    }
+    let settled = wait_until(T, || {
+        let m = scrape(&relay);
+        get(&m, "smartrelay_sessions_active{}") == 0.0
+    });
+    assert!(settled, "sessions_active did not return to 0");
+    let m = scrape(&relay);
+    assert_eq!(get(&m, "smartrelay_session_panics_total{}"), 0.0);
+    assert!(m.contains_key("smartrelay_session_panics_total{}"));
+}

@@ -54,6 +54,7 @@ fn zero() {
         "smartrelay_messages_expired_total",
         "smartrelay_trusted_new_entries_total",
         "smartrelay_events_dropped_total",
+        "smartrelay_session_panics_total",
     ] {
         metrics::counter!(name).absolute(0);
     }
@@ -76,6 +77,10 @@ fn describe() {
         "SMTP connections refused, by reason (ip_not_allowed, limit, tls_required)"
     );
     describe_gauge!("smartrelay_sessions_active", "SMTP sessions in progress");
+    describe_counter!(
+        "smartrelay_session_panics_total",
+        "Session tasks that panicked (the client got 421 4.3.0 where the socket allowed it)"
+    );
     describe_counter!(
         "smartrelay_messages_accepted_total",
         "Messages queued (250 after fsync)"

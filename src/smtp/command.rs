@@ -135,10 +135,14 @@ fn is_address_literal(s: &str) -> bool {
 /// (common in the wild, harmless).
 fn keyword_path<'a>(rest: &'a str, keyword: &str) -> Option<(&'a str, &'a str)> {
     let rest = rest.trim_start();
-    if rest.len() < keyword.len() || !rest[..keyword.len()].eq_ignore_ascii_case(keyword) {
+    // `get` and not indexing: the client chooses the bytes, and a multi-byte character
+    // straddling the keyword's length is not a char boundary.
+    let head = rest.get(..keyword.len())?;
+    if !head.eq_ignore_ascii_case(keyword) {
         return None;
     }
-    let rest = rest[keyword.len()..]
+    let rest = rest
+        .get(keyword.len()..)?
         .trim_start()
         .strip_prefix(':')?
         .trim_start();
@@ -628,5 +632,34 @@ mod tests {
         assert!(!is_xtext("a+zz"));
         assert!(!is_xtext("a b"));
         assert!(!is_xtext("a=b"));
+    }
+
+    /// Found in the field: a multi-byte character where the keyword ends panicked the
+    /// session (byte index not a char boundary). Every such line is a 501 now.
+    #[test]
+    fn non_ascii_after_the_verb_is_a_syntax_error() {
+        for line in [
+            "RCPT T\u{f6}:<a@b.c>",
+            "MAIL FR\u{f6}M:<a@b.c>",
+            "MAIL \u{f6}",
+            "RCPT \u{20ac}\u{20ac}\u{20ac}",
+            "MAIL F\u{1f600}",
+            "RCPT TO\u{f6}<a@b.c>",
+        ] {
+            assert!(
+                matches!(parse(line.as_bytes()), Err(CommandError::Syntax(_))),
+                "{line}"
+            );
+        }
+    }
+
+    /// Every prefix of a command with multi-byte characters, cut at every byte, parses
+    /// to a command or an error, never a panic.
+    #[test]
+    fn every_cut_of_a_non_ascii_line_is_handled() {
+        let line = "MAIL FROM:<j\u{f6}rg@b\u{fc}cher.example> SMTPUTF8 SIZE=1\u{20ac}";
+        for end in 0..=line.len() {
+            let _ = parse(&line.as_bytes()[..end]);
+        }
     }
 }

@@ -90,6 +90,60 @@ impl Drop for Admission {
     }
 }
 
+/// Lives as long as a session task and is dropped on every way out of it, a panic
+/// included: it gives back the connection slot and the per-IP count, keeps
+/// `smartrelay_sessions_active` true, and on a panic counts it and tells a plain-text
+/// client `421` instead of leaving it without a reply.
+struct SessionGuard {
+    _admission: Admission,
+    /// A second descriptor of the client socket, for the last words after a panic; `None`
+    /// once TLS is (or is about to be) spoken on it, where plain text would be garbage.
+    plain: Mutex<Option<std::net::TcpStream>>,
+}
+
+impl SessionGuard {
+    fn new(admission: Admission, stream: &TcpStream, implicit_tls: bool) -> SessionGuard {
+        use std::os::fd::AsFd;
+        metrics::gauge!("smartrelay_sessions_active").increment(1.0);
+        let plain = if implicit_tls {
+            None
+        } else {
+            stream
+                .as_fd()
+                .try_clone_to_owned()
+                .ok()
+                .map(std::net::TcpStream::from)
+        };
+        SessionGuard {
+            _admission: admission,
+            plain: Mutex::new(plain),
+        }
+    }
+
+    fn encrypted(&self) {
+        *self.plain.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        metrics::gauge!("smartrelay_sessions_active").decrement(1.0);
+        if !std::thread::panicking() {
+            return;
+        }
+        metrics::counter!("smartrelay_session_panics_total").increment(1);
+        tracing::error!("session task panicked: connection closed with 421");
+        let plain = self.plain.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(sock) = plain.take() {
+            use std::io::Write;
+            // The descriptor is non-blocking (tokio's): one attempt, never a wait.
+            let mut sock = sock;
+            let _ = sock.write(b"421 4.3.0 Internal error, closing connection\r\n");
+            let _ = sock.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
 pub struct Listener<I, P> {
     pub shared: Arc<Shared<I, P>>,
     pub gate: Arc<Gate>,
@@ -168,11 +222,10 @@ impl<I: Intake, P: SenderPolicy> Listener<I, P> {
             at: now_ms(),
             refused: None,
         });
+        let guard = SessionGuard::new(admission, &stream, implicit_tls);
         tokio::spawn(async move {
-            metrics::gauge!("smartrelay_sessions_active").increment(1.0);
-            self.session(stream, ip, implicit_tls, phase).await;
-            metrics::gauge!("smartrelay_sessions_active").decrement(1.0);
-            drop(admission);
+            self.session(stream, ip, implicit_tls, phase, &guard).await;
+            drop(guard);
         });
     }
 
@@ -192,6 +245,7 @@ impl<I: Intake, P: SenderPolicy> Listener<I, P> {
         ip: IpAddr,
         implicit_tls: bool,
         phase: watch::Receiver<Phase>,
+        guard: &SessionGuard,
     ) {
         let shared = &self.shared;
         let deadline = Instant::now() + shared.session_timeout;
@@ -210,6 +264,7 @@ impl<I: Intake, P: SenderPolicy> Listener<I, P> {
         let mut conn = Conn::new(stream, deadline, phase.clone());
         if let Exit::StartTls(()) = drive(&mut conn, &mut session, shared, true).await {
             let Some(acceptor) = &self.tls else { return };
+            guard.encrypted();
             let Some(tls) = handshake(acceptor, conn.into_stream(), shared.command_timeout).await
             else {
                 return;
@@ -303,5 +358,30 @@ mod tests {
         drop(a);
         assert!(gate.admit(ip).is_some());
         assert_eq!(gate.active(), 1);
+    }
+
+    /// A session task that panics gives back its slot and per-IP count, and the client
+    /// reads 421 rather than a silent close.
+    #[tokio::test]
+    async fn a_panicking_session_releases_its_slot_and_says_421() {
+        let gate = Arc::new(Gate::new(vec!["127.0.0.0/8".parse().unwrap()], 4, 1));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let (server, peer) = listener.accept().await.unwrap();
+        let admission = gate.admit(peer.ip()).unwrap();
+        assert!(gate.admit(peer.ip()).is_none(), "per-IP limit of 1 is held");
+        let guard = SessionGuard::new(admission, &server, false);
+        let task = tokio::spawn(async move {
+            let _server = server;
+            let _guard = guard;
+            panic!("a bug in a session");
+        });
+        assert!(task.await.unwrap_err().is_panic());
+        let mut reply = String::new();
+        client.read_to_string(&mut reply).await.unwrap();
+        assert!(reply.starts_with("421 4.3.0 "), "{reply:?}");
+        assert_eq!(gate.active(), 0);
+        assert!(gate.admit(peer.ip()).is_some(), "per-IP count released");
     }
 }
