@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::admin::access_api::SHARED_RANGES_KEY;
 use crate::admin::activity::{Activity, ActivityError};
 use crate::admin::{self, AdminState};
 use crate::config::Config;
@@ -28,6 +29,9 @@ use crate::smtp::session::SessionConfig;
 use crate::smtp::tls::{acceptor, TlsError};
 use crate::spf::dns::{HickoryDns, ResolverError};
 use crate::spf::SpfService;
+use crate::tenant::dkim::DkimVerifier;
+use crate::tenant::sources::{Resolved, SharedSources};
+use crate::tenant::TenantBinder;
 use crate::trusted::store::StoreError;
 use crate::trusted::{self, TrustPolicy};
 
@@ -77,6 +81,9 @@ fn session_config(cfg: &Config) -> SessionConfig {
 /// Runs the relay until `shutdown` completes, then stops gracefully.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
     let cfg = Arc::new(cfg);
+    for w in cfg.warnings() {
+        tracing::warn!("configuration: {w}");
+    }
     let metrics = admin::metrics::install();
     admin::metrics::spawn_upkeep(metrics.clone());
 
@@ -85,6 +92,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         None => None,
     };
     let dns = HickoryDns::new(&cfg.dns.nameservers, cfg.dns.timeout.0)?;
+    let dns_for_dkim = dns.resolver();
     let spool = Arc::new(FileSpool::open(&cfg.queue.dir)?);
     let activity = Arc::new(Activity::open(&cfg.admin.database)?);
     let trusted_store = if cfg.trusted.enabled {
@@ -181,9 +189,38 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         _ => None,
     };
 
+    let shared_sources = Arc::new(SharedSources::new(&cfg.access.shared_ranges));
+    if !shared_sources.is_empty() {
+        match activity.meta::<Vec<Resolved>>(SHARED_RANGES_KEY).await {
+            Ok(Some(saved)) => shared_sources.restore(saved),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "persisted shared ranges not read"),
+        }
+    }
+    let persist_activity = activity.clone();
+    let ranges_task = tokio::spawn(shared_sources.clone().run(
+        spf.clone(),
+        move |resolved| {
+            let a = persist_activity.clone();
+            tokio::spawn(async move {
+                if let Err(e) = a.set_meta(SHARED_RANGES_KEY, &resolved).await {
+                    tracing::warn!(error = %e, "shared ranges not persisted");
+                }
+            });
+        },
+        stop_rx.clone(),
+    ));
+    let tenant = Arc::new(TenantBinder::new(
+        cfg.access.shared_ranges.clone(),
+        cfg.access.domains.clone(),
+        DkimVerifier::new(dns_for_dkim),
+        cfg.dns.spf_timeout.0,
+    ));
+
     let (phase_tx, phase_rx) = watch::channel(Phase::Running);
     let gate = Arc::new(Gate::new(
         cfg.access.allowed_ranges.clone(),
+        shared_sources.clone(),
         cfg.server.max_connections,
         cfg.server.max_connections_per_ip,
     ));
@@ -193,6 +230,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             intake: queue.clone(),
             policy: router.clone(),
             events: bus.clone(),
+            tenant,
             command_timeout: cfg.server.command_timeout.0,
             data_timeout: cfg.server.data_timeout.0,
             session_timeout: cfg.server.session_timeout.0,
@@ -217,6 +255,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         activity: activity.clone(),
         trusted: trusted_store.clone(),
         metrics,
+        shared_sources: shared_sources.clone(),
         listening: false.into(),
         smtp_addrs,
     });
@@ -258,6 +297,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     if let Some(t) = trusted_task {
         let _ = t.await;
     }
+    let _ = ranges_task.await;
     let _ = activity_task.await;
     let _ = admin_stop_tx.send(true);
     if let Some(t) = admin_task {

@@ -164,6 +164,83 @@ struct RawAccess {
     #[serde(default)]
     domains: Vec<String>,
     internal_domains: Option<Vec<String>>,
+    #[serde(default)]
+    shared_ranges: Vec<RawSharedRange>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSharedRange {
+    platform: SharedPlatform,
+    #[serde(default)]
+    ranges: Vec<String>,
+    ranges_from_spf: Option<String>,
+    tenant_id: Option<String>,
+    #[serde(default)]
+    dkim_domains: Vec<String>,
+    header: Option<RawRouteHeader>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRouteHeader {
+    name: String,
+    secret_env: String,
+}
+
+/// A platform that sends for many organizations from the same addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SharedPlatform {
+    O365,
+    Gsuite,
+    Other,
+}
+
+impl SharedPlatform {
+    pub fn label(self) -> &'static str {
+        match self {
+            SharedPlatform::O365 => "o365",
+            SharedPlatform::Gsuite => "gsuite",
+            SharedPlatform::Other => "other",
+        }
+    }
+}
+
+/// A header a routing rule adds with a secret value; the value is read from the
+/// environment at load time and never printed.
+#[derive(Clone)]
+pub struct RouteHeader {
+    pub name: String,
+    pub secret_env: String,
+    pub secret: Vec<u8>,
+}
+
+impl fmt::Debug for RouteHeader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RouteHeader")
+            .field("name", &self.name)
+            .field("secret_env", &self.secret_env)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `[[access.shared_ranges]]`: sources many organizations send from. Mail from them is
+/// accepted only with proof that it is this organization's.
+#[derive(Debug, Clone)]
+pub struct SharedRange {
+    /// Stable label for metrics, logs and onboarding: the platform, numbered from the
+    /// second range of the same platform on (`o365`, `o365-2`).
+    pub name: String,
+    pub platform: SharedPlatform,
+    pub ranges: Vec<IpNet>,
+    /// Lower-case, without trailing dot.
+    pub ranges_from_spf: Option<String>,
+    /// Lower-case GUID.
+    pub tenant_id: Option<String>,
+    /// Lower-case, without trailing dot.
+    pub dkim_domains: Vec<String>,
+    pub header: Option<RouteHeader>,
 }
 
 /// Who may relay, and for which sender domains.
@@ -173,6 +250,7 @@ pub struct AccessConfig {
     /// Lower-case, without trailing dot.
     pub domains: Vec<String>,
     pub internal_domains: Vec<String>,
+    pub shared_ranges: Vec<SharedRange>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -527,6 +605,26 @@ impl Config {
         })
     }
 
+    /// Settings that are valid but probably not what the administrator wants; printed by
+    /// `check-config` and logged at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, r) in self.access.shared_ranges.iter().enumerate() {
+            if r.platform == SharedPlatform::O365
+                && r.tenant_id.is_none()
+                && r.dkim_domains.is_empty()
+            {
+                out.push(format!(
+                    "access.shared_ranges[{i}]: an o365 range without tenant_id or dkim_domains: \
+                     only mail DKIM-signed by {} is proof, so mail Microsoft 365 signs only \
+                     with the tenant's onmicrosoft.com key will be refused",
+                    self.access.domains.join(", ")
+                ));
+            }
+        }
+        out
+    }
+
     /// Name used in our EHLO to upstreams.
     pub fn helo_name(&self) -> &str {
         self.delivery
@@ -584,7 +682,7 @@ fn resolve_access(raw: RawAccess) -> Result<AccessConfig, (String, String)> {
         let net = parse_range(text).map_err(|m| ("access.allowed_ranges".to_string(), m))?;
         ranges.push(net);
     }
-    if ranges.is_empty() {
+    if ranges.is_empty() && raw.shared_ranges.is_empty() {
         return Err((
             "access.allowed_ranges".into(),
             "list at least one range: without it the relay accepts nobody".into(),
@@ -613,11 +711,126 @@ fn resolve_access(raw: RawAccess) -> Result<AccessConfig, (String, String)> {
         Some(list) => check_domains("access.internal_domains", &list)?,
         None => domains.clone(),
     };
+    let mut shared_ranges: Vec<SharedRange> = Vec::new();
+    for (i, r) in raw.shared_ranges.into_iter().enumerate() {
+        let key = format!("access.shared_ranges[{i}]");
+        let same = shared_ranges
+            .iter()
+            .filter(|s| s.platform == r.platform)
+            .count();
+        let name = match same {
+            0 => r.platform.label().to_string(),
+            n => format!("{}-{}", r.platform.label(), n + 1),
+        };
+        shared_ranges.push(resolve_shared_range(&key, name, r)?);
+    }
     Ok(AccessConfig {
         allowed_ranges: ranges,
         domains,
         internal_domains,
+        shared_ranges,
     })
+}
+
+fn resolve_shared_range(
+    key: &str,
+    name: String,
+    raw: RawSharedRange,
+) -> Result<SharedRange, (String, String)> {
+    let mut ranges = Vec::new();
+    for text in &raw.ranges {
+        ranges.push(parse_range(text).map_err(|m| (format!("{key}.ranges"), m))?);
+    }
+    let ranges_from_spf = match raw.ranges_from_spf {
+        Some(d) => {
+            let n = normalize_domain(&d);
+            if !crate::envelope::is_valid_domain(&n) {
+                return Err((
+                    format!("{key}.ranges_from_spf"),
+                    format!("`{d}` is not a domain name"),
+                ));
+            }
+            Some(n)
+        }
+        None => None,
+    };
+    if ranges.is_empty() && ranges_from_spf.is_none() {
+        return Err((
+            format!("{key}.ranges"),
+            "list the platform's ranges, or name the SPF record that publishes them in ranges_from_spf".into(),
+        ));
+    }
+    let tenant_id = match raw.tenant_id {
+        Some(t) if is_guid(t.trim()) => Some(t.trim().to_ascii_lowercase()),
+        Some(t) => {
+            return Err((
+                format!("{key}.tenant_id"),
+                format!("`{t}` is not a tenant GUID such as 3f2a9c1e-7b4d-4e8a-9c61-2d5e8f0a1b7c"),
+            ))
+        }
+        None => None,
+    };
+    if tenant_id.is_some() && raw.platform != SharedPlatform::O365 {
+        return Err((
+            format!("{key}.tenant_id"),
+            "only Microsoft 365 (platform = \"o365\") stamps a tenant id".into(),
+        ));
+    }
+    let mut dkim_domains = Vec::new();
+    for d in &raw.dkim_domains {
+        let n = normalize_domain(d);
+        if !crate::envelope::is_valid_domain(&n) {
+            return Err((
+                format!("{key}.dkim_domains"),
+                format!("`{d}` is not a domain name"),
+            ));
+        }
+        dkim_domains.push(n);
+    }
+    let header = match raw.header {
+        Some(h) => {
+            let valid_name =
+                !h.name.is_empty() && h.name.bytes().all(|b| (33..=126).contains(&b) && b != b':');
+            if !valid_name {
+                return Err((
+                    format!("{key}.header.name"),
+                    format!("`{}` is not a header field name", h.name),
+                ));
+            }
+            let secret = std::env::var_os(&h.secret_env).unwrap_or_default();
+            if secret.is_empty() {
+                return Err((
+                    format!("{key}.header.secret_env"),
+                    format!("environment variable {} is not set or empty", h.secret_env),
+                ));
+            }
+            Some(RouteHeader {
+                name: h.name,
+                secret_env: h.secret_env,
+                secret: secret.into_encoded_bytes(),
+            })
+        }
+        None => None,
+    };
+    Ok(SharedRange {
+        name,
+        platform: raw.platform,
+        ranges,
+        ranges_from_spf,
+        tenant_id,
+        dkim_domains,
+        header,
+    })
+}
+
+/// 8-4-4-4-12 hexadecimal digits.
+fn is_guid(s: &str) -> bool {
+    let groups: Vec<&str> = s.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// A CIDR range or a single address (taken as /32 or /128).

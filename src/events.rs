@@ -16,6 +16,9 @@ use crate::envelope::{ContentFlags, Millis, QueueId, Reply};
 pub enum RefusalReason {
     IpNotAllowed,
     Limit,
+    /// Possibly a shared platform's address, but its `ranges_from_spf` list has never
+    /// been resolved: refused for now (421), not for good.
+    SharedRangesUnresolved,
 }
 
 impl RefusalReason {
@@ -23,6 +26,7 @@ impl RefusalReason {
         match self {
             RefusalReason::IpNotAllowed => "ip_not_allowed",
             RefusalReason::Limit => "limit",
+            RefusalReason::SharedRangesUnresolved => "shared_ranges_unresolved",
         }
     }
 }
@@ -48,6 +52,28 @@ impl SpfOutcome {
             SpfOutcome::Unauthorized => "unauthorized",
             SpfOutcome::DnsError => "dns_error",
             SpfOutcome::NotChecked => "not_checked",
+        }
+    }
+}
+
+/// What proved that a message from a shared platform is the organization's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TenantProof {
+    Dkim,
+    TenantId,
+    Header,
+    /// Nothing did: the message was refused.
+    None,
+}
+
+impl TenantProof {
+    pub fn label(self) -> &'static str {
+        match self {
+            TenantProof::Dkim => "dkim",
+            TenantProof::TenantId => "tenant_id",
+            TenantProof::Header => "header",
+            TenantProof::None => "none",
         }
     }
 }
@@ -115,6 +141,16 @@ pub enum Event {
         at: Millis,
     },
     Delivery(DeliveryReport),
+    /// A message from a shared range was checked for tenant proof.
+    TenantCheck {
+        /// The `access.shared_ranges` entry's name.
+        range: String,
+        proof: TenantProof,
+        ip: IpAddr,
+        /// Envelope sender, empty for `<>`.
+        sender: String,
+        at: Millis,
+    },
 }
 
 /// Fan-out to a fixed set of subscribers, each with its own bounded queue.

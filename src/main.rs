@@ -36,6 +36,9 @@ fn dispatch(args: Cli) -> Result<ExitCode> {
         }
         Command::CheckConfig { config } => {
             let cfg = cli::load_config(&config)?;
+            for w in cfg.warnings() {
+                println!("warning: {w}");
+            }
             println!(
                 "{}: ok ({} listener(s), {} domain(s), default region {})",
                 config.display(),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs, on Debian, what the tests talk to when it is missing: Postfix's smtp-sink
 # and smtp-source (package postfix), swaks, Python's aiosmtpd and prometheus_client,
-# sqlite3, openssl, headless Chromium, prlimit and script (util-linux, bsdutils).
+# python3-dkim and python3-nacl, sqlite3, openssl, headless Chromium, prlimit and script (util-linux, bsdutils).
 set -euo pipefail
 
 need=()
@@ -9,6 +9,8 @@ command -v smtp-sink >/dev/null 2>&1 || [ -x /usr/sbin/smtp-sink ] || need+=(pos
 command -v swaks >/dev/null 2>&1 || need+=(swaks libnet-ssleay-perl libio-socket-ssl-perl)
 [ -x /usr/bin/python3 ] && /usr/bin/python3 -c "import aiosmtpd" 2>/dev/null || need+=(python3 python3-aiosmtpd)
 [ -x /usr/bin/python3 ] && /usr/bin/python3 -c "import prometheus_client" 2>/dev/null || need+=(python3-prometheus-client)
+# Real DKIM signatures (dkimpy) with RSA and Ed25519 keys (PyNaCl) for the tenant tests.
+[ -x /usr/bin/python3 ] && /usr/bin/python3 -c "import dkim, nacl" 2>/dev/null || need+=(python3-dkim python3-nacl)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v sqlite3 >/dev/null 2>&1 || need+=(sqlite3)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)

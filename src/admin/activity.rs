@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
 use crate::envelope::{now_ms, Millis};
-use crate::events::{Event, Outcome, RefusalReason};
+use crate::events::{Event, Outcome, RefusalReason, TenantProof};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ActivityError {
@@ -44,6 +44,19 @@ pub struct Source {
 pub struct Confirmation {
     pub ranges: Vec<String>,
     pub confirmed_at: Millis,
+}
+
+/// Flow metric of tenant checks; keys are `range:proof`.
+const TENANT_METRIC: &str = "tenant";
+const TENANT_REFUSAL_KEY: &str = "tenant_last_refusal";
+
+/// The last message refused for want of tenant proof.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TenantRefusal {
+    pub range: String,
+    pub ip: String,
+    pub sender: String,
+    pub at: Millis,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -206,6 +219,38 @@ impl Activity {
         .await
     }
 
+    /// Tenant checks over the window, as (range, proof label, count).
+    pub async fn tenant_checks(
+        self: &Arc<Self>,
+        window: Duration,
+    ) -> Result<Vec<(String, String, u64)>, ActivityError> {
+        let since_hour = (now_ms().saturating_sub(window.as_millis() as u64) / 3_600_000) as i64;
+        let rows: Vec<(String, u64)> = self
+            .with(move |c| {
+                let mut st = c.prepare(
+                    "SELECT key, SUM(count) FROM flow WHERE hour >= ?1 AND metric = ?2 GROUP BY key",
+                )?;
+                let rows = st.query_map(params![since_hour, TENANT_METRIC], |r| {
+                    Ok((r.get(0)?, r.get::<_, i64>(1)? as u64))
+                })?;
+                rows.collect()
+            })
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(key, n)| {
+                let (range, proof) = key.rsplit_once(':')?;
+                Some((range.to_string(), proof.to_string(), n))
+            })
+            .collect())
+    }
+
+    pub async fn last_tenant_refusal(
+        self: &Arc<Self>,
+    ) -> Result<Option<TenantRefusal>, ActivityError> {
+        self.meta(TENANT_REFUSAL_KEY).await
+    }
+
     /// Hourly buckets older than this are dropped (the summary never looks that far).
     pub async fn prune(self: &Arc<Self>, keep: Duration) -> Result<usize, ActivityError> {
         let cutoff = (now_ms().saturating_sub(keep.as_millis() as u64) / 3_600_000) as i64;
@@ -261,6 +306,27 @@ fn write_batch(c: &mut Connection, events: &[Arc<Event>]) -> Result<(), rusqlite
                     bump(*at, "accepted_by_domain", domain);
                 }
                 Event::Routed { spf, at, .. } => bump(*at, "spf", spf.label().into()),
+                Event::TenantCheck {
+                    range,
+                    proof,
+                    ip,
+                    sender,
+                    at,
+                } => {
+                    bump(*at, TENANT_METRIC, format!("{range}:{}", proof.label()));
+                    if *proof == TenantProof::None {
+                        let last = TenantRefusal {
+                            range: range.clone(),
+                            ip: ip_key(ip),
+                            sender: sender.clone(),
+                            at: *at,
+                        };
+                        tx.execute(
+                            "INSERT INTO meta(key, value) VALUES(?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                            params![TENANT_REFUSAL_KEY, serde_json::to_string(&last).unwrap_or_default()],
+                        )?;
+                    }
+                }
                 Event::Delivery(r) => {
                     for res in &r.results {
                         let metric = res.outcome.label();

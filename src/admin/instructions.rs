@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use crate::config::Config;
+use crate::config::{Config, SharedPlatform};
 use crate::spf::validate::Report;
 
 #[derive(Debug, Clone, Serialize)]
@@ -79,7 +79,9 @@ pub fn build(
             if port != 25 {
                 s.push(format!("Microsoft 365 connects on port 25 only: the relay listens on {port}; add a listener on port 25."));
             }
-            s.push(format!("Microsoft 365 sends from Exchange Online Protection ranges: the relay's allowed ranges ({ranges}) must include them."));
+            s.push("Microsoft 365 sends for every tenant from the same Exchange Online Protection ranges: list them as a shared range, never in access.allowed_ranges:\n  [[access.shared_ranges]]\n  platform = \"o365\"\n  ranges_from_spf = \"spf.protection.outlook.com\"".into());
+            s.push(format!("Each message from those ranges must prove it is your tenant's. Set tenant_id to your Microsoft 365 tenant ID (the GUID Exchange Online stamps in {}), and enable DKIM signing for your custom domains ({}) so messages carry d=<your domain>; to accept Microsoft's default signature too, list <tenant>.onmicrosoft.com in dkim_domains.", crate::tenant::TENANT_ID_HEADER, cfg.access.domains.join(", ")));
+            s.push(shared_status(cfg, SharedPlatform::O365));
             s.push("Validate the connector with an external address, then run the connector verification here.".into());
             s
         }
@@ -90,7 +92,9 @@ pub fn build(
             "Route 2, name \"Google internal\": multiple hosts, primary ASPMX.L.GOOGLE.COM port 25 (100%), secondary ALT1.ASPMX.L.GOOGLE.COM port 25 (new tenants since 2023: SMTP.GOOGLE.COM).".into(),
             "Gmail > Routing > Add rule 1, \"Outbound via gateway\": messages to affect: Outbound; route: change route to \"smartrelay outbound\".".into(),
             "Add rule 2, \"Internal mail\": messages to affect: Internal - sending; route: change route to \"Google internal\".".into(),
-            format!("Google sends from the ranges behind _spf.google.com: the relay's allowed ranges ({ranges}) must cover them."),
+            "Google sends for every Workspace customer from the ranges behind _spf.google.com: list them as a shared range, never in access.allowed_ranges:\n  [[access.shared_ranges]]\n  platform = \"gsuite\"\n  ranges_from_spf = \"_spf.google.com\"".into(),
+            format!("Each message from those ranges must prove it is yours: turn on DKIM signing in the Admin console for your domains ({}), so messages carry d=<your domain>; or let the outbound routing rule add a custom header with a secret value and set header = {{ name = \"X-...\", secret_env = \"VAR\" }} (the relay removes that header before it queues the message). Google's fallback signature (d=<domain>.<date>.gappssmtp.com) is not proof.", cfg.access.domains.join(", ")),
+            shared_status(cfg, SharedPlatform::Gsuite),
             "Send a test message to an external address, then run the connector verification here.".into(),
         ],
         other => return Err(format!("unknown platform `{other}` (use exchange, o365 or gsuite)")),
@@ -125,4 +129,33 @@ pub fn build(
         spf,
         text,
     })
+}
+
+/// What the configuration already has for this platform's shared ranges.
+fn shared_status(cfg: &Config, platform: SharedPlatform) -> String {
+    let mine: Vec<String> = cfg
+        .access
+        .shared_ranges
+        .iter()
+        .filter(|r| r.platform == platform)
+        .map(|r| {
+            let mut proofs = vec![format!("DKIM of {}", cfg.access.domains.join(", "))];
+            proofs.extend(r.dkim_domains.iter().map(|d| format!("DKIM of {d}")));
+            if r.tenant_id.is_some() {
+                proofs.push("tenant id".into());
+            }
+            if let Some(h) = &r.header {
+                proofs.push(format!("header {}", h.name));
+            }
+            format!("{} (proof: {})", r.name, proofs.join(", "))
+        })
+        .collect();
+    if mine.is_empty() {
+        format!(
+            "Now: no shared range for {} is configured.",
+            platform.label()
+        )
+    } else {
+        format!("Now configured: {}.", mine.join("; "))
+    }
 }

@@ -2,6 +2,7 @@
 //! dashboard, Prometheus metrics and health checks. Loopback by default; when a token is
 //! configured every route but the health checks requires it.
 
+pub mod access_api;
 pub mod activity;
 pub mod dashboard;
 pub mod instructions;
@@ -38,6 +39,7 @@ pub struct AdminState {
     pub activity: Arc<Activity>,
     pub trusted: Option<Arc<crate::trusted::Store>>,
     pub metrics: PrometheusHandle,
+    pub shared_sources: Arc<crate::tenant::sources::SharedSources>,
     /// Set once every SMTP listener is bound.
     pub listening: AtomicBool,
     /// Where the SMTP listeners are bound (the configured port may be 0).
@@ -98,6 +100,11 @@ pub fn router(state: Shared) -> Router {
         .route(
             "/api/v1/onboarding/instructions",
             get(onboarding::instructions),
+        )
+        .route("/api/v1/access/shared-ranges", get(access_api::list))
+        .route(
+            "/api/v1/access/shared-ranges/refresh",
+            post(access_api::refresh),
         )
         .route("/api/v1/trusted-senders", get(trusted_api::list))
         .route("/api/v1/trusted-senders/stats", get(trusted_api::stats))

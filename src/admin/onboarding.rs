@@ -306,6 +306,7 @@ pub async fn overview(st: &AdminState) -> Result<Overview, ApiError> {
             }
         },
     });
+    steps.push(tenant_step(st).await?);
     let flow = st
         .activity
         .summary(Duration::from_secs(86_400))
@@ -334,6 +335,88 @@ pub async fn overview(st: &AdminState) -> Result<Overview, ApiError> {
         spf,
         ips,
         verification,
+    })
+}
+
+/// "Tenant bound": every shared range's mail of the last 24 hours carried proof.
+async fn tenant_step(st: &AdminState) -> Result<Step, ApiError> {
+    let ranges = &st.config.access.shared_ranges;
+    let day = Duration::from_secs(86_400);
+    let checks = st
+        .activity
+        .tenant_checks(day)
+        .await
+        .map_err(ApiError::internal)?;
+    let count = |range: &str, proven: bool| -> u64 {
+        checks
+            .iter()
+            .filter(|(r, p, _)| r == range && (p != "none") == proven)
+            .map(|(_, _, n)| n)
+            .sum()
+    };
+    let refused: u64 = ranges.iter().map(|r| count(&r.name, false)).sum();
+    let title = "Tenant bound".to_string();
+    if ranges.is_empty() {
+        return Ok(Step {
+            id: "tenant".into(),
+            title,
+            state: StepState::Done,
+            reason: "no shared-platform ranges: every source is one of the organization's own"
+                .into(),
+        });
+    }
+    if refused > 0 {
+        let last = st
+            .activity
+            .last_tenant_refusal()
+            .await
+            .map_err(ApiError::internal)?;
+        let last = last.map_or(String::new(), |l| {
+            let sender = if l.sender.is_empty() {
+                "<>".to_string()
+            } else {
+                l.sender
+            };
+            format!("; last from {} ({}), sender {sender}", l.ip, l.range)
+        });
+        return Ok(Step {
+            id: "tenant".into(),
+            title,
+            state: StepState::Failing,
+            reason: format!(
+                "{refused} message(s) from shared ranges refused in the last 24h for lack of tenant proof{last}"
+            ),
+        });
+    }
+    let waiting: Vec<&str> = ranges
+        .iter()
+        .filter(|r| count(&r.name, true) == 0)
+        .map(|r| r.name.as_str())
+        .collect();
+    Ok(if waiting.is_empty() {
+        Step {
+            id: "tenant".into(),
+            title,
+            state: StepState::Done,
+            reason: format!(
+                "last 24h: every message from {} carried tenant proof",
+                ranges
+                    .iter()
+                    .map(|r| r.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    } else {
+        Step {
+            id: "tenant".into(),
+            title,
+            state: StepState::Todo,
+            reason: format!(
+                "no proven mail from {} in the last 24h: configure a proof (DKIM, tenant id or route header) and send a message",
+                waiting.join(", ")
+            ),
+        }
     })
 }
 

@@ -10,10 +10,11 @@ use tokio::sync::watch;
 
 use super::data::DataReceiver;
 use super::reply::{common, Reply};
-use super::session::{Action, Completed, Session, SessionConfig};
+use super::session::{Action, Completed, Session, SessionConfig, Unproven};
 use crate::envelope::{now_ms, QueueId};
-use crate::events::{Event, EventBus};
-use crate::pipeline::{Intake, SenderPolicy};
+use crate::events::{Event, EventBus, TenantProof};
+use crate::pipeline::{Intake, SenderPolicy, Submission};
+use crate::tenant::{TenantBinder, Verdict};
 
 /// Server-wide state of a graceful stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +32,8 @@ pub struct Shared<I, P> {
     pub intake: Arc<I>,
     pub policy: Arc<P>,
     pub events: EventBus,
+    /// Checks messages from shared ranges for tenant proof.
+    pub tenant: Arc<TenantBinder>,
     pub command_timeout: Duration,
     pub data_timeout: Duration,
     pub session_timeout: Duration,
@@ -336,60 +339,124 @@ where
     I: Intake,
     P: SenderPolicy,
 {
-    match done {
-        Completed::Reply(r) => {
-            if r.code >= 500 {
-                count("data", &r);
+    let mut done = done;
+    // A message from a shared range goes round once more with its proof checked.
+    loop {
+        match done {
+            Completed::Prove(unproven) => {
+                done = prove(session, shared, *unproven).await;
+                continue;
             }
-            if session.too_many_errors() {
-                conn.queue_reply(&r);
-                conn.final_reply(&common::too_many_errors()).await;
-                return Ok(false);
-            }
-            conn.queue_reply(&r);
-        }
-        Completed::Submit(sub) => {
-            let started = Instant::now();
-            let id: QueueId = sub.envelope.id.clone();
-            let event = Event::Accepted {
-                id: id.clone(),
-                ip: sub.envelope.client.ip,
-                sender_domain: sub
-                    .envelope
-                    .sender_domain()
-                    .unwrap_or("")
-                    .to_ascii_lowercase(),
-                recipients: sub.envelope.recipients.len(),
-                size: sub.envelope.size,
-                at: sub.envelope.received_at,
-            };
-            let (ip, nrcpt, size, tls) = (
-                sub.envelope.client.ip,
-                sub.envelope.recipients.len(),
-                sub.envelope.size,
-                sub.envelope.client.tls.is_some(),
-            );
-            let sender = sub.envelope.sender.clone();
-            let result = shared.intake.submit(*sub).await;
-            let r = session.stored(&id, &result);
-            match &result {
-                Ok(()) => {
-                    tracing::info!(queue_id = %id, "accepted client=[{ip}] from=<{sender}> nrcpt={nrcpt} size={size} tls={tls}");
-                    metrics::counter!("smartrelay_messages_accepted_total").increment(1);
-                    metrics::counter!("smartrelay_received_bytes_total").increment(size);
-                    metrics::histogram!("smartrelay_accept_latency_seconds")
-                        .record(started.elapsed().as_secs_f64());
-                    shared.events.publish(event).await;
-                }
-                Err(e) => {
-                    tracing::error!(queue_id = %id, error = %e, "not queued client=[{ip}] from=<{sender}> nrcpt={nrcpt} size={size}");
+            Completed::Reply(r) => {
+                if r.code >= 500 {
                     count("data", &r);
                 }
+                if session.too_many_errors() {
+                    conn.queue_reply(&r);
+                    conn.final_reply(&common::too_many_errors()).await;
+                    return Ok(false);
+                }
+                conn.queue_reply(&r);
             }
-            conn.queue_reply(&r);
+            Completed::Submit(sub) => {
+                let r = submit(session, shared, *sub).await;
+                conn.queue_reply(&r);
+            }
+        }
+        return Ok(true);
+    }
+}
+
+/// Hands a message to the queue; the reply says whether it is on disk.
+async fn submit<I, P>(session: &mut Session, shared: &Shared<I, P>, sub: Submission) -> Reply
+where
+    I: Intake,
+{
+    let started = Instant::now();
+    let id: QueueId = sub.envelope.id.clone();
+    let event = Event::Accepted {
+        id: id.clone(),
+        ip: sub.envelope.client.ip,
+        sender_domain: sub
+            .envelope
+            .sender_domain()
+            .unwrap_or("")
+            .to_ascii_lowercase(),
+        recipients: sub.envelope.recipients.len(),
+        size: sub.envelope.size,
+        at: sub.envelope.received_at,
+    };
+    let (ip, nrcpt, size, tls) = (
+        sub.envelope.client.ip,
+        sub.envelope.recipients.len(),
+        sub.envelope.size,
+        sub.envelope.client.tls.is_some(),
+    );
+    let sender = sub.envelope.sender.clone();
+    let result = shared.intake.submit(sub).await;
+    let r = session.stored(&id, &result);
+    match &result {
+        Ok(()) => {
+            tracing::info!(queue_id = %id, "accepted client=[{ip}] from=<{sender}> nrcpt={nrcpt} size={size} tls={tls}");
+            metrics::counter!("smartrelay_messages_accepted_total").increment(1);
+            metrics::counter!("smartrelay_received_bytes_total").increment(size);
+            metrics::histogram!("smartrelay_accept_latency_seconds")
+                .record(started.elapsed().as_secs_f64());
+            shared.events.publish(event).await;
+        }
+        Err(e) => {
+            tracing::error!(queue_id = %id, error = %e, "not queued client=[{ip}] from=<{sender}> nrcpt={nrcpt} size={size}");
+            count("data", &r);
         }
     }
-    Ok(true)
+    r
+}
+
+/// Runs the tenant check on a message from a shared range: one log line, the metrics,
+/// an event for onboarding, then the session's decision.
+async fn prove<I, P>(
+    session: &mut Session,
+    shared: &Shared<I, P>,
+    unproven: Unproven,
+) -> Completed {
+    let source = unproven.source();
+    let binding = shared.tenant.bind(source, unproven.message()).await;
+    let range = shared.tenant.range(source);
+    let (name, platform) = range.map_or(("?", "other"), |r| (r.name.as_str(), r.platform.label()));
+    let ip = session.client_ip();
+    let sender = unproven.sender().to_string();
+    let proof = match &binding.verdict {
+        Verdict::Proven(p) => *p,
+        Verdict::NotProven(_) | Verdict::TryLater(_) => TenantProof::None,
+    };
+    metrics::counter!("smartrelay_tenant_checks_total", "platform" => platform, "proof" => proof.label())
+        .increment(1);
+    match &binding.verdict {
+        Verdict::Proven(p) => tracing::info!(
+            range = name,
+            "tenant proven client=[{ip}] from=<{sender}> proof={} ({})",
+            p.label(),
+            binding.detail
+        ),
+        Verdict::NotProven(why) => tracing::warn!(
+            range = name,
+            "tenant not proven, refused client=[{ip}] from=<{sender}>: {why}"
+        ),
+        Verdict::TryLater(why) => tracing::warn!(
+            range = name,
+            "tenant proof not verifiable now, deferred client=[{ip}] from=<{sender}>: {why}"
+        ),
+    }
+    if !matches!(binding.verdict, Verdict::TryLater(_)) {
+        shared.events.publish_now(Event::TenantCheck {
+            range: name.to_string(),
+            proof,
+            ip,
+            sender,
+            at: now_ms(),
+        });
+    }
+    session.proof_checked(unproven, &binding.verdict, binding.stripped, now_ms())
 }
 
 fn verb_label(line: &[u8]) -> &'static str {

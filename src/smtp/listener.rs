@@ -13,15 +13,26 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use super::conn::{drive, Conn, Exit, Phase, Shared};
-use super::session::Session;
+use super::session::{Session, SourceKind};
 use super::tls::describe;
 use crate::envelope::now_ms;
 use crate::events::{Event, RefusalReason};
 use crate::pipeline::{Intake, SenderPolicy};
+use crate::tenant::sources::{Membership, SharedSources};
+
+/// The gate's answer for a client address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry {
+    Admit(SourceKind),
+    /// Maybe a shared platform's, not known yet: `421`, try later.
+    NotYet,
+    Refuse,
+}
 
 /// Who may connect, and how many at once.
 pub struct Gate {
     allowed: Vec<IpNet>,
+    shared: Arc<SharedSources>,
     max_per_ip: usize,
     slots: Arc<Semaphore>,
     max_connections: usize,
@@ -29,9 +40,15 @@ pub struct Gate {
 }
 
 impl Gate {
-    pub fn new(allowed: Vec<IpNet>, max_connections: usize, max_per_ip: usize) -> Gate {
+    pub fn new(
+        allowed: Vec<IpNet>,
+        shared: Arc<SharedSources>,
+        max_connections: usize,
+        max_per_ip: usize,
+    ) -> Gate {
         Gate {
             allowed,
+            shared,
             max_per_ip,
             slots: Arc::new(Semaphore::new(max_connections)),
             max_connections,
@@ -39,8 +56,17 @@ impl Gate {
         }
     }
 
-    pub fn is_allowed(&self, ip: IpAddr) -> bool {
-        self.allowed.iter().any(|net| net.contains(&ip))
+    /// A shared range wins over a dedicated one that also holds the address: the
+    /// stricter rule applies. `ip` must be canonical.
+    pub fn entry(&self, ip: IpAddr) -> Entry {
+        match self.shared.classify(ip) {
+            Membership::Shared(i) => Entry::Admit(SourceKind::Shared(i)),
+            _ if self.allowed.iter().any(|net| net.contains(&ip)) => {
+                Entry::Admit(SourceKind::Dedicated)
+            }
+            Membership::Unresolved => Entry::NotYet,
+            Membership::Outside => Entry::Refuse,
+        }
     }
 
     fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Admission> {
@@ -190,25 +216,38 @@ impl<I: Intake, P: SenderPolicy> Listener<I, P> {
     ) {
         // An IPv4 client on a dual-stack socket shows up as ::ffff:a.b.c.d.
         let ip = peer.ip().to_canonical();
-        if !self.gate.is_allowed(ip) {
-            tracing::warn!(client = %ip, "connection refused: address not in access.allowed_ranges");
-            self.refused(ip, RefusalReason::IpNotAllowed);
-            match self.gate.slots.clone().try_acquire_owned() {
-                Ok(permit) => {
-                    let hostname = self.shared.cfg.hostname.clone();
-                    tokio::spawn(async move {
-                        refuse_politely(stream, ip, &hostname).await;
-                        drop(permit);
-                    });
-                }
-                Err(_) => {
-                    let _ = stream.try_write(
-                        format!("554 5.7.1 {ip} is not allowed to use this relay\r\n").as_bytes(),
-                    );
-                }
+        let kind = match self.gate.entry(ip) {
+            Entry::Admit(kind) => kind,
+            Entry::NotYet => {
+                tracing::warn!(client = %ip, "connection refused for now: the shared ranges from SPF have never been resolved");
+                self.refused(ip, RefusalReason::SharedRangesUnresolved);
+                // One non-blocking write, no task: this can be a whole platform knocking.
+                let _ = stream.try_write(
+                    b"421 4.3.0 Shared-platform ranges not resolved yet, try again later\r\n",
+                );
+                return;
             }
-            return;
-        }
+            Entry::Refuse => {
+                tracing::warn!(client = %ip, "connection refused: address not in access.allowed_ranges");
+                self.refused(ip, RefusalReason::IpNotAllowed);
+                match self.gate.slots.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let hostname = self.shared.cfg.hostname.clone();
+                        tokio::spawn(async move {
+                            refuse_politely(stream, ip, &hostname).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => {
+                        let _ = stream.try_write(
+                            format!("554 5.7.1 {ip} is not allowed to use this relay\r\n")
+                                .as_bytes(),
+                        );
+                    }
+                }
+                return;
+            }
+        };
         let Some(admission) = self.gate.admit(ip) else {
             tracing::warn!(client = %ip, "connection refused: connection limit");
             self.refused(ip, RefusalReason::Limit);
@@ -224,7 +263,8 @@ impl<I: Intake, P: SenderPolicy> Listener<I, P> {
         });
         let guard = SessionGuard::new(admission, &stream, implicit_tls);
         tokio::spawn(async move {
-            self.session(stream, ip, implicit_tls, phase, &guard).await;
+            self.session(stream, ip, kind, implicit_tls, phase, &guard)
+                .await;
             drop(guard);
         });
     }
@@ -243,6 +283,7 @@ impl<I: Intake, P: SenderPolicy> Listener<I, P> {
         &self,
         stream: TcpStream,
         ip: IpAddr,
+        kind: SourceKind,
         implicit_tls: bool,
         phase: watch::Receiver<Phase>,
         guard: &SessionGuard,
@@ -255,12 +296,12 @@ impl<I: Intake, P: SenderPolicy> Listener<I, P> {
                 return;
             };
             let desc = describe(tls.get_ref().1);
-            let mut session = Session::new(shared.cfg.clone(), ip, Some(desc));
+            let mut session = Session::new(shared.cfg.clone(), ip, kind, Some(desc));
             let mut conn = Conn::new(tls, deadline, phase);
             drive(&mut conn, &mut session, shared, true).await;
             return;
         }
-        let mut session = Session::new(shared.cfg.clone(), ip, None);
+        let mut session = Session::new(shared.cfg.clone(), ip, kind, None);
         let mut conn = Conn::new(stream, deadline, phase.clone());
         if let Exit::StartTls(()) = drive(&mut conn, &mut session, shared, true).await {
             let Some(acceptor) = &self.tls else { return };
@@ -334,22 +375,62 @@ async fn refuse_politely(mut stream: TcpStream, ip: IpAddr, hostname: &str) {
 mod tests {
     use super::*;
 
+    fn no_shared() -> Arc<SharedSources> {
+        Arc::new(SharedSources::new(&[]))
+    }
+
+    #[test]
+    fn shared_wins_over_dedicated() {
+        let shared = crate::config::SharedRange {
+            name: "o365".into(),
+            platform: crate::config::SharedPlatform::O365,
+            ranges: vec!["127.0.0.2/32".parse().unwrap()],
+            ranges_from_spf: None,
+            tenant_id: None,
+            dkim_domains: Vec::new(),
+            header: None,
+        };
+        let gate = Gate::new(
+            vec!["127.0.0.0/8".parse().unwrap()],
+            Arc::new(SharedSources::new(&[shared])),
+            10,
+            2,
+        );
+        let ip = |t: &str| t.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            gate.entry(ip("127.0.0.2")),
+            Entry::Admit(SourceKind::Shared(0))
+        );
+        assert_eq!(
+            gate.entry(ip("127.0.0.3")),
+            Entry::Admit(SourceKind::Dedicated)
+        );
+        assert_eq!(gate.entry(ip("10.0.0.1")), Entry::Refuse);
+    }
+
     #[test]
     fn allowlist_matches_mapped_v4() {
         let gate = Gate::new(
             vec!["127.0.0.1/32".parse().unwrap(), "::1/128".parse().unwrap()],
+            no_shared(),
             10,
             2,
         );
+        let dedicated = Entry::Admit(SourceKind::Dedicated);
         let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
-        assert!(gate.is_allowed(mapped.to_canonical()));
-        assert!(!gate.is_allowed("127.0.0.2".parse().unwrap()));
-        assert!(gate.is_allowed("::1".parse().unwrap()));
+        assert_eq!(gate.entry(mapped.to_canonical()), dedicated);
+        assert_eq!(gate.entry("127.0.0.2".parse().unwrap()), Entry::Refuse);
+        assert_eq!(gate.entry("::1".parse().unwrap()), dedicated);
     }
 
     #[test]
     fn per_ip_limit_and_release() {
-        let gate = Arc::new(Gate::new(vec!["0.0.0.0/0".parse().unwrap()], 10, 2));
+        let gate = Arc::new(Gate::new(
+            vec!["0.0.0.0/0".parse().unwrap()],
+            no_shared(),
+            10,
+            2,
+        ));
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         let a = gate.admit(ip).unwrap();
         let _b = gate.admit(ip).unwrap();
@@ -364,7 +445,12 @@ mod tests {
     /// reads 421 rather than a silent close.
     #[tokio::test]
     async fn a_panicking_session_releases_its_slot_and_says_421() {
-        let gate = Arc::new(Gate::new(vec!["127.0.0.0/8".parse().unwrap()], 4, 1));
+        let gate = Arc::new(Gate::new(
+            vec!["127.0.0.0/8".parse().unwrap()],
+            no_shared(),
+            4,
+            1,
+        ));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mut client = TcpStream::connect(addr).await.unwrap();

@@ -15,6 +15,7 @@ use super::reply::{common, Reply};
 use crate::config::BareLineEndings;
 use crate::envelope::{domain_in, BodyType, ClientInfo, Envelope, Millis, QueueId, Recipient};
 use crate::pipeline::{IntakeError, SenderVerdict, Submission};
+use crate::tenant::Verdict;
 
 /// What a session is allowed to do; fixed per listener.
 #[derive(Debug, Clone)]
@@ -60,11 +61,47 @@ pub enum Action {
     },
 }
 
+/// Where an admitted client sends from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    /// The organization's own servers (`access.allowed_ranges`).
+    Dedicated,
+    /// A platform many organizations send from (index into `access.shared_ranges`):
+    /// each message needs tenant proof.
+    Shared(usize),
+}
+
 /// What a finished DATA or BDAT chunk leads to: a reply, or a message to queue.
 #[derive(Debug)]
 pub enum Completed {
     Reply(Reply),
     Submit(Box<Submission>),
+    /// From a shared range: check the message's tenant proof, then call
+    /// [`Session::proof_checked`].
+    Prove(Box<Unproven>),
+}
+
+/// A complete message from a shared range, waiting for its tenant check.
+#[derive(Debug)]
+pub struct Unproven {
+    tx: Transaction,
+    body: Vec<u8>,
+    source: usize,
+}
+
+impl Unproven {
+    /// The message as the client sent it (our `Received:` is not there yet).
+    pub fn message(&self) -> &[u8] {
+        &self.body
+    }
+
+    pub fn source(&self) -> usize {
+        self.source
+    }
+
+    pub fn sender(&self) -> &str {
+        &self.tx.sender
+    }
 }
 
 #[derive(Debug)]
@@ -81,6 +118,7 @@ struct Transaction {
 pub struct Session {
     cfg: Arc<SessionConfig>,
     ip: IpAddr,
+    kind: SourceKind,
     tls: Option<String>,
     helo: Option<String>,
     esmtp: bool,
@@ -91,10 +129,16 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(cfg: Arc<SessionConfig>, ip: IpAddr, tls: Option<String>) -> Session {
+    pub fn new(
+        cfg: Arc<SessionConfig>,
+        ip: IpAddr,
+        kind: SourceKind,
+        tls: Option<String>,
+    ) -> Session {
         Session {
             cfg,
             ip,
+            kind,
             tls,
             helo: None,
             esmtp: false,
@@ -114,6 +158,10 @@ impl Session {
             "",
             format!("{} ESMTP smartrelay ready", self.cfg.hostname),
         )
+    }
+
+    pub fn client_ip(&self) -> IpAddr {
+        self.ip
     }
 
     pub fn in_transaction(&self) -> bool {
@@ -450,6 +498,50 @@ impl Session {
                 ),
             ));
         }
+        if let SourceKind::Shared(source) = self.kind {
+            return Completed::Prove(Box::new(Unproven { tx, body, source }));
+        }
+        self.submission(tx, body, seen, now)
+    }
+
+    /// The tenant check's answer for [`Completed::Prove`]. `stripped` is the message
+    /// without the route header, when it had one.
+    pub fn proof_checked(
+        &mut self,
+        unproven: Unproven,
+        verdict: &Verdict,
+        stripped: Option<Vec<u8>>,
+        now: Millis,
+    ) -> Completed {
+        match verdict {
+            Verdict::Proven(_) => {
+                let body = stripped.unwrap_or(unproven.body);
+                let seen = inspect::inspect(&body);
+                self.submission(unproven.tx, body, seen, now)
+            }
+            Verdict::NotProven(_) => {
+                self.errors += 1;
+                Completed::Reply(Reply::new(
+                    550,
+                    "5.7.1",
+                    "Message refused: it is not bound to this organization (no DKIM signature of its domains, tenant id or route header)",
+                ))
+            }
+            Verdict::TryLater(_) => Completed::Reply(Reply::new(
+                451,
+                "4.7.1",
+                "Cannot verify that the message is bound to this organization now, try again later",
+            )),
+        }
+    }
+
+    fn submission(
+        &mut self,
+        tx: Transaction,
+        body: Vec<u8>,
+        seen: inspect::Inspection,
+        now: Millis,
+    ) -> Completed {
         let id = QueueId::generate();
         let helo = self.helo.clone().unwrap_or_default();
         let trace = inspect::received_header(&Trace {
@@ -563,7 +655,12 @@ mod tests {
     }
 
     fn session_with(c: SessionConfig) -> Session {
-        Session::new(Arc::new(c), "127.0.0.1".parse().unwrap(), None)
+        Session::new(
+            Arc::new(c),
+            "127.0.0.1".parse().unwrap(),
+            SourceKind::Dedicated,
+            None,
+        )
     }
 
     fn session() -> Session {

@@ -82,6 +82,11 @@ impl HickoryDns {
         Ok(HickoryDns { resolver })
     }
 
+    /// The resolver itself, for the other lookups that go through `[dns]` (DKIM keys).
+    pub fn resolver(&self) -> TokioResolver {
+        self.resolver.clone()
+    }
+
     async fn query(&self, name: &str, rtype: RecordType) -> Result<(Vec<RData>, u32), DnsFailure> {
         let fqdn = if name.ends_with('.') {
             name.to_string()

@@ -60,6 +60,51 @@ impl<D: SpfDns> SpfService<D> {
     }
 }
 
+/// The addresses a record tree authorizes outright: every `+ip4`/`+ip6` before the
+/// `all` of each record met (includes and redirects followed). This is how a platform
+/// publishes its sending ranges (`spf.protection.outlook.com`, `_spf.google.com`).
+pub fn authorized_networks(walk: &Walk) -> Vec<ipnet::IpNet> {
+    fn visit(node: &Node, out: &mut Vec<ipnet::IpNet>) {
+        if let Some(text) = &node.record {
+            let parsed = record::parse(text);
+            let end = parsed.all_position().unwrap_or(usize::MAX);
+            for p in parsed.terms.iter().take(end) {
+                let record::Term::Directive {
+                    qualifier: record::Qualifier::Pass,
+                    mechanism,
+                } = &p.term
+                else {
+                    continue;
+                };
+                let net = match mechanism {
+                    record::Mechanism::Ip4 { addr, prefix } => {
+                        ipnet::Ipv4Net::new(*addr, prefix.unwrap_or(32))
+                            .ok()
+                            .map(ipnet::IpNet::V4)
+                    }
+                    record::Mechanism::Ip6 { addr, prefix } => {
+                        ipnet::Ipv6Net::new(*addr, prefix.unwrap_or(128))
+                            .ok()
+                            .map(ipnet::IpNet::V6)
+                    }
+                    _ => None,
+                };
+                if let Some(net) = net.map(|n| n.trunc()) {
+                    if !out.contains(&net) {
+                        out.push(net);
+                    }
+                }
+            }
+        }
+        for child in &node.children {
+            visit(child, out);
+        }
+    }
+    let mut out = Vec::new();
+    visit(&walk.tree, &mut out);
+    out
+}
+
 fn timed_out(domain: &str, after: Duration) -> Walk {
     let domain = domain.trim_end_matches('.').to_ascii_lowercase();
     Walk {

@@ -22,6 +22,17 @@ pub struct Dns {
 impl Dns {
     /// `zones`: (origin, records without SOA). `$ORIGIN` and an SOA are added.
     pub fn start(zones: &[(&str, &str)]) -> Dns {
+        Dns::serve(zones, None)
+    }
+
+    /// The same on a given address, e.g. that of a server just dropped, so that a relay
+    /// configured with it sees the zones change. Retries while the old socket closes.
+    #[allow(dead_code)]
+    pub fn start_on(addr: SocketAddr, zones: &[(&str, &str)]) -> Dns {
+        Dns::serve(zones, Some(addr))
+    }
+
+    fn serve(zones: &[(&str, &str)], fixed: Option<SocketAddr>) -> Dns {
         let mut catalog = Catalog::new();
         for (origin, body) in zones {
             let origin = origin.trim_end_matches('.');
@@ -53,11 +64,21 @@ impl Dns {
             rt.block_on(async move {
                 // UDP and TCP on one port number: the TCP port may be taken by
                 // someone else, so pick again until both are free.
+                let mut tries = 0;
                 let (udp, tcp, addr) = loop {
-                    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+                    tries += 1;
+                    assert!(tries < 100, "no port for the DNS server ({fixed:?})");
+                    let want = fixed.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap());
+                    let Ok(udp) = tokio::net::UdpSocket::bind(want).await else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
                     let addr = udp.local_addr().unwrap();
                     if let Ok(tcp) = tokio::net::TcpListener::bind(addr).await {
                         break (udp, tcp, addr);
+                    }
+                    if fixed.is_some() {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 };
                 let mut server = Server::new(Slow(catalog));

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod dkim;
 pub mod dns;
 
 use std::io::{BufRead, BufReader, Read, Write};
