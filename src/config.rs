@@ -823,6 +823,21 @@ fn resolve_shared_range(
     })
 }
 
+impl SharedRange {
+    /// The proofs this range accepts, in words: the organization's own DKIM always.
+    pub fn proofs(&self, org_domains: &[String]) -> Vec<String> {
+        let mut out = vec![format!("DKIM of {}", org_domains.join(", "))];
+        out.extend(self.dkim_domains.iter().map(|d| format!("DKIM of {d}")));
+        if self.tenant_id.is_some() {
+            out.push("tenant id".into());
+        }
+        if let Some(h) = &self.header {
+            out.push(format!("header {}", h.name));
+        }
+        out
+    }
+}
+
 /// 8-4-4-4-12 hexadecimal digits.
 fn is_guid(s: &str) -> bool {
     let groups: Vec<&str> = s.split('-').collect();

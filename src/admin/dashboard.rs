@@ -157,6 +157,8 @@ pub async fn page(State(st): State<Shared>) -> Response {
             );
         } else if step.id == "mail_flowing" {
             b.push_str("<p>See the outbound flow below.</p>");
+        } else if step.id == "tenant" {
+            tenant_details(&mut b, &st);
         }
         b.push_str("</details></div>");
     }
@@ -394,4 +396,34 @@ fn connector_details(b: &mut String, v: Option<&onboarding::Verification>) {
         None => b.push_str("<p id=\"connector\">Not verified yet.</p>"),
     }
     b.push_str("<form method=\"post\" action=\"/api/v1/onboarding/connector/verify\"><input type=\"hidden\" name=\"verify\" value=\"1\"><button type=\"submit\" id=\"verify-connector\">Verify connector</button></form>");
+}
+
+/// Each shared range: its addresses (configured and from SPF) and the proofs it takes.
+fn tenant_details(b: &mut String, st: &super::AdminState) {
+    let views = st.shared_sources.view();
+    if views.is_empty() {
+        b.push_str("<p>No shared-platform ranges are configured.</p>");
+        return;
+    }
+    b.push_str(
+        "<table id=\"shared-ranges\"><tr><th>Range</th><th>Addresses</th><th>Proofs</th></tr>",
+    );
+    for (v, r) in views.iter().zip(&st.config.access.shared_ranges) {
+        let mut nets: Vec<String> = v.ranges.iter().map(|n| n.to_string()).collect();
+        if let Some(spf) = &v.ranges_from_spf {
+            match &v.resolved {
+                Some(res) => nets.push(format!("{} networks from {spf}", res.nets.len())),
+                None => nets.push(format!("{spf}: not resolved yet")),
+            }
+        }
+        let proofs = r.proofs(&st.config.access.domains);
+        let _ = write!(
+            b,
+            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&v.name),
+            esc(&nets.join(", ")),
+            esc(&proofs.join(", "))
+        );
+    }
+    b.push_str("</table>");
 }

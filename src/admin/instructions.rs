@@ -93,7 +93,7 @@ pub fn build(
             "Gmail > Routing > Add rule 1, \"Outbound via gateway\": messages to affect: Outbound; route: change route to \"smartrelay outbound\".".into(),
             "Add rule 2, \"Internal mail\": messages to affect: Internal - sending; route: change route to \"Google internal\".".into(),
             "Google sends for every Workspace customer from the ranges behind _spf.google.com: list them as a shared range, never in access.allowed_ranges:\n  [[access.shared_ranges]]\n  platform = \"gsuite\"\n  ranges_from_spf = \"_spf.google.com\"".into(),
-            format!("Each message from those ranges must prove it is yours: turn on DKIM signing in the Admin console for your domains ({}), so messages carry d=<your domain>; or let the outbound routing rule add a custom header with a secret value and set header = {{ name = \"X-...\", secret_env = \"VAR\" }} (the relay removes that header before it queues the message). Google's fallback signature (d=<domain>.<date>.gappssmtp.com) is not proof.", cfg.access.domains.join(", ")),
+            format!("Each message from those ranges must prove it is yours: turn on DKIM signing in the Admin console for your domains ({}), so messages carry d=<your domain>; or have the outbound route to this relay add a custom header with a secret value and set header = {{ name = \"X-...\", secret_env = \"VAR\" }} (the relay removes that header before it queues the message). Google's fallback signature (d=<domain>.<date>.gappssmtp.com) is not proof.", cfg.access.domains.join(", ")),
             shared_status(cfg, SharedPlatform::Gsuite),
             "Send a test message to an external address, then run the connector verification here.".into(),
         ],
@@ -139,15 +139,11 @@ fn shared_status(cfg: &Config, platform: SharedPlatform) -> String {
         .iter()
         .filter(|r| r.platform == platform)
         .map(|r| {
-            let mut proofs = vec![format!("DKIM of {}", cfg.access.domains.join(", "))];
-            proofs.extend(r.dkim_domains.iter().map(|d| format!("DKIM of {d}")));
-            if r.tenant_id.is_some() {
-                proofs.push("tenant id".into());
-            }
-            if let Some(h) = &r.header {
-                proofs.push(format!("header {}", h.name));
-            }
-            format!("{} (proof: {})", r.name, proofs.join(", "))
+            format!(
+                "{} (proof: {})",
+                r.name,
+                r.proofs(&cfg.access.domains).join(", ")
+            )
         })
         .collect();
     if mine.is_empty() {

@@ -58,7 +58,12 @@ fn zero() {
     ] {
         metrics::counter!(name).absolute(0);
     }
-    for reason in ["ip_not_allowed", "limit", "tls_required"] {
+    for reason in [
+        "ip_not_allowed",
+        "limit",
+        "tls_required",
+        "shared_ranges_unresolved",
+    ] {
         metrics::counter!("smartrelay_connections_refused_total", "reason" => reason).absolute(0);
     }
     for action in ["failed", "delayed", "relayed"] {
@@ -74,7 +79,19 @@ fn describe() {
     );
     describe_counter!(
         "smartrelay_connections_refused_total",
-        "SMTP connections refused, by reason (ip_not_allowed, limit, tls_required)"
+        "SMTP connections refused, by reason (ip_not_allowed, limit, tls_required, shared_ranges_unresolved)"
+    );
+    describe_counter!(
+        "smartrelay_tenant_checks_total",
+        "Messages from shared-platform ranges checked for tenant proof, by platform and proof (dkim, tenant_id, header, none)"
+    );
+    describe_gauge!(
+        "smartrelay_shared_range_networks",
+        "Networks of a shared range last resolved from its SPF record"
+    );
+    describe_counter!(
+        "smartrelay_shared_range_refresh_failures_total",
+        "Failed refreshes of a shared range from SPF (the last good list stays in force)"
     );
     describe_gauge!("smartrelay_sessions_active", "SMTP sessions in progress");
     describe_counter!(
