@@ -7,7 +7,7 @@
 //! Loopback only; bounded by MESSAGES × ROUNDS; writes benches/results/tenant.md.
 
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod support;
 
 use std::net::{IpAddr, SocketAddr};

@@ -114,6 +114,9 @@ pub struct ServerConfig {
     pub data_timeout: Dur,
     /// Upper bound on one whole session, whatever it does (slow-drip clients).
     pub session_timeout: Dur,
+    /// Octets per second a DATA or BDAT sender must keep up after a short grace
+    /// (Postfix's `smtpd_min_data_rate`); 0 turns the check off.
+    pub min_data_rate: u64,
     pub hop_limit: usize,
     /// Longest command line in octets including CRLF (RFC 5321 §4.5.3.1.4). MAIL and RCPT
     /// may be longer by the DSN allowance (RFC 3461 §4: 100 and 500 octets).
@@ -138,6 +141,7 @@ impl Default for ServerConfig {
             command_timeout: Dur(Duration::from_secs(300)),
             data_timeout: Dur(Duration::from_secs(600)),
             session_timeout: Dur(Duration::from_secs(3600)),
+            min_data_rate: 500,
             hop_limit: 50,
             max_line_length: 512,
             max_errors: 10,

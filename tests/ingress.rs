@@ -639,3 +639,47 @@ fn shipped_example_configurations_are_valid() {
         );
     }
 }
+
+/// A DATA sender dripping a byte a second is cut off by `server.min_data_rate` after
+/// the grace, with 421 4.4.2; so is a BDAT chunk that trickles in.
+#[test]
+fn slow_data_senders_are_cut_off() {
+    let (relay, _cfg) = held_relay("min-data-rate");
+    for bdat in [false, true] {
+        let mut c = Smtp::connect(relay.smtp);
+        c.greet();
+        c.expect("MAIL FROM:<alice@example.test>", 250);
+        c.expect("RCPT TO:<bob@partner.test>", 250);
+        if bdat {
+            c.send(b"BDAT 100000 LAST\r\n");
+        } else {
+            c.expect("DATA", 354);
+        }
+        c.stream
+            .set_read_timeout(Some(Duration::from_millis(1000)))
+            .unwrap();
+        let started = std::time::Instant::now();
+        let reply = loop {
+            assert!(started.elapsed() < Duration::from_secs(30), "never cut off");
+            // One byte, then wait up to a second for the relay's verdict.
+            if std::io::Write::write_all(&mut c.stream, b"x").is_err() {
+                break c.try_reply();
+            }
+            if let Some(r) = c.try_reply() {
+                break Some(r);
+            }
+        };
+        let r = reply.expect("a 421 before the close");
+        assert_eq!(r.code, 421, "{}", r.text());
+        assert!(r.text().starts_with("4.4.2"), "{}", r.text());
+        assert!(
+            started.elapsed() >= Duration::from_secs(4),
+            "the grace is kept"
+        );
+    }
+    let (_, metrics) = http_text("GET", &relay.url("/metrics"), None);
+    assert!(
+        metrics.contains("smartrelay_sessions_too_slow_total 2"),
+        "{metrics}"
+    );
+}

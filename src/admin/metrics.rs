@@ -55,6 +55,7 @@ fn zero() {
         "smartrelay_trusted_new_entries_total",
         "smartrelay_events_dropped_total",
         "smartrelay_session_panics_total",
+        "smartrelay_sessions_too_slow_total",
     ] {
         metrics::counter!(name).absolute(0);
     }
@@ -94,6 +95,10 @@ fn describe() {
         "Failed refreshes of a shared range from SPF (the last good list stays in force)"
     );
     describe_gauge!("smartrelay_sessions_active", "SMTP sessions in progress");
+    describe_counter!(
+        "smartrelay_sessions_too_slow_total",
+        "DATA or BDAT senders closed with 421 4.4.2 for falling below server.min_data_rate"
+    );
     describe_counter!(
         "smartrelay_session_panics_total",
         "Session tasks that panicked (the client got 421 4.3.0 where the socket allowed it)"

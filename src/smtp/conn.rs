@@ -37,6 +37,8 @@ pub struct Shared<I, P> {
     pub command_timeout: Duration,
     pub data_timeout: Duration,
     pub session_timeout: Duration,
+    /// Octets per second during DATA and BDAT; 0: no minimum.
+    pub min_data_rate: u64,
 }
 
 /// How a session's run over one stream ended.
@@ -51,6 +53,8 @@ enum Stop {
     Eof,
     Io,
     Timeout,
+    /// A DATA or BDAT sender fell below `min_data_rate`.
+    TooSlow,
     Shutdown,
 }
 
@@ -189,6 +193,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         mut size: u64,
         mut sink: Option<&mut Vec<u8>>,
         timeout: Duration,
+        pace: &mut Pace,
     ) -> Result<(), Stop> {
         loop {
             let take = (self.buffered() as u64).min(size) as usize;
@@ -200,19 +205,77 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             if size == 0 {
                 return Ok(());
             }
-            self.fill(timeout, false).await?;
+            self.fill_paced(timeout, pace).await?;
         }
     }
 
-    async fn read_data(&mut self, rx: &mut DataReceiver, timeout: Duration) -> Result<(), Stop> {
+    async fn read_data(
+        &mut self,
+        rx: &mut DataReceiver,
+        timeout: Duration,
+        pace: &mut Pace,
+    ) -> Result<(), Stop> {
         loop {
             if let Some(n) = rx.feed(&self.buf[self.pos..]) {
                 self.pos += n;
                 return Ok(());
             }
             self.pos = self.buf.len();
-            self.fill(timeout, false).await?;
+            self.fill_paced(timeout, pace).await?;
         }
+    }
+
+    /// `fill` inside DATA or BDAT: the wait also ends when the sender falls behind the
+    /// minimum rate, so a drip of a byte a second is cut off, not carried for hours.
+    async fn fill_paced(&mut self, timeout: Duration, pace: &mut Pace) -> Result<(), Stop> {
+        let before = self.buf.len() - self.pos;
+        let now = Instant::now();
+        let behind = pace.deadline().map(|d| d.saturating_duration_since(now));
+        let wait = behind.map_or(timeout, |b| b.min(timeout));
+        match self.fill(wait, false).await {
+            Ok(()) => {
+                pace.received((self.buf.len() - self.pos).saturating_sub(before) as u64);
+                Ok(())
+            }
+            Err(Stop::Timeout) if behind.is_some_and(|b| b <= wait) => Err(Stop::TooSlow),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// How long a sender may take before its average data rate must reach the minimum:
+/// a connection's first round trips and a client's own pauses are not slowness.
+const PACE_GRACE: Duration = Duration::from_secs(5);
+
+/// The minimum data rate of one DATA body or BDAT chunk (Postfix's
+/// `smtpd_min_data_rate`): by `start + grace + received / rate` more must have come.
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    rate: u64,
+    start: Instant,
+    received: u64,
+}
+
+impl Pace {
+    fn new(rate: u64, start: Instant) -> Pace {
+        Pace {
+            rate,
+            start,
+            received: 0,
+        }
+    }
+
+    fn received(&mut self, n: u64) {
+        self.received = self.received.saturating_add(n);
+    }
+
+    /// When the sender falls behind unless more arrives; `None` without a minimum.
+    fn deadline(&self) -> Option<Instant> {
+        if self.rate == 0 {
+            return None;
+        }
+        let earned = Duration::from_secs_f64(self.received as f64 / self.rate as f64);
+        Some(self.start + PACE_GRACE + earned)
     }
 }
 
@@ -236,6 +299,11 @@ where
         Err(stop) => {
             match stop {
                 Stop::Timeout => conn.final_reply(&common::timeout()).await,
+                Stop::TooSlow => {
+                    tracing::info!(client = %session.client_ip(), "data rate below server.min_data_rate: closed with 421");
+                    metrics::counter!("smartrelay_sessions_too_slow_total").increment(1);
+                    conn.final_reply(&common::too_slow()).await
+                }
                 Stop::Shutdown => conn.final_reply(&common::shutting_down()).await,
                 Stop::Eof | Stop::Io => {}
             }
@@ -299,7 +367,8 @@ where
                 conn.queue_reply(&reply);
                 conn.flush(ct).await?;
                 let mut rx = DataReceiver::new(max, session.config().bare_line_endings);
-                conn.read_data(&mut rx, dt).await?;
+                let mut pace = Pace::new(shared.min_data_rate, Instant::now());
+                conn.read_data(&mut rx, dt, &mut pace).await?;
                 let done = session.data_done(rx.finish(), now_ms());
                 if !complete(conn, session, shared, done).await? {
                     return Ok(Exit::Closed);
@@ -317,7 +386,8 @@ where
                     return Ok(Exit::Closed);
                 }
                 let sink = if keep { session.chunk_buffer() } else { None };
-                conn.read_chunk(size, sink, dt).await?;
+                let mut pace = Pace::new(shared.min_data_rate, Instant::now());
+                conn.read_chunk(size, sink, dt, &mut pace).await?;
                 let done = session.chunk_done(size, last, now_ms());
                 if !complete(conn, session, shared, done).await? {
                     return Ok(Exit::Closed);
@@ -489,4 +559,19 @@ fn count(stage: &'static str, r: &Reply) {
     let reason = if r.esc.is_empty() { "none" } else { r.esc };
     metrics::counter!("smartrelay_messages_refused_total", "stage" => stage, "reason" => reason)
         .increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pace_deadline_moves_with_the_data() {
+        let t0 = Instant::now();
+        let mut p = Pace::new(500, t0);
+        assert_eq!(p.deadline(), Some(t0 + PACE_GRACE));
+        p.received(1000);
+        assert_eq!(p.deadline(), Some(t0 + PACE_GRACE + Duration::from_secs(2)));
+        assert_eq!(Pace::new(0, t0).deadline(), None, "0 turns the minimum off");
+    }
 }

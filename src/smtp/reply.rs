@@ -75,6 +75,9 @@ pub mod common {
     pub fn timeout() -> Reply {
         Reply::new(421, "4.4.2", "Timeout exceeded, closing connection")
     }
+    pub fn too_slow() -> Reply {
+        Reply::new(421, "4.4.2", "Data rate too low, closing connection")
+    }
     pub fn shutting_down() -> Reply {
         Reply::new(421, "4.3.0", "Service shutting down, closing connection")
     }
