@@ -86,6 +86,8 @@ pub enum Completed {
 pub struct Unproven {
     tx: Transaction,
     body: Vec<u8>,
+    /// What the header said; read again only if the route header is taken out.
+    seen: inspect::Inspection,
     source: usize,
 }
 
@@ -499,7 +501,12 @@ impl Session {
             ));
         }
         if let SourceKind::Shared(source) = self.kind {
-            return Completed::Prove(Box::new(Unproven { tx, body, source }));
+            return Completed::Prove(Box::new(Unproven {
+                tx,
+                body,
+                seen,
+                source,
+            }));
         }
         self.submission(tx, body, seen, now)
     }
@@ -514,11 +521,13 @@ impl Session {
         now: Millis,
     ) -> Completed {
         match verdict {
-            Verdict::Proven(_) => {
-                let body = stripped.unwrap_or(unproven.body);
-                let seen = inspect::inspect(&body);
-                self.submission(unproven.tx, body, seen, now)
-            }
+            Verdict::Proven(_) => match stripped {
+                Some(body) => {
+                    let seen = inspect::inspect(&body);
+                    self.submission(unproven.tx, body, seen, now)
+                }
+                None => self.submission(unproven.tx, unproven.body, unproven.seen, now),
+            },
             Verdict::NotProven(_) => {
                 self.errors += 1;
                 Completed::Reply(Reply::new(
