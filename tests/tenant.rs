@@ -433,19 +433,24 @@ fn shared_ranges(relay: &Relay) -> serde_json::Value {
     relay.get("/api/v1/access/shared-ranges").1
 }
 
-#[test]
-fn ranges_from_spf_refresh_and_survive_a_dns_outage() {
-    let dir = tmpdir("tenant-spf");
-    let dns = Dns::start(&[("platform.test", &spf_zone("127.0.0.2"))]);
-    let dns_addr = dns.addr;
-    let cfg = Cfg::new(&dir, &format!("127.0.0.1:{}", free_port()))
+/// A relay whose only shared range comes from `spf.platform.test`.
+fn spf_cfg(dir: &std::path::Path, dns_addr: SocketAddr) -> Cfg {
+    Cfg::new(dir, &format!("127.0.0.1:{}", free_port()))
         .set("access", "allowed_ranges", "[\"127.0.0.1/32\"]")
         .set(
             "access",
             "shared_ranges",
             "[{ platform = \"other\", ranges_from_spf = \"spf.platform.test\" }]",
         )
-        .set("dns", "nameservers", &format!("[\"{dns_addr}\"]"));
+        .set("dns", "nameservers", &format!("[\"{dns_addr}\"]"))
+}
+
+#[test]
+fn ranges_from_spf_refresh_and_survive_a_dns_outage() {
+    let dir = tmpdir("tenant-spf");
+    let dns = Dns::start(&[("platform.test", &spf_zone("127.0.0.2"))]);
+    let dns_addr = dns.addr;
+    let cfg = spf_cfg(&dir, dns_addr);
     let mut relay = Relay::start(&cfg);
     assert!(wait_until(T, || shared_ranges(&relay)[0]["resolved"]
         ["nets"]
@@ -491,14 +496,7 @@ fn ranges_from_spf_refresh_and_survive_a_dns_outage() {
 
     // A relay that never resolved the list cannot tell: 421, never 220 or 554.
     let fresh = tmpdir("tenant-spf-fresh");
-    let cfg = Cfg::new(&fresh, &format!("127.0.0.1:{}", free_port()))
-        .set("access", "allowed_ranges", "[\"127.0.0.1/32\"]")
-        .set(
-            "access",
-            "shared_ranges",
-            "[{ platform = \"other\", ranges_from_spf = \"spf.platform.test\" }]",
-        )
-        .set("dns", "nameservers", &format!("[\"{dns_addr}\"]"));
+    let cfg = spf_cfg(&fresh, dns_addr);
     let relay2 = Relay::start(&cfg);
     let mut c = Smtp::connect_from("127.0.0.3".parse().unwrap(), relay2.smtp);
     let r = c.reply();
