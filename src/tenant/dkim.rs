@@ -16,7 +16,7 @@ pub struct DkimVerdict {
 }
 
 impl DkimVerdict {
-    pub fn default_timed_out() -> DkimVerdict {
+    pub fn timed_out() -> DkimVerdict {
         DkimVerdict {
             passing: Vec::new(),
             failures: vec!["DKIM verification timed out".into()],

@@ -47,33 +47,57 @@ pub fn fields(message: &[u8]) -> Vec<Field<'_>> {
         .collect()
 }
 
-/// The values of every field called `name` (case-insensitive), unfolded and trimmed.
+/// A message's header section, parsed once for every question asked of it.
+pub struct Headers<'a> {
+    message: &'a [u8],
+    fields: Vec<Field<'a>>,
+}
+
+impl<'a> Headers<'a> {
+    pub fn parse(message: &'a [u8]) -> Headers<'a> {
+        Headers {
+            message,
+            fields: fields(message),
+        }
+    }
+
+    /// The values of every field called `name` (case-insensitive), unfolded and trimmed.
+    pub fn values(&self, name: &str) -> Vec<Vec<u8>> {
+        self.fields
+            .iter()
+            .filter(|f| f.name.eq_ignore_ascii_case(name))
+            .map(|f| unfold(f.value))
+            .collect()
+    }
+
+    /// The message without any field called `name`; `None` when there is none.
+    pub fn without(&self, name: &str) -> Option<Vec<u8>> {
+        let mut spans = self
+            .fields
+            .iter()
+            .filter(|f| f.name.eq_ignore_ascii_case(name))
+            .map(|f| f.span.clone())
+            .peekable();
+        spans.peek()?;
+        let mut out = Vec::with_capacity(self.message.len());
+        let mut pos = 0;
+        for span in spans {
+            out.extend_from_slice(self.message.get(pos..span.start)?);
+            pos = span.end;
+        }
+        out.extend_from_slice(self.message.get(pos..)?);
+        Some(out)
+    }
+}
+
+/// The values of every field called `name` in `message`.
 pub fn values(message: &[u8], name: &str) -> Vec<Vec<u8>> {
-    fields(message)
-        .into_iter()
-        .filter(|f| f.name.eq_ignore_ascii_case(name))
-        .map(|f| unfold(f.value))
-        .collect()
+    Headers::parse(message).values(name)
 }
 
 /// `message` without any field called `name`; `None` when there is none to remove.
 pub fn without(message: &[u8], name: &str) -> Option<Vec<u8>> {
-    let spans: Vec<Range<usize>> = fields(message)
-        .into_iter()
-        .filter(|f| f.name.eq_ignore_ascii_case(name))
-        .map(|f| f.span)
-        .collect();
-    if spans.is_empty() {
-        return None;
-    }
-    let mut out = Vec::with_capacity(message.len());
-    let mut pos = 0;
-    for span in spans {
-        out.extend_from_slice(message.get(pos..span.start)?);
-        pos = span.end;
-    }
-    out.extend_from_slice(message.get(pos..)?);
-    Some(out)
+    Headers::parse(message).without(name)
 }
 
 /// RFC 5322 §2.2.3: a folded value is the same value with the CRLFs taken out; leading

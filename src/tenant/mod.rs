@@ -81,12 +81,10 @@ impl TenantBinder {
                 stripped: None,
             };
         };
-        let stripped = range
-            .header
-            .as_ref()
-            .and_then(|h| headers::without(message, &h.name));
+        let parsed = headers::Headers::parse(message);
+        let stripped = range.header.as_ref().and_then(|h| parsed.without(&h.name));
         if let Some(h) = &range.header {
-            if route_secret_matches(message, &h.name, &h.secret) {
+            if route_secret_matches(&parsed, &h.name, &h.secret) {
                 return Binding {
                     verdict: Verdict::Proven(TenantProof::Header),
                     detail: h.name.clone(),
@@ -95,7 +93,7 @@ impl TenantBinder {
             }
         }
         if let Some(tenant) = &range.tenant_id {
-            if tenant_id_matches(message, tenant) {
+            if tenant_id_matches(&parsed, tenant) {
                 return Binding {
                     verdict: Verdict::Proven(TenantProof::TenantId),
                     detail: format!("tenant {tenant}"),
@@ -111,7 +109,7 @@ impl TenantBinder {
         };
         let dkim = match tokio::time::timeout(self.dkim_timeout, self.dkim.verify(message)).await {
             Ok(v) => v,
-            Err(_) => DkimVerdict::default_timed_out(),
+            Err(_) => DkimVerdict::timed_out(),
         };
         let (verdict, detail) = match dkim.passing.iter().find(|d| accepted(d)) {
             Some(d) => (Verdict::Proven(TenantProof::Dkim), format!("d={d}")),
@@ -155,8 +153,8 @@ fn is_or_under(domain: &str, own: &str) -> bool {
 
 /// Exactly one tenant id header, equal to ours (GUIDs compare case-insensitively). A
 /// second copy may have been put there by the sender: it proves nothing.
-pub fn tenant_id_matches(message: &[u8], tenant: &str) -> bool {
-    match headers::values(message, TENANT_ID_HEADER).as_slice() {
+pub fn tenant_id_matches(headers: &headers::Headers<'_>, tenant: &str) -> bool {
+    match headers.values(TENANT_ID_HEADER).as_slice() {
         [one] => one.eq_ignore_ascii_case(tenant.as_bytes()),
         _ => false,
     }
@@ -164,8 +162,8 @@ pub fn tenant_id_matches(message: &[u8], tenant: &str) -> bool {
 
 /// One route header whose value equals the secret, compared in constant time so the
 /// reply's timing says nothing about how much of a guess was right.
-pub fn route_secret_matches(message: &[u8], name: &str, secret: &[u8]) -> bool {
-    match headers::values(message, name).as_slice() {
+pub fn route_secret_matches(headers: &headers::Headers<'_>, name: &str, secret: &[u8]) -> bool {
+    match headers.values(name).as_slice() {
         [one] => bool::from(one.as_slice().ct_eq(secret)),
         _ => false,
     }
@@ -174,6 +172,14 @@ pub fn route_secret_matches(message: &[u8], name: &str, secret: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn tenant_id_matches(m: &[u8], t: &str) -> bool {
+        super::tenant_id_matches(&headers::Headers::parse(m), t)
+    }
+
+    fn route_secret_matches(m: &[u8], name: &str, secret: &[u8]) -> bool {
+        super::route_secret_matches(&headers::Headers::parse(m), name, secret)
+    }
 
     #[test]
     fn tenant_id_needs_exactly_one_matching_header() {
