@@ -99,6 +99,26 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SpoolError {
     move |source| SpoolError::Io { what, source }
 }
 
+/// Fuzzing entry point: recovers a spool whose only segment holds `segment`, then
+/// reads back every message it recovered. Any outcome but a panic is acceptable.
+#[doc(hidden)]
+pub fn fuzz_recover(segment: &[u8]) {
+    let dir = std::env::temp_dir().join(format!("smartrelay-fuzz-spool-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    let log = dir.join("log");
+    if fs::create_dir_all(&log).is_err() || fs::write(log.join(segment_name(1)), segment).is_err() {
+        return;
+    }
+    if let Ok(spool) = FileSpool::open(&dir) {
+        if let Ok(recovered) = spool.recover() {
+            for r in recovered {
+                let _ = spool.load(&r.envelope.id);
+            }
+        }
+    }
+    let _ = fs::remove_dir_all(&dir);
+}
+
 fn segment_name(seq: u64) -> String {
     format!("{seq:016X}.seg")
 }

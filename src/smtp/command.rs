@@ -756,8 +756,11 @@ mod tests {
                     sender: sender.clone(),
                     params: MailParams {
                         size: (next(2) == 0).then(|| next(1 << 40)),
-                        body: [BodyType::SevenBit, BodyType::EightBitMime, BodyType::BinaryMime]
-                            [next(3) as usize],
+                        body: [
+                            BodyType::SevenBit,
+                            BodyType::EightBitMime,
+                            BodyType::BinaryMime,
+                        ][next(3) as usize],
                         smtputf8: !sender.is_ascii() || next(2) == 0,
                         ret: [None, Some(Ret::Full), Some(Ret::Hdrs)][next(3) as usize],
                         envid: (next(2) == 0).then(|| "QQ+2Bx".to_string()),
