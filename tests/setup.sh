@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs, on Debian, what the tests talk to when it is missing: Postfix's smtp-sink
 # and smtp-source (package postfix), swaks, Python's aiosmtpd and prometheus_client,
-# python3-dkim and python3-nacl, sqlite3, openssl, headless Chromium, prlimit and script (util-linux, bsdutils).
+# python3-dkim and python3-nacl, strace, sqlite3, openssl, headless Chromium, prlimit and script (util-linux, bsdutils).
 set -euo pipefail
 
 need=()
@@ -13,6 +13,8 @@ command -v swaks >/dev/null 2>&1 || need+=(swaks libnet-ssleay-perl libio-socket
 [ -x /usr/bin/python3 ] && /usr/bin/python3 -c "import dkim, nacl" 2>/dev/null || need+=(python3-dkim python3-nacl)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v sqlite3 >/dev/null 2>&1 || need+=(sqlite3)
+# The sync-before-ack trace test runs the relay under strace.
+command -v strace >/dev/null 2>&1 || need+=(strace)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v prlimit >/dev/null 2>&1 || need+=(util-linux)
 command -v script >/dev/null 2>&1 || need+=(bsdutils)
