@@ -93,7 +93,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     };
     let dns = HickoryDns::new(&cfg.dns.nameservers, cfg.dns.timeout.0)?;
     let dns_for_dkim = dns.resolver();
-    let spool = Arc::new(FileSpool::open(&cfg.queue.dir)?);
+    let spool_dir = cfg.queue.dir.clone();
+    // Indexing a large spool reads every record head: not on the runtime.
+    let spool = tokio::task::spawn_blocking(move || FileSpool::open(&spool_dir))
+        .await
+        .map_err(|e| SpoolError::Io {
+            what: "spool open".into(),
+            source: std::io::Error::other(e.to_string()),
+        })??;
+    let spool = Arc::new(spool);
     let activity = Arc::new(Activity::open(&cfg.admin.database)?);
     let trusted_store = if cfg.trusted.enabled {
         Some(Arc::new(trusted::Store::open(&cfg.trusted.database)?))
@@ -127,9 +135,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             },
             concurrency: cfg.queue.concurrency,
             hostname: cfg.server.hostname.clone(),
+            memory_budget: cfg.queue.memory_budget,
+            min_free: cfg.queue.min_free,
+            max_size: cfg.queue.max_size,
         },
         bus.clone(),
-    )?;
+    )
+    .await?;
     queue.spawn_gauges();
     let spf = Arc::new(SpfService::new(dns, cfg.dns.spf_timeout.0));
     let router = Arc::new(SpfRouter::new(

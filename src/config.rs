@@ -266,6 +266,13 @@ pub struct QueueConfig {
     pub delay_warning: Option<Dur>,
     /// Deliveries in flight at once across all routes.
     pub concurrency: usize,
+    /// Octets of memory the queue may use: its index and the bodies it keeps from
+    /// ingress until their first attempt; beyond it, bodies are read back from disk.
+    pub memory_budget: u64,
+    /// MAIL gets 452 while the spool's file system has less free space than this.
+    pub min_free: u64,
+    /// MAIL gets 452 while the spool takes more than this on disk (no cap if unset).
+    pub max_size: Option<u64>,
 }
 
 impl Default for QueueConfig {
@@ -280,6 +287,9 @@ impl Default for QueueConfig {
             max_age: Dur(Duration::from_secs(5 * 86_400)),
             delay_warning: None,
             concurrency: 200,
+            memory_budget: 256 << 20,
+            min_free: 1 << 30,
+            max_size: None,
         }
     }
 }
@@ -885,6 +895,9 @@ fn validate_queue(q: &QueueConfig) -> Result<(), (&'static str, String)> {
     }
     if q.concurrency == 0 {
         return Err(("queue.concurrency", "must be at least 1".into()));
+    }
+    if q.max_size == Some(0) {
+        return Err(("queue.max_size", "must be more than zero, or unset".into()));
     }
     Ok(())
 }

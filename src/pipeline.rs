@@ -33,11 +33,42 @@ pub enum IntakeError {
     Unavailable(String),
 }
 
+/// Why the queue takes no new mail for now (sessions answer 452 4.3.1 at MAIL).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Backpressure {
+    /// A spool write failed a moment ago.
+    WriteFailed = 1,
+    /// The spool's file system has less free space than `queue.min_free`.
+    MinFree = 2,
+    /// The spool takes more than `queue.max_size`.
+    MaxSize = 3,
+}
+
+impl Backpressure {
+    pub fn label(self) -> &'static str {
+        match self {
+            Backpressure::WriteFailed => "write_failed",
+            Backpressure::MinFree => "min_free",
+            Backpressure::MaxSize => "max_size",
+        }
+    }
+
+    pub fn from_code(code: u8) -> Option<Backpressure> {
+        match code {
+            1 => Some(Backpressure::WriteFailed),
+            2 => Some(Backpressure::MinFree),
+            3 => Some(Backpressure::MaxSize),
+            _ => None,
+        }
+    }
+}
+
 /// smtp → queue: make a message durable. `Ok` means it is on disk, fsynced.
 pub trait Intake: Send + Sync + 'static {
     fn submit(&self, msg: Submission) -> impl Future<Output = Result<(), IntakeError>> + Send;
-    /// False while the spool cannot take mail; sessions answer 4xx at MAIL.
-    fn healthy(&self) -> bool;
+    /// Whether the queue takes new mail now; sessions answer 452 at MAIL when not.
+    fn admission(&self) -> Result<(), Backpressure>;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

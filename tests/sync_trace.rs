@@ -35,9 +35,12 @@ fn parse(trace: &str) -> Vec<Call> {
     let mut pending: HashMap<String, String> = HashMap::new();
     let mut out = Vec::new();
     for line in trace.lines() {
-        let mut parts = line.splitn(3, ' ');
-        let (Some(pid), Some(_time), Some(rest)) = (parts.next(), parts.next(), parts.next())
-        else {
+        // strace pads the PID column ("9703  01:12:01.83 ..."), so split on runs of
+        // spaces, not on single ones.
+        let Some((pid, rest)) = line.trim_start().split_once(' ') else {
+            continue;
+        };
+        let Some((_time, rest)) = rest.trim_start().split_once(' ') else {
             continue;
         };
         let call = if let Some(head) = rest.strip_suffix(" <unfinished ...>") {

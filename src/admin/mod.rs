@@ -180,6 +180,12 @@ async fn readyz(State(st): State<Shared>) -> Response {
     if let Err(e) = st.queue.writable().await {
         failing.push(format!("queue: {e}"));
     }
+    let q = st.queue.clone();
+    if let Ok(report) = tokio::task::spawn_blocking(move || q.check_space()).await {
+        if report.refusing.is_some() {
+            failing.push(format!("queue: {report}"));
+        }
+    }
     if let Err(e) = st.activity.sources().await {
         failing.push(format!("state database: {e}"));
     }

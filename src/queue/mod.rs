@@ -9,34 +9,47 @@ pub mod retry;
 pub mod scheduler;
 pub mod spool;
 
+pub mod space;
+
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use serde::Serialize;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{mpsc, Notify, Semaphore};
 
 use crate::envelope::{now_ms, DeliveryState, Envelope, Millis, QueueId, RcptState, Reply};
 use crate::events::EventBus;
-use crate::pipeline::{Intake, IntakeError, Submission};
+use crate::pipeline::{Backpressure, Intake, IntakeError, Submission};
 use retry::RetryPolicy;
-use spool::{Spool, SpoolError};
+use spool::{Recovered, Spool, SpoolError};
 
 /// How long ingress answers 4xx after a failed write before trying the disk again.
 const UNHEALTHY_FOR_MS: Millis = 5_000;
+/// What one queued message's index entry costs (envelope, state, map and timer
+/// slots), on the high side; counted against `memory_budget`.
+const ENTRY_BYTES: u64 = 1024;
+/// Recovered messages in flight from the spool scan to the index.
+const RECOVERY_CHANNEL: usize = 1024;
 
 pub struct QueueSettings {
     pub retry: RetryPolicy,
     pub concurrency: usize,
     /// Our host name, for DSNs.
     pub hostname: String,
+    /// Half of it is for the index and cached bodies; the other half is left to
+    /// sessions, the commit batch and deliveries in flight.
+    pub memory_budget: u64,
+    pub min_free: u64,
+    pub max_size: Option<u64>,
 }
 
 struct Entry {
     envelope: Arc<Envelope>,
     state: DeliveryState,
-    /// Kept from ingress until the first attempt, so a fresh message is not read back.
+    /// Kept from ingress until the first attempt while the memory budget allows, so
+    /// a fresh message is not read back.
     data: Option<Bytes>,
     in_flight: bool,
 }
@@ -46,11 +59,39 @@ struct Index {
     entries: HashMap<QueueId, Entry>,
     /// (next attempt, id); stale pairs are skipped when popped.
     timers: BTreeSet<(Millis, QueueId)>,
+    /// Octets of the bodies kept in `entries`.
+    cached: u64,
 }
 
 impl Index {
     fn schedule(&mut self, id: &QueueId, at: Millis) {
         self.timers.insert((at, id.clone()));
+    }
+
+    /// Whether a body of `len` octets may be kept in memory: the index and the
+    /// cached bodies share half of the budget.
+    fn may_cache(&self, len: u64, budget: u64) -> bool {
+        let index = self.entries.len() as u64 * ENTRY_BYTES;
+        index + self.cached + len <= budget / 2
+    }
+
+    fn insert(&mut self, id: QueueId, entry: Entry) {
+        self.cached += entry.data.as_ref().map_or(0, |d| d.len() as u64);
+        if let Some(old) = self.entries.insert(id, entry) {
+            self.cached -= old.data.map_or(0, |d| d.len() as u64);
+        }
+    }
+
+    fn remove(&mut self, id: &QueueId) -> Option<Entry> {
+        let e = self.entries.remove(id)?;
+        self.cached -= e.data.as_ref().map_or(0, |d| d.len() as u64);
+        Some(e)
+    }
+
+    fn take_data(&mut self, id: &QueueId) -> Option<Bytes> {
+        let data = self.entries.get_mut(id)?.data.take()?;
+        self.cached -= data.len() as u64;
+        Some(data)
     }
 }
 
@@ -62,7 +103,11 @@ pub struct Queue<S: Spool> {
     events: EventBus,
     slots: Arc<Semaphore>,
     unhealthy_until: AtomicU64,
+    /// A `Backpressure` from the last space check, or `SPACE_OK`.
+    space: AtomicU8,
 }
+
+const SPACE_OK: u8 = 0;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -104,53 +149,68 @@ pub struct RecipientView {
 }
 
 impl<S: Spool> Queue<S> {
-    /// Opens the queue over a spool and loads everything it holds.
-    pub fn recover(
+    /// Opens the queue over a spool and loads everything it holds. The spool is
+    /// read on a blocking thread and handed over through a bounded channel, so the
+    /// runtime keeps serving while a large queue loads.
+    pub async fn recover(
         spool: Arc<S>,
         settings: QueueSettings,
         events: EventBus,
     ) -> Result<Arc<Queue<S>>, SpoolError> {
-        let recovered = spool.recover()?;
-        let now = now_ms();
-        let mut index = Index::default();
-        for r in recovered {
-            // A message never attempted goes now; a deferred one keeps its schedule (a
-            // greylisting upstream would refuse an early retry).
-            let state = r
-                .state
-                .clone()
-                .unwrap_or_else(|| DeliveryState::new(r.envelope.recipients.len(), now));
-            let id = r.envelope.id.clone();
-            index.schedule(&id, state.next_attempt);
-            index.entries.insert(
-                id,
-                Entry {
-                    envelope: Arc::new(r.envelope),
-                    state,
-                    data: None,
-                    in_flight: false,
-                },
-            );
-        }
-        if !index.entries.is_empty() {
-            tracing::info!(messages = index.entries.len(), "recovered queued messages");
-        }
         let slots = Arc::new(Semaphore::new(settings.concurrency));
         let queue = Arc::new(Queue {
-            spool,
-            index: Mutex::new(index),
+            spool: spool.clone(),
+            index: Mutex::new(Index::default()),
             wake: Notify::new(),
             settings,
             events,
             slots,
             unhealthy_until: AtomicU64::new(0),
+            space: AtomicU8::new(SPACE_OK),
         });
+        let (tx, mut rx) = mpsc::channel::<Recovered>(RECOVERY_CHANNEL);
+        let reader = tokio::task::spawn_blocking(move || {
+            spool.recover(&mut |r| tx.blocking_send(r).is_ok())
+        });
+        let mut n = 0usize;
+        while let Some(r) = rx.recv().await {
+            queue.insert_recovered(r);
+            n += 1;
+        }
+        reader.await.map_err(|e| SpoolError::Io {
+            what: "spool recovery".into(),
+            source: std::io::Error::other(e.to_string()),
+        })??;
+        if n > 0 {
+            tracing::info!(messages = n, "recovered queued messages");
+        }
         queue.update_gauges();
+        queue.check_space();
         Ok(queue)
     }
 
-    /// Refreshes the queue gauges every second: one pass over the index per tick, not
-    /// per message.
+    fn insert_recovered(&self, r: Recovered) {
+        // A message never attempted goes in arrival order; a deferred one keeps its
+        // schedule (a greylisting upstream would refuse an early retry).
+        let state = r.state.unwrap_or_else(|| {
+            DeliveryState::new(r.envelope.recipients.len(), r.envelope.received_at)
+        });
+        let id = r.envelope.id.clone();
+        let mut idx = self.lock();
+        idx.schedule(&id, state.next_attempt);
+        idx.insert(
+            id,
+            Entry {
+                envelope: Arc::new(r.envelope),
+                state,
+                data: None,
+                in_flight: false,
+            },
+        );
+    }
+
+    /// Refreshes the queue gauges and the free-space check every second: one pass
+    /// over the index per tick, not per message.
     pub fn spawn_gauges(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
@@ -158,11 +218,37 @@ impl<S: Spool> Queue<S> {
             loop {
                 tick.tick().await;
                 match weak.upgrade() {
-                    Some(q) => q.update_gauges(),
+                    Some(q) => {
+                        q.update_gauges();
+                        let q2 = q.clone();
+                        let _ = tokio::task::spawn_blocking(move || q2.check_space()).await;
+                    }
                     None => return,
                 }
             }
         });
+    }
+
+    /// Measures the spool against `min_free` and `max_size`; ingress refuses MAIL
+    /// until there is room again.
+    pub fn check_space(&self) -> space::SpaceReport {
+        let report = space::SpaceReport::measure(
+            self.spool.dir(),
+            self.spool.size(),
+            self.settings.min_free,
+            self.settings.max_size,
+        );
+        let was = self.space.swap(
+            report.refusing.map_or(SPACE_OK, |b| b as u8),
+            Ordering::Relaxed,
+        );
+        report.publish();
+        if was == SPACE_OK && report.refusing.is_some() {
+            tracing::warn!(%report, "spool short of room: MAIL refused with 452 until there is room");
+        } else if was != SPACE_OK && report.refusing.is_none() {
+            tracing::info!(%report, "spool has room again: accepting mail");
+        }
+        report
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
@@ -186,12 +272,16 @@ impl<S: Spool> Queue<S> {
             let id = env.id.clone();
             idx.schedule(&id, now);
             let rcpts = env.recipients.len();
-            idx.entries.insert(
+            let keep = idx.may_cache(data.len() as u64, self.settings.memory_budget);
+            if !keep {
+                metrics::counter!("smartrelay_queue_bodies_not_cached_total").increment(1);
+            }
+            idx.insert(
                 id,
                 Entry {
                     envelope: env,
                     state: DeliveryState::new(rcpts, now),
-                    data: Some(data),
+                    data: keep.then_some(data),
                     in_flight: false,
                 },
             );
@@ -271,7 +361,7 @@ impl<S: Spool> Queue<S> {
 
     /// Deletes a message without delivering it and without a DSN (an operator's call).
     pub async fn remove(&self, id: &QueueId) -> Result<(), QueueError> {
-        if self.lock().entries.remove(id).is_none() {
+        if self.lock().remove(id).is_none() {
             return Err(QueueError::NotFound(id.to_string()));
         }
         self.spool.remove(id)?;
@@ -313,6 +403,7 @@ impl<S: Spool> Queue<S> {
             oldest = oldest.min(e.envelope.received_at);
         }
         metrics::gauge!("smartrelay_queue_messages").set(idx.entries.len() as f64);
+        metrics::gauge!("smartrelay_queue_cached_bytes").set(idx.cached as f64);
         metrics::gauge!("smartrelay_queue_recipients").set(rcpts as f64);
         metrics::gauge!("smartrelay_queue_oldest_age_seconds")
             .set(now.saturating_sub(oldest) as f64 / 1000.0);
@@ -360,7 +451,13 @@ impl<S: Spool> Intake for Queue<S> {
             .map_err(|e| IntakeError::Unavailable(e.to_string()))
     }
 
-    fn healthy(&self) -> bool {
-        now_ms() >= self.unhealthy_until.load(Ordering::Relaxed)
+    fn admission(&self) -> Result<(), Backpressure> {
+        if now_ms() < self.unhealthy_until.load(Ordering::Relaxed) {
+            return Err(Backpressure::WriteFailed);
+        }
+        match Backpressure::from_code(self.space.load(Ordering::Relaxed)) {
+            Some(b) => Err(b),
+            None => Ok(()),
+        }
     }
 }

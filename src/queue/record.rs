@@ -99,26 +99,73 @@ pub struct Record<'a> {
     pub payload: &'a [u8],
 }
 
-/// Decodes the record at the start of `buf`, with its total length.
-pub fn decode(buf: &[u8]) -> Option<(Record<'_>, usize)> {
+/// A record's fixed head, read without its ID and payload, so start-up can skip a
+/// message's data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    pub kind: Kind,
+    pub id_len: usize,
+    pub payload_len: usize,
+    crc: u32,
+}
+
+impl Head {
+    /// Octets of the whole record, head included.
+    pub fn total(&self) -> Option<usize> {
+        HEAD_LEN
+            .checked_add(self.id_len)?
+            .checked_add(self.payload_len)
+    }
+
+    /// Whether `body` (the ID and payload that follow the head in `raw`) matches the
+    /// checksum; `raw` is the whole record.
+    pub fn verify(&self, raw: &[u8]) -> bool {
+        let (Some(fields), Some(total)) = (raw.get(4..10), self.total()) else {
+            return false;
+        };
+        let Some(body) = raw.get(HEAD_LEN..total) else {
+            return false;
+        };
+        let mut h = crc32fast::Hasher::new();
+        h.update(fields);
+        h.update(body);
+        h.finalize() == self.crc
+    }
+}
+
+/// The head at the start of `buf`, when its magic and kind are right (the checksum
+/// is not checked: it covers the payload too).
+pub fn parse_head(buf: &[u8]) -> Option<Head> {
     let head = buf.get(..HEAD_LEN)?;
     if &head[..4] != MAGIC {
         return None;
     }
-    let kind = Kind::from_byte(head[4])?;
-    let id_len = usize::from(head[5]);
-    let len = usize::try_from(u32::from_be_bytes([head[6], head[7], head[8], head[9]])).ok()?;
-    let crc = u32::from_be_bytes([head[10], head[11], head[12], head[13]]);
-    let total = HEAD_LEN.checked_add(id_len)?.checked_add(len)?;
-    let body = buf.get(HEAD_LEN..total)?;
-    let mut h = crc32fast::Hasher::new();
-    h.update(&head[4..10]);
-    h.update(body);
-    if h.finalize() != crc {
+    Some(Head {
+        kind: Kind::from_byte(head[4])?,
+        id_len: usize::from(head[5]),
+        payload_len: usize::try_from(u32::from_be_bytes([head[6], head[7], head[8], head[9]]))
+            .ok()?,
+        crc: u32::from_be_bytes([head[10], head[11], head[12], head[13]]),
+    })
+}
+
+/// Decodes the record at the start of `buf`, with its total length.
+pub fn decode(buf: &[u8]) -> Option<(Record<'_>, usize)> {
+    let head = parse_head(buf)?;
+    let total = head.total()?;
+    let raw = buf.get(..total)?;
+    if !head.verify(raw) {
         return None;
     }
-    let (id, payload) = body.split_at(id_len);
-    Some((Record { kind, id, payload }, total))
+    let (id, payload) = raw.get(HEAD_LEN..)?.split_at(head.id_len);
+    Some((
+        Record {
+            kind: head.kind,
+            id,
+            payload,
+        },
+        total,
+    ))
 }
 
 /// One step of a scan through a segment.

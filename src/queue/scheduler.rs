@@ -73,9 +73,10 @@ impl<S: Spool> Queue<S> {
     async fn attempt<R: Router, C: Courier>(&self, id: &QueueId, router: &R, courier: &C) {
         let Some((env, cached, mut state)) = ({
             let mut idx = self.lock();
+            let cached = idx.take_data(id);
             idx.entries
-                .get_mut(id)
-                .map(|e| (e.envelope.clone(), e.data.take(), e.state.clone()))
+                .get(id)
+                .map(|e| (e.envelope.clone(), cached, e.state.clone()))
         }) else {
             return;
         };
@@ -85,8 +86,10 @@ impl<S: Spool> Queue<S> {
                 Ok(d) => d,
                 Err(e) => {
                     tracing::error!(queue_id = %id, error = %e, "cannot read queued message");
-                    if matches!(e, SpoolError::NotFound(_)) {
-                        self.lock().entries.remove(id);
+                    // A corrupt record has been set aside by the spool: it can never
+                    // be delivered as received.
+                    if matches!(e, SpoolError::NotFound(_) | SpoolError::Corrupt { .. }) {
+                        self.lock().remove(id);
                     } else {
                         self.reschedule(id, state, now_ms() + 60_000);
                     }
@@ -289,7 +292,7 @@ impl<S: Spool> Queue<S> {
     }
 
     async fn finish(&self, id: &QueueId) {
-        self.lock().entries.remove(id);
+        self.lock().remove(id);
         if let Err(e) = self.spool.remove(id) {
             tracing::error!(queue_id = %id, error = %e, "cannot remove a finished message; it may be delivered again");
         }

@@ -3,6 +3,7 @@
 //! I/O and are run on the blocking pool; a removal does not wait.
 
 use std::future::Future;
+use std::path::Path;
 
 use bytes::Bytes;
 
@@ -52,9 +53,15 @@ pub trait Spool: Send + Sync + 'static {
     /// Removes a message without waiting for the disk: after a crash it may come back
     /// (at least once), never the other way round.
     fn remove(&self, id: &QueueId) -> Result<(), SpoolError>;
-    /// Every complete message, for delivery after a restart. Incomplete writes are
-    /// purged; unreadable entries are moved aside, never delivered and never fatal.
-    fn recover(&self) -> Result<Vec<Recovered>, SpoolError>;
+    /// Hands every complete message to `found`, oldest first, for delivery after a
+    /// restart, until it returns false. Incomplete writes are purged; unreadable
+    /// entries are moved aside, never delivered and never fatal. Blocks: run it off
+    /// the async runtime.
+    fn recover(&self, found: &mut dyn FnMut(Recovered) -> bool) -> Result<(), SpoolError>;
     /// Whether the spool can take new mail (a probe write succeeds).
     fn probe(&self) -> Result<(), SpoolError>;
+    /// Octets the spool takes on disk.
+    fn size(&self) -> u64;
+    /// Where the spool is, for the free-space check of its file system.
+    fn dir(&self) -> &Path;
 }

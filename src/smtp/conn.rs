@@ -336,8 +336,15 @@ where
             Line::TooLong => session.line_too_long(),
             Line::Complete(a, b) => {
                 let verb = verb_label(&conn.buf[a..b]);
-                let action = session.command(&conn.buf[a..b], shared.intake.healthy());
+                let admission = shared.intake.admission();
+                let action = session.command(&conn.buf[a..b], admission.is_ok());
                 count_refusal(verb, &action);
+                if let (Err(why), Action::Reply(r)) = (admission, &action) {
+                    if r.code == 452 {
+                        metrics::counter!("smartrelay_queue_refusals_total", "reason" => why.label())
+                            .increment(1);
+                    }
+                }
                 action
             }
         };
