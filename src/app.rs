@@ -93,14 +93,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     };
     let dns = HickoryDns::new(&cfg.dns.nameservers, cfg.dns.timeout.0)?;
     let dns_for_dkim = dns.resolver();
-    let spool_dir = cfg.queue.dir.clone();
+    let (spool_dir, segment_size) = (cfg.queue.dir.clone(), cfg.queue.segment_size);
     // Indexing a large spool reads every record head: not on the runtime.
-    let spool = tokio::task::spawn_blocking(move || FileSpool::open(&spool_dir))
-        .await
-        .map_err(|e| SpoolError::Io {
-            what: "spool open".into(),
-            source: std::io::Error::other(e.to_string()),
-        })??;
+    let spool =
+        tokio::task::spawn_blocking(move || FileSpool::open_sized(&spool_dir, segment_size))
+            .await
+            .map_err(|e| SpoolError::Io {
+                what: "spool open".into(),
+                source: std::io::Error::other(e.to_string()),
+            })??;
     let spool = Arc::new(spool);
     let activity = Arc::new(Activity::open(&cfg.admin.database)?);
     let trusted_store = if cfg.trusted.enabled {

@@ -273,6 +273,8 @@ pub struct QueueConfig {
     pub min_free: u64,
     /// MAIL gets 452 while the spool takes more than this on disk (no cap if unset).
     pub max_size: Option<u64>,
+    /// Octets after which a spool segment is closed and a new one begun.
+    pub segment_size: u64,
 }
 
 impl Default for QueueConfig {
@@ -290,6 +292,7 @@ impl Default for QueueConfig {
             memory_budget: 256 << 20,
             min_free: 1 << 30,
             max_size: None,
+            segment_size: 64 << 20,
         }
     }
 }
@@ -895,6 +898,12 @@ fn validate_queue(q: &QueueConfig) -> Result<(), (&'static str, String)> {
     }
     if q.concurrency == 0 {
         return Err(("queue.concurrency", "must be at least 1".into()));
+    }
+    if !(64 << 10..=1 << 30).contains(&q.segment_size) {
+        return Err((
+            "queue.segment_size",
+            "must be from 65536 to 1073741824".into(),
+        ));
     }
     if q.max_size == Some(0) {
         return Err(("queue.max_size", "must be more than zero, or unset".into()));

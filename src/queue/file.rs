@@ -56,8 +56,11 @@ use super::record::{self, Kind, Record, Scanned};
 use super::spool::{Recovered, Spool, SpoolError};
 use crate::envelope::{DeliveryState, Envelope, QueueId};
 
-/// A segment is closed once it reaches this size.
+/// A segment is closed once it reaches this size (`queue.segment_size`).
 const SEGMENT_BYTES: u64 = 64 << 20;
+/// An open segment with nothing queued in it is closed (and so deleted) once it is
+/// this large, so a drained queue gives its disk space back.
+const CLOSE_EMPTY_BYTES: u64 = 1 << 20;
 /// Most writes one commit takes; more wait for the next.
 const MAX_BATCH: usize = 256;
 /// Octets after which a batch takes no more writes (a single larger one still goes).
@@ -280,7 +283,12 @@ impl Faults {
 impl FileSpool {
     /// Opens (or creates) the spool and indexes every record in it.
     pub fn open(dir: &Path) -> Result<FileSpool, SpoolError> {
-        FileSpool::open_with(dir, SEGMENT_BYTES, Arc::default())
+        FileSpool::open_sized(dir, SEGMENT_BYTES)
+    }
+
+    /// As `open`, closing segments at `segment_bytes` (`queue.segment_size`).
+    pub fn open_sized(dir: &Path, segment_bytes: u64) -> Result<FileSpool, SpoolError> {
+        FileSpool::open_with(dir, segment_bytes, Arc::default())
     }
 
     fn open_with(
@@ -1058,6 +1066,14 @@ impl Committer {
             return;
         }
         let mut index = lock_index(&self.index);
+        let emptied = self.current.as_ref().is_some_and(|c| {
+            c.len >= CLOSE_EMPTY_BYTES.min(self.segment_bytes / 4)
+                && index.segments.get(&c.seq).is_some_and(|s| s.live == 0)
+        });
+        if emptied {
+            self.current = None;
+            index.current = None;
+        }
         while let Some((&seq, seg)) = index.segments.first_key_value() {
             if seg.live > 0 || Some(seq) == index.current {
                 break;
