@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::deliver::connection::ClientSettings;
 use crate::deliver::pool::PoolSettings;
 use crate::deliver::Deliverer;
-use crate::events::EventBus;
+use crate::events::{EventBus, EventKind};
 use crate::queue::file::FileSpool;
 use crate::queue::retry::RetryPolicy;
 use crate::queue::spool::SpoolError;
@@ -29,11 +29,13 @@ use crate::smtp::session::SessionConfig;
 use crate::smtp::tls::{acceptor, TlsError};
 use crate::spf::dns::{HickoryDns, ResolverError};
 use crate::spf::SpfService;
+use crate::tasks::{CancellationToken, Tasks};
 use crate::tenant::dkim::DkimVerifier;
 use crate::tenant::sources::{Resolved, SharedSources};
 use crate::tenant::TenantBinder;
 use crate::trusted::store::StoreError;
 use crate::trusted::{self, TrustPolicy};
+use tokio_util::task::TaskTracker;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -84,8 +86,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     for w in cfg.warnings() {
         tracing::warn!("configuration: {w}");
     }
+    // Periodic work (gauges, pruning, reaping); stopped last, after the recorders.
+    let tasks = Tasks::new();
     let metrics = admin::metrics::install();
-    admin::metrics::spawn_upkeep(metrics.clone());
+    admin::metrics::spawn_upkeep(&tasks, metrics.clone());
 
     let tls = match &cfg.tls {
         Some(t) => Some(acceptor(&t.cert, &t.key)?),
@@ -123,8 +127,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     };
 
     let mut bus = EventBus::new();
-    let activity_rx = bus.subscribe(65_536, false);
-    let trusted_rx = trusted_store.as_ref().map(|_| bus.subscribe(8192, true));
+    let activity_rx = bus.subscribe(65_536, false, EventKind::ALL);
+    // The trusted list learns from deliveries only, so an accepted message's 250
+    // never waits on it.
+    let trusted_rx = trusted_store
+        .as_ref()
+        .map(|_| bus.subscribe(8192, true, &[EventKind::Delivery]));
 
     let queue = Queue::recover(
         spool,
@@ -143,7 +151,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         bus.clone(),
     )
     .await?;
-    queue.spawn_gauges();
+    queue.spawn_gauges(&tasks);
     let spf = Arc::new(SpfService::new(dns, cfg.dns.spf_timeout.0));
     let router = Arc::new(SpfRouter::new(
         &cfg.routing,
@@ -151,12 +159,14 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         spf.clone(),
     ));
     let d = &cfg.delivery;
+    let cut = CancellationToken::new();
     let deliverer = Arc::new(Deliverer::new(
         ClientSettings {
             helo_name: cfg.helo_name().to_string(),
             connect_timeout: d.connect_timeout.0,
             command_timeout: d.command_timeout.0,
             data_timeout: d.data_timeout.0,
+            cut: cut.clone(),
         },
         PoolSettings {
             max_per_host: d.max_connections_per_host,
@@ -166,13 +176,16 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             backoff: d.host_backoff.0,
         },
     ));
-    deliverer.spawn_reaper(d.idle_timeout.0 / 2);
+    deliverer.spawn_reaper(&tasks, d.idle_timeout.0 / 2);
 
+    // The recorders and the shared-range refresher stop on `stop_tx`, after the queue.
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (attempts, scheduling) = (TaskTracker::new(), CancellationToken::new());
     let scheduler = tokio::spawn(queue.clone().run(
         router.clone(),
         deliverer.clone(),
-        stop_rx.clone(),
+        attempts.clone(),
+        scheduling.clone(),
     ));
     let activity_task = tokio::spawn(activity.clone().record(activity_rx, stop_rx.clone()));
     let trusted_task = match (&trusted_store, trusted_rx) {
@@ -186,6 +199,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
                 &cfg.trusted.exclude_recipient_domains,
             );
             spawn_pruner(
+                &tasks,
                 store.clone(),
                 cfg.trusted.retention.0,
                 cfg.trusted.prune_interval.0,
@@ -274,7 +288,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         smtp_addrs,
     });
     state.listening.store(true, Ordering::Relaxed);
-    admin::onboarding::spawn_gauge_refresh(state.clone(), Duration::from_secs(900));
+    admin::onboarding::spawn_gauge_refresh(&tasks, state.clone(), Duration::from_secs(900));
+    spawn_activity_pruner(&tasks, activity.clone(), cfg.admin.retention.0);
     let (admin_stop_tx, mut admin_stop_rx) = watch::channel(false);
     let admin_task = admin_listener.map(|l| {
         if let Ok(addr) = l.local_addr() {
@@ -305,9 +320,19 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         gate.wait_idle(Instant::now() + Duration::from_secs(2))
             .await;
     }
-    let _ = stop_tx.send(true);
+    // Deliveries: no new attempts; those in flight finish (or are cut before their
+    // data) and record their results before the spool's last sync.
+    scheduling.cancel();
     let _ = scheduler.await;
+    let left = queue
+        .wind_down(&attempts, cfg.server.shutdown_timeout.0, &cut)
+        .await;
+    if left == 0 {
+        tracing::info!("deliveries finished");
+    }
     queue.close().await;
+    // The recorders flush what they hold, then the periodic tasks stop.
+    let _ = stop_tx.send(true);
     if let Some(t) = trusted_task {
         let _ = t.await;
     }
@@ -317,16 +342,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     if let Some(t) = admin_task {
         let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
     }
+    tasks.shutdown().await;
     tracing::info!("stopped");
     Ok(())
 }
 
-fn spawn_pruner(store: Arc<trusted::Store>, retention: Duration, every: Duration) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every.max(Duration::from_secs(1)));
-        loop {
-            tick.tick().await;
-            let s = store.clone();
+fn spawn_pruner(tasks: &Tasks, store: Arc<trusted::Store>, retention: Duration, every: Duration) {
+    tasks.every(every.max(Duration::from_secs(1)), move || {
+        let s = store.clone();
+        async move {
             let result = tokio::task::spawn_blocking(move || {
                 let removed = s.prune(retention, crate::envelope::now_ms())?;
                 Ok::<_, StoreError>((removed, s.count()?))
@@ -341,6 +365,23 @@ fn spawn_pruner(store: Arc<trusted::Store>, retention: Duration, every: Duration
                 }
                 Ok(Err(e)) => tracing::warn!(error = %e, "trusted-sender pruning failed"),
                 Err(e) => tracing::warn!(error = %e, "trusted-sender pruning failed"),
+            }
+        }
+    });
+}
+
+/// `admin.retention` for the state database: flow counters and sources older than
+/// it are dropped hourly (and once at start).
+fn spawn_activity_pruner(tasks: &Tasks, activity: Arc<Activity>, retention: Duration) {
+    tasks.every(Duration::from_secs(3600), move || {
+        let a = activity.clone();
+        async move {
+            match a.prune(retention, crate::envelope::now_ms()).await {
+                Ok(0) => {}
+                Ok(removed) => {
+                    tracing::info!(removed, "state database rows past admin.retention pruned")
+                }
+                Err(e) => tracing::warn!(error = %e, "state database pruning failed"),
             }
         }
     });

@@ -443,6 +443,8 @@ pub struct AdminConfig {
     pub token: Option<String>,
     /// Relay state: observed sources, flow counters, onboarding confirmations.
     pub database: PathBuf,
+    /// Flow counters and sources older than this are pruned from `database`.
+    pub retention: Dur,
 }
 
 impl Default for AdminConfig {
@@ -451,6 +453,7 @@ impl Default for AdminConfig {
             listen: Some("127.0.0.1:8025".parse().expect("literal address")),
             token: None,
             database: "var/state.sqlite3".into(),
+            retention: Dur(Duration::from_secs(30 * 86_400)),
         }
     }
 }

@@ -153,7 +153,40 @@ pub enum Event {
     },
 }
 
-/// Fan-out to a fixed set of subscribers, each with its own bounded queue.
+/// What an event is about, for subscribing to some kinds only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Connection,
+    Accepted,
+    Routed,
+    Delivery,
+    TenantCheck,
+}
+
+impl EventKind {
+    pub const ALL: &'static [EventKind] = &[
+        EventKind::Connection,
+        EventKind::Accepted,
+        EventKind::Routed,
+        EventKind::Delivery,
+        EventKind::TenantCheck,
+    ];
+}
+
+impl Event {
+    pub fn kind(&self) -> EventKind {
+        match self {
+            Event::Connection { .. } => EventKind::Connection,
+            Event::Accepted { .. } => EventKind::Accepted,
+            Event::Routed { .. } => EventKind::Routed,
+            Event::Delivery(_) => EventKind::Delivery,
+            Event::TenantCheck { .. } => EventKind::TenantCheck,
+        }
+    }
+}
+
+/// Fan-out to a fixed set of subscribers, each with its own bounded queue and the
+/// kinds of event it takes.
 #[derive(Clone, Default)]
 pub struct EventBus {
     subscribers: Vec<Subscriber>,
@@ -162,9 +195,11 @@ pub struct EventBus {
 #[derive(Clone)]
 struct Subscriber {
     tx: mpsc::Sender<Arc<Event>>,
-    /// A lossless subscriber slows publishers down when it falls behind instead of
-    /// missing events (the trusted list must see every delivery).
+    /// A lossless subscriber slows publishers of its kinds down when it falls behind
+    /// instead of missing events (the trusted list must see every delivery); so the
+    /// kinds it takes are kept to what it needs, and ingress never waits on it.
     lossless: bool,
+    kinds: &'static [EventKind],
 }
 
 impl EventBus {
@@ -172,10 +207,26 @@ impl EventBus {
         EventBus::default()
     }
 
-    pub fn subscribe(&mut self, capacity: usize, lossless: bool) -> mpsc::Receiver<Arc<Event>> {
+    pub fn subscribe(
+        &mut self,
+        capacity: usize,
+        lossless: bool,
+        kinds: &'static [EventKind],
+    ) -> mpsc::Receiver<Arc<Event>> {
         let (tx, rx) = mpsc::channel(capacity);
-        self.subscribers.push(Subscriber { tx, lossless });
+        self.subscribers.push(Subscriber {
+            tx,
+            lossless,
+            kinds,
+        });
         rx
+    }
+
+    /// Whether anyone waits on events of this kind when it falls behind.
+    pub fn blocks_on(&self, kind: EventKind) -> bool {
+        self.subscribers
+            .iter()
+            .any(|s| s.lossless && s.kinds.contains(&kind))
     }
 
     /// Publishes without ever waiting: for high-volume events (connections) that must
@@ -185,8 +236,9 @@ impl EventBus {
         if self.subscribers.is_empty() {
             return;
         }
+        let kind = event.kind();
         let event = Arc::new(event);
-        for s in &self.subscribers {
+        for s in self.subscribers.iter().filter(|s| s.kinds.contains(&kind)) {
             if let Err(mpsc::error::TrySendError::Full(_)) = s.tx.try_send(event.clone()) {
                 metrics::counter!("smartrelay_events_dropped_total").increment(1);
             }
@@ -197,8 +249,9 @@ impl EventBus {
         if self.subscribers.is_empty() {
             return;
         }
+        let kind = event.kind();
         let event = Arc::new(event);
-        for s in &self.subscribers {
+        for s in self.subscribers.iter().filter(|s| s.kinds.contains(&kind)) {
             match s.tx.try_send(event.clone()) {
                 Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
                 Err(mpsc::error::TrySendError::Full(ev)) => {
@@ -255,8 +308,8 @@ mod tests {
     #[tokio::test]
     async fn lossless_subscriber_sees_everything_lossy_may_not() {
         let mut bus = EventBus::new();
-        let mut lossless = bus.subscribe(1, true);
-        let mut lossy = bus.subscribe(1, false);
+        let mut lossless = bus.subscribe(1, true, EventKind::ALL);
+        let mut lossy = bus.subscribe(1, false, EventKind::ALL);
         let reader = tokio::spawn(async move {
             let mut n = 0;
             while lossless.recv().await.is_some() {
@@ -279,6 +332,52 @@ mod tests {
             m += 1;
         }
         assert_eq!(m, 1);
+    }
+
+    /// A lossless subscriber of deliveries never holds up an accepted message: its
+    /// queue is full, and publishing an accept still returns at once.
+    #[tokio::test]
+    async fn subscribers_get_only_their_kinds() {
+        let mut bus = EventBus::new();
+        let mut deliveries = bus.subscribe(1, true, &[EventKind::Delivery]);
+        let mut all = bus.subscribe(16, false, EventKind::ALL);
+        assert!(bus.blocks_on(EventKind::Delivery));
+        assert!(!bus.blocks_on(EventKind::Accepted));
+        let delivery = || {
+            Event::Delivery(DeliveryReport {
+                id: QueueId::generate(),
+                sender: String::new(),
+                flags: ContentFlags::default(),
+                generated_dsn: false,
+                route: String::new(),
+                host: String::new(),
+                at: 0,
+                results: Vec::new(),
+            })
+        };
+        bus.publish(delivery()).await;
+        let accepted = Event::Connection {
+            ip: "127.0.0.1".parse().unwrap(),
+            at: 0,
+            refused: None,
+        };
+        // `deliveries` is full; this would wait forever if it were offered to it.
+        tokio::time::timeout(std::time::Duration::from_secs(5), bus.publish(accepted))
+            .await
+            .expect("publishing a kind nobody lossless takes never waits");
+        assert_eq!(
+            deliveries.recv().await.map(|e| e.kind()),
+            Some(EventKind::Delivery)
+        );
+        assert!(deliveries.try_recv().is_err());
+        assert_eq!(
+            all.recv().await.map(|e| e.kind()),
+            Some(EventKind::Delivery)
+        );
+        assert_eq!(
+            all.recv().await.map(|e| e.kind()),
+            Some(EventKind::Connection)
+        );
     }
 
     #[tokio::test]

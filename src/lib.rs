@@ -14,6 +14,7 @@ pub mod envelope;
 pub mod events;
 pub mod pipeline;
 pub mod regions;
+pub mod tasks;
 
 pub mod deliver;
 pub mod queue;

@@ -251,11 +251,25 @@ impl Activity {
         self.meta(TENANT_REFUSAL_KEY).await
     }
 
-    /// Hourly buckets older than this are dropped (the summary never looks that far).
-    pub async fn prune(self: &Arc<Self>, keep: Duration) -> Result<usize, ActivityError> {
-        let cutoff = (now_ms().saturating_sub(keep.as_millis() as u64) / 3_600_000) as i64;
-        self.with(move |c| c.execute("DELETE FROM flow WHERE hour < ?1", [cutoff]))
-            .await
+    /// Drops what is older than `keep` (`admin.retention`) at `now`: hourly flow
+    /// buckets, and sources not seen since (a scanner refused once is not kept for
+    /// good). Returns the rows removed.
+    pub async fn prune(
+        self: &Arc<Self>,
+        keep: Duration,
+        now: Millis,
+    ) -> Result<usize, ActivityError> {
+        let cutoff_ms = now.saturating_sub(u64::try_from(keep.as_millis()).unwrap_or(u64::MAX));
+        let cutoff_hour = (cutoff_ms / 3_600_000) as i64;
+        self.with(move |c| {
+            let flow = c.execute("DELETE FROM flow WHERE hour < ?1", [cutoff_hour])?;
+            let sources = c.execute(
+                "DELETE FROM sources WHERE last_seen < ?1",
+                [cutoff_ms as i64],
+            )?;
+            Ok(flow + sources)
+        })
+        .await
     }
 }
 
@@ -539,5 +553,50 @@ mod tests {
         assert_eq!(sources.len(), 2);
         let refused = sources.iter().find(|s| s.ip == "192.0.2.9").unwrap();
         assert_eq!((refused.refused, refused.connections), (1, 0));
+    }
+
+    /// `admin.retention`: rows older than it go, younger ones stay.
+    #[tokio::test]
+    async fn retention_prunes_old_sources_and_flow() {
+        let dir = std::env::temp_dir().join(format!("smartrelay-retention-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let a = Arc::new(Activity::open(&dir.join("state.sqlite3")).unwrap());
+        let day = 86_400_000u64;
+        let now = now_ms();
+        let old = now - 40 * day;
+        let events: Vec<Arc<Event>> = [("198.51.100.7", old), ("10.1.2.3", now - day)]
+            .into_iter()
+            .map(|(ip, at)| {
+                Arc::new(Event::Connection {
+                    ip: ip.parse().unwrap(),
+                    at,
+                    refused: Some(RefusalReason::IpNotAllowed),
+                })
+            })
+            .collect();
+        let (tx, rx) = mpsc::channel(16);
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(a.clone().record(rx, stop_rx));
+        for e in events {
+            tx.send(e).await.unwrap();
+        }
+        drop(tx);
+        task.await.unwrap();
+        assert_eq!(a.sources().await.unwrap().len(), 2);
+        let removed = a
+            .prune(Duration::from_secs(30 * 86_400), now)
+            .await
+            .unwrap();
+        // The old source and its two flow buckets (refused, refused_by_source).
+        assert_eq!(removed, 3);
+        let left = a.sources().await.unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].ip, "10.1.2.3");
+        assert_eq!(
+            a.prune(Duration::from_secs(30 * 86_400), now)
+                .await
+                .unwrap(),
+            0
+        );
     }
 }

@@ -31,13 +31,10 @@ pub fn install() -> PrometheusHandle {
 }
 
 /// Histograms need their buckets drained now and then.
-pub fn spawn_upkeep(handle: PrometheusHandle) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
-        loop {
-            tick.tick().await;
-            handle.run_upkeep();
-        }
+pub fn spawn_upkeep(tasks: &crate::tasks::Tasks, handle: PrometheusHandle) {
+    tasks.every(Duration::from_secs(5), move || {
+        handle.run_upkeep();
+        std::future::ready(())
     });
 }
 
@@ -154,6 +151,37 @@ fn describe() {
     );
     describe_gauge!("smartrelay_spool_segments", "Spool segment files on disk");
     describe_gauge!("smartrelay_spool_bytes", "Octets in spool segment files");
+    describe_gauge!(
+        "smartrelay_spool_live_bytes",
+        "Octets of spool records that are still the latest for a queued message"
+    );
+    describe_counter!(
+        "smartrelay_spool_compacted_bytes_total",
+        Unit::Bytes,
+        "Octets of live records copied forward by compaction"
+    );
+    describe_gauge!(
+        "smartrelay_spool_free_bytes",
+        Unit::Bytes,
+        "Octets free for the relay on the spool's file system"
+    );
+    describe_gauge!(
+        "smartrelay_queue_accepting",
+        "1 while the spool has room (queue.min_free, queue.max_size), 0 while MAIL gets 452"
+    );
+    describe_counter!(
+        "smartrelay_queue_refusals_total",
+        "MAIL commands refused with 452 4.3.1 because the queue takes no mail, by reason"
+    );
+    describe_gauge!(
+        "smartrelay_queue_cached_bytes",
+        Unit::Bytes,
+        "Octets of message bodies kept in memory for their first attempt"
+    );
+    describe_counter!(
+        "smartrelay_queue_bodies_not_cached_total",
+        "Messages whose body was left on disk because the memory budget was spent"
+    );
     describe_counter!(
         "smartrelay_messages_expired_total",
         "Messages that reached queue.max_age"

@@ -486,11 +486,14 @@ pub async fn verify(st: &AdminState) -> Result<Verification, ApiError> {
 
 /// Keeps the onboarding gauges current without anyone opening the dashboard: an SPF
 /// record that breaks shows up in Prometheus within `every`.
-pub fn spawn_gauge_refresh(st: std::sync::Arc<AdminState>, every: Duration) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        loop {
-            tick.tick().await;
+pub fn spawn_gauge_refresh(
+    tasks: &crate::tasks::Tasks,
+    st: std::sync::Arc<AdminState>,
+    every: Duration,
+) {
+    tasks.every(every, move || {
+        let st = st.clone();
+        async move {
             if let Err(e) = compute_steps(&st).await {
                 tracing::warn!(error = %e.1, "onboarding state not refreshed");
             }

@@ -44,22 +44,14 @@ impl Deliverer {
     }
 
     /// Closes idle sessions now and then, for as long as the deliverer lives.
-    pub fn spawn_reaper(self: &Arc<Self>, every: Duration) {
+    pub fn spawn_reaper(self: &Arc<Self>, tasks: &crate::tasks::Tasks, every: Duration) {
         let weak = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every.max(Duration::from_millis(200)));
-            loop {
-                tick.tick().await;
-                match weak.upgrade() {
-                    Some(d) => d.pool.reap(),
-                    None => return,
-                }
+        tasks.every(every.max(Duration::from_millis(200)), move || {
+            if let Some(d) = weak.upgrade() {
+                d.pool.reap();
             }
+            std::future::ready(())
         });
-    }
-
-    pub fn idle_sessions(&self) -> usize {
-        self.pool.idle_count()
     }
 
     async fn on_host(

@@ -168,15 +168,6 @@ impl Pool {
             old.into_iter().for_each(retire);
         }
     }
-
-    pub fn idle_count(&self) -> usize {
-        self.slots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .map(|s| s.idle.lock().unwrap_or_else(|e| e.into_inner()).len())
-            .sum()
-    }
 }
 
 /// Says goodbye politely without making anyone wait for it.

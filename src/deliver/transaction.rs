@@ -115,6 +115,21 @@ pub async fn send(
         let data_reply = data_pipelined.then(|| replies.last()).flatten();
         return Ok(abort(conn, data_reply, out).await);
     }
+    if s.cut.is_cancelled() {
+        // Shutting down past the deadline: keep the message rather than send it and
+        // not wait for the answer. After a 354 only closing the session is safe.
+        let stop = Reply::new(451, "4.3.2", "relay shutting down; not sent");
+        out.extend(accepted.iter().map(|&i| (i, stop.clone())));
+        let data_reply = data_pipelined.then(|| replies.last()).flatten();
+        if data_reply.is_some_and(|r| r.code == 354) {
+            return Ok(TxOutcome {
+                replies: out,
+                reusable: false,
+                dsn_passed: false,
+            });
+        }
+        return Ok(abort(conn, data_reply, out).await);
+    }
     let final_reply = if bdat {
         body_bdat(conn, data, s).await
     } else {

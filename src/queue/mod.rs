@@ -211,19 +211,14 @@ impl<S: Spool> Queue<S> {
 
     /// Refreshes the queue gauges and the free-space check every second: one pass
     /// over the index per tick, not per message.
-    pub fn spawn_gauges(self: &Arc<Self>) {
+    pub fn spawn_gauges(self: &Arc<Self>, tasks: &crate::tasks::Tasks) {
         let weak = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-            loop {
-                tick.tick().await;
-                match weak.upgrade() {
-                    Some(q) => {
-                        q.update_gauges();
-                        let q2 = q.clone();
-                        let _ = tokio::task::spawn_blocking(move || q2.check_space()).await;
-                    }
-                    None => return,
+        tasks.every(std::time::Duration::from_secs(1), move || {
+            let q = weak.upgrade();
+            async move {
+                if let Some(q) = q {
+                    q.update_gauges();
+                    let _ = tokio::task::spawn_blocking(move || q.check_space()).await;
                 }
             }
         });

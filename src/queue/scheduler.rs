@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
 
 use super::dsn::{self, DsnKind};
 use super::spool::{Spool, SpoolError};
@@ -14,27 +14,30 @@ use super::Queue;
 use crate::envelope::{now_ms, DeliveryState, Envelope, Millis, QueueId, RcptState, Reply};
 use crate::events::{DeliveryReport, Event, Outcome, RcptResult};
 use crate::pipeline::{Courier, PlanItem, Router};
+use crate::tasks::CancellationToken;
 
 impl<S: Spool> Queue<S> {
-    /// Runs until `stop` turns true; attempts already started finish on their own.
+    /// Starts due attempts until `stop` fires, then returns at once; the attempts it
+    /// started are on `attempts`, which the caller waits on (see [`Self::wind_down`]).
     pub async fn run<R: Router, C: Courier>(
         self: Arc<Self>,
         router: Arc<R>,
         courier: Arc<C>,
-        mut stop: watch::Receiver<bool>,
+        attempts: TaskTracker,
+        stop: CancellationToken,
     ) {
         loop {
-            if *stop.borrow() {
+            if stop.is_cancelled() {
                 return;
             }
             let permit = tokio::select! {
                 p = self.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-                _ = stop.changed() => return,
+                _ = stop.cancelled() => return,
             };
             match self.take_due(now_ms()) {
                 Due::Now(id) => {
                     let (q, r, c) = (self.clone(), router.clone(), courier.clone());
-                    tokio::spawn(async move {
+                    attempts.spawn(async move {
                         q.attempt(&id, &*r, &*c).await;
                         drop(permit);
                     });
@@ -45,11 +48,42 @@ impl<S: Spool> Queue<S> {
                     tokio::select! {
                         _ = self.wake.notified() => {}
                         _ = tokio::time::sleep(wait) => {}
-                        _ = stop.changed() => return,
+                        _ = stop.cancelled() => return,
                     }
                 }
             }
         }
+    }
+
+    /// Shutdown of deliveries: attempts in flight get `timeout` to finish and record
+    /// their results; then `cut` tells the courier to stop each remaining one before
+    /// its data goes out (they stay queued), and those past that point get as long
+    /// again for their final reply. Returns how many were still running.
+    pub async fn wind_down(
+        &self,
+        attempts: &TaskTracker,
+        timeout: Duration,
+        cut: &CancellationToken,
+    ) -> usize {
+        attempts.close();
+        if tokio::time::timeout(timeout, attempts.wait()).await.is_ok() {
+            return 0;
+        }
+        tracing::warn!(
+            in_flight = attempts.len(),
+            "deliveries still running at the deadline: cutting them before their data"
+        );
+        cut.cancel();
+        let again = timeout.max(Duration::from_secs(5));
+        if tokio::time::timeout(again, attempts.wait()).await.is_ok() {
+            return 0;
+        }
+        let left = attempts.len();
+        tracing::error!(
+            in_flight = left,
+            "deliveries still waiting for their final reply: they may be sent again after the restart"
+        );
+        left
     }
 
     fn take_due(&self, now: Millis) -> Due {

@@ -35,14 +35,6 @@ impl SpfCache {
         let mut map = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         map.insert(domain.to_string(), (answer, now + ttl));
     }
-
-    /// Forgets every answer (an operator fixed a record and does not want to wait).
-    pub fn clear(&self) {
-        self.entries
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
-    }
 }
 
 #[cfg(test)]

@@ -141,10 +141,6 @@ impl<L: SpfLookup> SpfRouter<L> {
     pub fn is_internal(&self, domain: &str) -> bool {
         self.internal.is_some() && domain_in(domain, &self.internal_domains)
     }
-
-    pub fn clear_cache(&self) {
-        self.cache.clear();
-    }
 }
 
 impl<L: SpfLookup> Router for SpfRouter<L> {

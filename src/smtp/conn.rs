@@ -479,7 +479,8 @@ where
             metrics::counter!("smartrelay_received_bytes_total").increment(size);
             metrics::histogram!("smartrelay_accept_latency_seconds")
                 .record(started.elapsed().as_secs_f64());
-            shared.events.publish(event).await;
+            // Never waits: the 250 waits on the spool commit and nothing else.
+            shared.events.publish_now(event);
         }
         Err(e) => {
             tracing::error!(queue_id = %id, error = %e, "not queued client=[{ip}] from=<{sender}> nrcpt={nrcpt} size={size}");

@@ -170,10 +170,6 @@ impl Session {
         self.tx.is_some()
     }
 
-    pub fn tls(&self) -> Option<&str> {
-        self.tls.as_deref()
-    }
-
     /// After a STARTTLS handshake the session starts over (RFC 3207 §4.2).
     pub fn tls_established(&mut self, description: String) {
         self.tls = Some(description);
