@@ -18,8 +18,9 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 
 
 class Handler:
-    def __init__(self, out, replies, greylist, data_reply):
+    def __init__(self, out, replies, greylist, data_reply, data_delay=0.0):
         self.out = out
+        self.data_delay = data_delay
         self.replies = replies
         self.greylist = greylist
         self.data_reply = data_reply
@@ -64,6 +65,10 @@ class Handler:
         with open(base + ".json", "w") as f:
             json.dump(meta, f)
         os.rename(base + ".eml.tmp", base + ".eml")
+        # Kept from the final dot on, as a real server does; a slow answer after that
+        # is where a client that gives up too early delivers twice.
+        if self.data_delay:
+            await asyncio.sleep(self.data_delay)
         return self.data_reply
 
 
@@ -74,6 +79,7 @@ def main():
     p.add_argument("--reply", action="append", default=[], help="address=CODE text")
     p.add_argument("--greylist", action="store_true")
     p.add_argument("--data-reply", default="250 2.0.0 Ok: queued")
+    p.add_argument("--data-delay", type=float, default=0.0, help="seconds before the reply to the final dot")
     p.add_argument("--cert")
     p.add_argument("--key")
     p.add_argument("--no-smtputf8", action="store_true")
@@ -84,7 +90,7 @@ def main():
     for r in args.reply:
         addr, _, text = r.partition("=")
         replies[addr.lower()] = text
-    handler = Handler(args.out, replies, args.greylist, args.data_reply)
+    handler = Handler(args.out, replies, args.greylist, args.data_reply, args.data_delay)
     tls = None
     if args.cert:
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
