@@ -265,7 +265,7 @@ def main():
         sink = Sink(work, free_port())
         r = Relay(work, "fresh", sink.port)
         io0 = r.proc_io()["write_bytes"]
-        n = 3000
+        n = 10000
         secs = smtp_source(r.port, n)
         fresh_rate = n / secs
         fresh_wa = (r.proc_io()["write_bytes"] - io0) / (n * SIZE)
