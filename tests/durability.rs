@@ -156,7 +156,9 @@ fn sigterm_with_deliveries_in_flight_delivers_nothing_twice() {
     }
     c.cmd("QUIT");
     // The first ones have reached the smart host and wait for its answer.
-    assert!(!upstream.wait_messages(1, Duration::from_secs(20)).is_empty());
+    assert!(!upstream
+        .wait_messages(1, Duration::from_secs(20))
+        .is_empty());
     assert!(relay.stop().success());
     relay.restart();
     assert_eq!(relay.post("/api/v1/queue/flush").0, 200);

@@ -1,8 +1,8 @@
 //! Delivery status notifications (RFC 3464 multipart/report, RFC 3461 semantics).
 
 use crate::envelope::{
-    now_ms, rfc5322_date, BodyType, ClientInfo, ContentFlags, DeliveryState, Envelope, Millis,
-    QueueId, Recipient, Ret,
+    rfc5322_date, BodyType, ClientInfo, ContentFlags, DeliveryState, Envelope, Millis, QueueId,
+    Recipient, Ret,
 };
 
 /// Above this, a message whose sender did not ask for RET=FULL is returned as headers.
@@ -174,7 +174,7 @@ pub fn build(
             helo: hostname.to_string(),
             tls: None,
         },
-        received_at: now_ms(),
+        received_at: now,
         size: out.len() as u64,
         message_id: Some(message_id),
         flags: ContentFlags {

@@ -8,6 +8,8 @@ pub mod record;
 pub mod retry;
 pub mod scheduler;
 pub mod spool;
+#[cfg(test)]
+pub mod testing;
 
 pub mod space;
 
@@ -122,7 +124,29 @@ impl Index {
     }
 }
 
+/// The queue's time: wall-clock milliseconds when it opened, advanced by tokio's
+/// monotonic clock. Schedules do not jump when the system clock is set, and unit
+/// tests drive retries and expiry with tokio's paused clock.
+struct Clock {
+    epoch_ms: Millis,
+    epoch: tokio::time::Instant,
+}
+
+impl Clock {
+    fn new() -> Clock {
+        Clock {
+            epoch_ms: now_ms(),
+            epoch: tokio::time::Instant::now(),
+        }
+    }
+
+    fn now(&self) -> Millis {
+        self.epoch_ms + u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX / 2)
+    }
+}
+
 pub struct Queue<S: Spool> {
+    clock: Clock,
     spool: Arc<S>,
     index: Mutex<Index>,
     wake: Notify,
@@ -186,6 +210,7 @@ impl<S: Spool> Queue<S> {
     ) -> Result<Arc<Queue<S>>, SpoolError> {
         let slots = Arc::new(Semaphore::new(settings.concurrency));
         let queue = Arc::new(Queue {
+            clock: Clock::new(),
             spool: spool.clone(),
             index: Mutex::new(Index::default()),
             wake: Notify::new(),
@@ -274,6 +299,11 @@ impl<S: Spool> Queue<S> {
         report
     }
 
+    /// Milliseconds since the epoch, on the queue's clock.
+    pub fn now(&self) -> Millis {
+        self.clock.now()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
         self.index.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -284,12 +314,12 @@ impl<S: Spool> Queue<S> {
         let result = self.spool.store(&env, data.clone()).await;
         if let Err(e) = &result {
             self.unhealthy_until
-                .store(now_ms() + UNHEALTHY_FOR_MS, Ordering::Relaxed);
+                .store(self.now() + UNHEALTHY_FOR_MS, Ordering::Relaxed);
             metrics::counter!("smartrelay_queue_write_errors_total").increment(1);
             tracing::error!(queue_id = %env.id, error = %e, "spool write failed");
             return result;
         }
-        let now = now_ms();
+        let now = self.now();
         {
             let mut idx = self.lock();
             let id = env.id.clone();
@@ -339,7 +369,7 @@ impl<S: Spool> Queue<S> {
 
     /// Everything not held is tried now. Returns how many messages were rescheduled.
     pub fn flush(&self) -> usize {
-        let now = now_ms();
+        let now = self.now();
         let mut n = 0;
         {
             let mut guard = self.lock();
@@ -373,7 +403,7 @@ impl<S: Spool> Queue<S> {
                 .ok_or_else(|| QueueError::NotFound(id.to_string()))?;
             e.state.held = held;
             if !held {
-                e.state.next_attempt = now_ms();
+                e.state.next_attempt = self.now();
             }
             let st = e.state.clone();
             if !held {
@@ -418,7 +448,7 @@ impl<S: Spool> Queue<S> {
 
     fn update_gauges(&self) {
         let idx = self.lock();
-        let now = now_ms();
+        let now = self.now();
         let mut rcpts = 0usize;
         let mut oldest = now;
         for e in idx.entries.values() {
@@ -480,7 +510,7 @@ impl<S: Spool> Intake for Queue<S> {
     }
 
     fn admission(&self) -> Result<(), Backpressure> {
-        if now_ms() < self.unhealthy_until.load(Ordering::Relaxed) {
+        if self.now() < self.unhealthy_until.load(Ordering::Relaxed) {
             return Err(Backpressure::WriteFailed);
         }
         match Backpressure::from_code(self.space.load(Ordering::Relaxed)) {

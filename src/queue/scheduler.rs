@@ -11,7 +11,7 @@ use tokio_util::task::TaskTracker;
 use super::dsn::{self, DsnKind};
 use super::spool::{Spool, SpoolError};
 use super::Queue;
-use crate::envelope::{now_ms, DeliveryState, Envelope, Millis, QueueId, RcptState, Reply};
+use crate::envelope::{DeliveryState, Envelope, Millis, QueueId, RcptState, Reply};
 use crate::events::{DeliveryReport, Event, Outcome, RcptResult};
 use crate::pipeline::{Courier, PlanItem, Router};
 use crate::tasks::CancellationToken;
@@ -34,7 +34,7 @@ impl<S: Spool> Queue<S> {
                 p = self.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
                 _ = stop.cancelled() => return,
             };
-            match self.take_due(now_ms()) {
+            match self.take_due(self.now()) {
                 Due::Now(id) => {
                     let (q, r, c) = (self.clone(), router.clone(), courier.clone());
                     attempts.spawn(async move {
@@ -44,7 +44,7 @@ impl<S: Spool> Queue<S> {
                 }
                 Due::At(when) => {
                     drop(permit);
-                    let wait = Duration::from_millis(when.saturating_sub(now_ms()));
+                    let wait = Duration::from_millis(when.saturating_sub(self.now()));
                     tokio::select! {
                         _ = self.wake.notified() => {}
                         _ = tokio::time::sleep(wait) => {}
@@ -125,13 +125,13 @@ impl<S: Spool> Queue<S> {
                     if matches!(e, SpoolError::NotFound(_) | SpoolError::Corrupt { .. }) {
                         self.lock().remove(id);
                     } else {
-                        self.reschedule(id, state, now_ms() + 60_000);
+                        self.reschedule(id, state, self.now() + 60_000);
                     }
                     return;
                 }
             },
         };
-        let now = now_ms();
+        let now = self.now();
         let pending = state.pending();
         let mut reports = Vec::new();
         if !pending.is_empty() {
@@ -140,7 +140,7 @@ impl<S: Spool> Queue<S> {
             }
         }
         state.attempts += 1;
-        let now_after = now_ms();
+        let now_after = self.now();
         if !state.pending().is_empty() && self.settings.retry.expired(env.received_at, now_after) {
             reports.push(expire(&env, &mut state, now_after));
         }
@@ -173,7 +173,7 @@ impl<S: Spool> Queue<S> {
         state: &mut DeliveryState,
         courier: &C,
     ) -> DeliveryReport {
-        let now = now_ms();
+        let now = self.now();
         let (route_name, host, replies, dsn_passed) = match item {
             PlanItem::Leg {
                 route,
@@ -202,7 +202,7 @@ impl<S: Spool> Queue<S> {
                 false,
             ),
         };
-        let at = now_ms();
+        let at = self.now();
         let mut results = Vec::with_capacity(replies.len());
         for (i, reply) in replies {
             let Some(st) = state.rcpts.get_mut(i) else {
@@ -347,6 +347,10 @@ impl<S: Spool> Queue<S> {
         if !held {
             idx.schedule(id, at);
         }
+        drop(idx);
+        // The scheduler may be asleep until a later timer (or an hour, when this was
+        // the only message): it must see this one.
+        self.wake.notify_one();
     }
 
     async fn load(&self, id: &QueueId) -> Result<Bytes, SpoolError> {
@@ -436,5 +440,251 @@ fn metrics_report(r: &DeliveryReport) {
         metrics::counter!("smartrelay_delivery_recipients_total",
             "route" => r.route.clone(), "host" => r.host.clone(), "outcome" => res.outcome.label())
         .increment(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::EventBus;
+    use crate::pipeline::{Intake, Submission};
+    use crate::queue::retry::RetryPolicy;
+    use crate::queue::testing::{MemSpool, OneRoute, ScriptedCourier};
+    use crate::queue::QueueSettings;
+
+    const MIN: u64 = 60;
+
+    struct Harness {
+        queue: Arc<Queue<MemSpool>>,
+        spool: Arc<MemSpool>,
+        courier: Arc<ScriptedCourier>,
+        t0: tokio::time::Instant,
+        stop: CancellationToken,
+        attempts: TaskTracker,
+    }
+
+    async fn harness(retry: RetryPolicy, courier: ScriptedCourier) -> Harness {
+        let spool = Arc::new(MemSpool::default());
+        let queue = Queue::recover(
+            spool.clone(),
+            QueueSettings {
+                retry,
+                concurrency: 4,
+                hostname: "relay.test".into(),
+                memory_budget: 1 << 20,
+                min_free: 0,
+                max_size: None,
+            },
+            EventBus::new(),
+        )
+        .await
+        .unwrap();
+        let courier = Arc::new(courier);
+        let (stop, attempts) = (CancellationToken::new(), TaskTracker::new());
+        tokio::spawn(queue.clone().run(
+            Arc::new(OneRoute::default()),
+            courier.clone(),
+            attempts.clone(),
+            stop.clone(),
+        ));
+        Harness {
+            queue,
+            spool,
+            courier,
+            t0: tokio::time::Instant::now(),
+            stop,
+            attempts,
+        }
+    }
+
+    impl Harness {
+        async fn submit(&self, sender: &str, rcpts: &[&str]) -> QueueId {
+            let data = Bytes::from_static(b"Subject: t\r\n\r\nbody\r\n");
+            let mut envelope = Envelope::for_test(sender, rcpts, data.len() as u64);
+            envelope.received_at = self.queue.now();
+            let id = envelope.id.clone();
+            self.queue
+                .submit(Submission { envelope, data })
+                .await
+                .unwrap();
+            id
+        }
+
+        /// Seconds after the start of each courier call for `id`.
+        fn times(&self, id: &QueueId) -> Vec<u64> {
+            self.courier
+                .calls_for(id)
+                .iter()
+                .map(|c| c.at.duration_since(self.t0).as_secs())
+                .collect()
+        }
+
+        async fn stop(self) {
+            self.stop.cancel();
+            let cut = CancellationToken::new();
+            assert_eq!(
+                self.queue
+                    .wind_down(&self.attempts, Duration::from_secs(5), &cut)
+                    .await,
+                0
+            );
+        }
+    }
+
+    fn policy(retry: &[u64], max_age: u64, delay_warning: Option<u64>) -> RetryPolicy {
+        RetryPolicy {
+            retry: retry.iter().map(|s| Duration::from_secs(*s)).collect(),
+            max_age: Duration::from_secs(max_age),
+            delay_warning: delay_warning.map(Duration::from_secs),
+        }
+    }
+
+    fn ok() -> Reply {
+        Reply::new(250, "2.0.0", "Ok")
+    }
+
+    fn later() -> Reply {
+        Reply::new(451, "4.3.0", "try later")
+    }
+
+    /// A recipient that keeps deferring is tried on the retry schedule (the last wait
+    /// repeats) until `max_age`, then fails; the sender gets a failure DSN that is
+    /// itself delivered, and nothing is left queued.
+    #[tokio::test(start_paused = true)]
+    async fn retry_schedule_then_expiry_and_a_failure_dsn() {
+        let h = harness(
+            policy(&[MIN, 5 * MIN], 20 * MIN, None),
+            ScriptedCourier::new(|env, _, _| if env.sender.is_empty() { ok() } else { later() }),
+        )
+        .await;
+        let id = h.submit("alice@example.test", &["bob@partner.test"]).await;
+        tokio::time::sleep(Duration::from_secs(30 * MIN)).await;
+        assert_eq!(h.times(&id), [0, 60, 360, 660, 960, 1260]);
+        let dsns: Vec<_> = h
+            .courier
+            .calls()
+            .into_iter()
+            .filter(|c| c.sender.is_empty())
+            .collect();
+        assert_eq!(dsns.len(), 1);
+        let text = String::from_utf8_lossy(&dsns[0].data).into_owned();
+        assert!(text.contains("Action: failed"), "{text}");
+        assert!(text.contains("Delivery time expired"), "{text}");
+        assert!(h.spool.ids().is_empty());
+        assert!(h.queue.is_empty());
+        h.stop().await;
+    }
+
+    /// Per-recipient results: the one that was taken is not sent again; only the
+    /// deferred one is retried, and the message leaves the queue once both are done.
+    #[tokio::test(start_paused = true)]
+    async fn only_pending_recipients_are_retried() {
+        let h = harness(
+            policy(&[MIN], 3600, None),
+            ScriptedCourier::new(|_, rcpt, attempt| {
+                if rcpt == 1 && attempt == 0 {
+                    later()
+                } else {
+                    ok()
+                }
+            }),
+        )
+        .await;
+        let id = h.submit("a@example.test", &["x@p.test", "y@p.test"]).await;
+        tokio::time::sleep(Duration::from_secs(5 * MIN)).await;
+        let calls = h.courier.calls_for(&id);
+        let legs: Vec<Vec<usize>> = calls.iter().map(|c| c.recipients.clone()).collect();
+        assert_eq!(legs, [vec![0, 1], vec![1]]);
+        assert_eq!(h.times(&id), [0, 60]);
+        assert!(h.spool.ids().is_empty());
+        h.stop().await;
+    }
+
+    /// A held message is not tried however long it waits; release sends it at once,
+    /// and so does a flush. The state on disk says what the queue says.
+    #[tokio::test(start_paused = true)]
+    async fn hold_release_and_flush() {
+        let h = harness(
+            policy(&[10 * MIN], 86_400, None),
+            ScriptedCourier::new(|_, _, _| later()),
+        )
+        .await;
+        let id = h.submit("a@example.test", &["x@p.test"]).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(h.times(&id), [0]);
+        let item = h.queue.hold(&id).await.unwrap();
+        assert!(item.held);
+        assert!(h.spool.state(&id).is_some_and(|s| s.held));
+        tokio::time::sleep(Duration::from_secs(120 * MIN)).await;
+        assert_eq!(h.times(&id), [0], "a held message was tried");
+        h.queue.release(&id).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(h.times(&id), [0, 7201]);
+        assert_eq!(h.queue.flush(), 1);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(h.times(&id), [0, 7201, 7201]);
+        assert_eq!(h.spool.state(&id).map(|s| s.attempts), Some(3));
+        h.stop().await;
+    }
+
+    /// `delay_warning`: one "delayed" DSN once the message is that old, not one per
+    /// attempt.
+    #[tokio::test(start_paused = true)]
+    async fn one_delay_dsn_when_the_warning_is_due() {
+        let h = harness(
+            policy(&[10 * MIN], 86_400, Some(30 * MIN)),
+            ScriptedCourier::new(|env, _, _| if env.sender.is_empty() { ok() } else { later() }),
+        )
+        .await;
+        let id = h.submit("a@example.test", &["x@p.test"]).await;
+        tokio::time::sleep(Duration::from_secs(95 * MIN)).await;
+        assert_eq!(h.times(&id).len(), 10);
+        let delayed: Vec<_> = h
+            .courier
+            .calls()
+            .into_iter()
+            .filter(|c| c.sender.is_empty())
+            .collect();
+        assert_eq!(delayed.len(), 1);
+        assert_eq!(delayed[0].at.duration_since(h.t0).as_secs(), 30 * MIN);
+        assert!(String::from_utf8_lossy(&delayed[0].data).contains("Action: delayed"));
+        assert_eq!(h.spool.ids(), [id]);
+        h.stop().await;
+    }
+
+    /// Shutdown waits for an attempt in flight; one still running at the deadline is
+    /// left to the cut.
+    #[tokio::test(start_paused = true)]
+    async fn wind_down_waits_for_attempts_in_flight() {
+        let h = harness(
+            policy(&[MIN], 3600, None),
+            ScriptedCourier::new(|_, _, _| ok()),
+        )
+        .await;
+        let attempts = TaskTracker::new();
+        attempts.spawn(tokio::time::sleep(Duration::from_secs(3)));
+        let cut = CancellationToken::new();
+        let started = tokio::time::Instant::now();
+        assert_eq!(
+            h.queue
+                .wind_down(&attempts, Duration::from_secs(10), &cut)
+                .await,
+            0
+        );
+        assert_eq!(started.elapsed().as_secs(), 3);
+        assert!(!cut.is_cancelled());
+        let stuck = TaskTracker::new();
+        stuck.spawn(std::future::pending::<()>());
+        assert_eq!(
+            h.queue
+                .wind_down(&stuck, Duration::from_secs(10), &cut)
+                .await,
+            1
+        );
+        assert!(
+            cut.is_cancelled(),
+            "the courier was not told to stop before DATA"
+        );
+        h.stop().await;
     }
 }
