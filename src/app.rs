@@ -159,13 +159,14 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         spf.clone(),
     ));
     let d = &cfg.delivery;
-    let cut = CancellationToken::new();
+    let (scheduling, cut) = (CancellationToken::new(), CancellationToken::new());
     let deliverer = Arc::new(Deliverer::new(
         ClientSettings {
             helo_name: cfg.helo_name().to_string(),
             connect_timeout: d.connect_timeout.0,
             command_timeout: d.command_timeout.0,
             data_timeout: d.data_timeout.0,
+            stopping: scheduling.clone(),
             cut: cut.clone(),
         },
         PoolSettings {
@@ -180,7 +181,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
 
     // The recorders and the shared-range refresher stop on `stop_tx`, after the queue.
     let (stop_tx, stop_rx) = watch::channel(false);
-    let (attempts, scheduling) = (TaskTracker::new(), CancellationToken::new());
+    let attempts = TaskTracker::new();
     let scheduler = tokio::spawn(queue.clone().run(
         router.clone(),
         deliverer.clone(),

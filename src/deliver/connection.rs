@@ -25,6 +25,9 @@ pub struct ClientSettings {
     pub connect_timeout: Duration,
     pub command_timeout: Duration,
     pub data_timeout: Duration,
+    /// Fired when shutdown begins: an attempt still waiting for a session to its
+    /// smart host gives up at once, and the message stays queued.
+    pub stopping: crate::tasks::CancellationToken,
     /// Fired late in shutdown: a transaction that has not sent its data yet stops
     /// there, and the message stays queued.
     pub cut: crate::tasks::CancellationToken,

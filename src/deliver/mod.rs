@@ -62,7 +62,18 @@ impl Deliverer {
         data: &Bytes,
         rcpts: &[usize],
     ) -> Result<(transaction::TxOutcome, bool), UpstreamError> {
-        let mut lease = self.pool.checkout(&route.name, host).await;
+        let mut lease = tokio::select! {
+            lease = self.pool.checkout(&route.name, host) => lease,
+            _ = self.settings.stopping.cancelled() => {
+                let stop = Reply::new(451, "4.3.2", "relay shutting down; not sent");
+                let out = transaction::TxOutcome {
+                    replies: rcpts.iter().map(|&i| (i, stop.clone())).collect(),
+                    reusable: false,
+                    dsn_passed: false,
+                };
+                return Ok((out, false));
+            }
+        };
         loop {
             let mut conn = match lease.conn.take() {
                 Some(c) => c,
