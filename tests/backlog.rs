@@ -172,3 +172,63 @@ fn a_deferred_message_across_many_segments_is_delivered_exactly_once() {
     relay.restart();
     assert!(relay.queue().is_empty(), "{id} came back after a restart");
 }
+
+/// A relay restarted on a spool of 20,000 queued messages is ready with every one of
+/// them indexed, and takes new mail. The spool is filled through the library from a
+/// real message's envelope, as fast as the disk allows.
+#[test]
+fn a_restart_on_a_large_queue_indexes_it_and_serves_smtp() {
+    use smartrelay::envelope::{Envelope, QueueId};
+    use smartrelay::queue::file::FileSpool;
+    use smartrelay::queue::spool::Spool;
+
+    let dir = tmpdir("large-restart");
+    let port = free_port();
+    let cfg = Cfg::new(&dir, &format!("127.0.0.1:{port}"));
+    let mut relay = Relay::start(&cfg);
+    let mut c = Smtp::connect(relay.smtp);
+    c.greet();
+    let r = c.mail(
+        "a@example.test",
+        &["b@partner.test"],
+        "Subject: model\r\n\r\nmodel",
+    );
+    let model = queued_id(&r);
+    c.cmd("QUIT");
+    assert!(relay.stop().success());
+    let spool = dir.join("spool");
+    let (env, data) = spool_message(&spool, &model).expect("the model message");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let s = std::sync::Arc::new(FileSpool::open(&spool).unwrap());
+        let mut tasks = Vec::new();
+        for _ in 0..20 {
+            let (s, env, data) = (s.clone(), env.clone(), data.clone());
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..1000 {
+                    let mut v = env.clone();
+                    v["id"] = serde_json::Value::String(QueueId::generate().as_str().into());
+                    let e: Envelope = serde_json::from_value(v).unwrap();
+                    s.store(&e, bytes::Bytes::from(data.clone())).await.unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    relay.restart();
+    assert!(relay
+        .log_json()
+        .iter()
+        .any(|l| l["message"] == "ready" && l["queued"] == 20_001));
+    assert_eq!(relay.queue().len(), 20_001);
+    let mut c = Smtp::connect(relay.smtp);
+    c.greet();
+    let r = c.mail(
+        "a@example.test",
+        &["b@partner.test"],
+        "Subject: after\r\n\r\nnew",
+    );
+    assert_eq!(r.code, 250);
+}

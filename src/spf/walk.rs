@@ -169,10 +169,26 @@ impl<D: SpfDns> Walker<'_, D> {
         term: Option<&str>,
         domain: &str,
     ) {
-        // A missing record is "none", not a broken policy.
-        if severity == Severity::Error && !matches!(code, "no_record" | "nxdomain") {
+        if severity == Severity::Error {
             self.perm = true;
         }
+        self.record_finding(severity, code, message, term, domain);
+    }
+
+    /// The domain asked about has no SPF policy at all: an error for onboarding, but
+    /// check_host's result is "none", not permerror (RFC 7208 §4.5).
+    fn no_policy(&mut self, code: &'static str, message: String, domain: &str) {
+        self.record_finding(Severity::Error, code, message, None, domain);
+    }
+
+    fn record_finding(
+        &mut self,
+        severity: Severity,
+        code: &'static str,
+        message: String,
+        term: Option<&str>,
+        domain: &str,
+    ) {
         self.findings.push(Finding {
             severity,
             code,
@@ -261,10 +277,12 @@ impl<D: SpfDns> Walker<'_, D> {
                             format!("{via} target {domain} has no SPF record: permerror"),
                         ),
                     };
-                    if !root {
+                    if root {
+                        self.no_policy(code, what.clone(), domain);
+                    } else {
                         self.void(&format!("{via}:{domain}"), domain, domain);
+                        self.find(Severity::Error, code, what.clone(), None, domain);
                     }
-                    self.find(Severity::Error, code, what.clone(), None, domain);
                     node.error = Some(what);
                     return node;
                 }
@@ -304,7 +322,11 @@ impl<D: SpfDns> Walker<'_, D> {
                         format!("{via} target {domain} has no SPF record: permerror"),
                     )
                 };
-                self.find(Severity::Error, code, what.clone(), None, domain);
+                if root {
+                    self.no_policy(code, what.clone(), domain);
+                } else {
+                    self.find(Severity::Error, code, what.clone(), None, domain);
+                }
                 node.error = Some(what);
                 return node;
             }
