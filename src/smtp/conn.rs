@@ -3,7 +3,10 @@
 //! messages to the queue. Everything it decides comes from [`Session`].
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock, so the unit tests drive every timeout with the paused clock.
+use tokio::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
@@ -151,7 +154,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                         Err(_) => Err(Stop::Io),
                     };
                 }
-                _ = tokio::time::sleep_until(deadline.into()) => return Err(Stop::Timeout),
+                _ = tokio::time::sleep_until(deadline) => return Err(Stop::Timeout),
                 changed = self.phase.changed() => {
                     if changed.is_err() {
                         // The server is gone; treat it as the hard stop.
@@ -581,5 +584,214 @@ mod tests {
         p.received(1000);
         assert_eq!(p.deadline(), Some(t0 + PACE_GRACE + Duration::from_secs(2)));
         assert_eq!(Pace::new(0, t0).deadline(), None, "0 turns the minimum off");
+    }
+
+    use crate::config::BareLineEndings;
+    use crate::pipeline::{Backpressure, IntakeError, SenderVerdict};
+    use crate::smtp::session::SourceKind;
+    use crate::spf::dns::HickoryDns;
+    use crate::tenant::dkim::DkimVerifier;
+    use std::sync::Mutex;
+    use tokio::io::DuplexStream;
+
+    /// Takes every submission and keeps it.
+    #[derive(Default)]
+    struct MemIntake {
+        taken: Mutex<Vec<Submission>>,
+    }
+
+    impl Intake for MemIntake {
+        async fn submit(&self, msg: Submission) -> Result<(), IntakeError> {
+            self.taken.lock().unwrap().push(msg);
+            Ok(())
+        }
+        fn admission(&self) -> Result<(), Backpressure> {
+            Ok(())
+        }
+    }
+
+    struct AnySender;
+
+    impl SenderPolicy for AnySender {
+        async fn check_sender(&self, _: &str) -> SenderVerdict {
+            SenderVerdict::Accept
+        }
+    }
+
+    const CMD: Duration = Duration::from_secs(300);
+    const DATA: Duration = Duration::from_secs(600);
+    const SESSION: Duration = Duration::from_secs(3600);
+
+    fn shared(intake: Arc<MemIntake>) -> Shared<MemIntake, AnySender> {
+        let dns =
+            HickoryDns::new(&["127.0.0.1:1".parse().unwrap()], Duration::from_secs(1)).unwrap();
+        Shared {
+            cfg: Arc::new(SessionConfig {
+                hostname: "relay.test".into(),
+                max_message_size: 1 << 20,
+                max_recipients: 100,
+                max_line_length: 512,
+                hop_limit: 30,
+                max_errors: 10,
+                bare_line_endings: BareLineEndings::Normalize,
+                domains: vec!["example.test".into()],
+                postmaster_domain: "example.test".into(),
+                starttls: false,
+                tls_required: false,
+                check_sender: false,
+            }),
+            intake,
+            policy: Arc::new(AnySender),
+            events: EventBus::new(),
+            tenant: Arc::new(TenantBinder::new(
+                Vec::new(),
+                vec!["example.test".into()],
+                DkimVerifier::new(dns.resolver()),
+                Duration::from_secs(1),
+            )),
+            command_timeout: CMD,
+            data_timeout: DATA,
+            session_timeout: SESSION,
+            min_data_rate: 0,
+        }
+    }
+
+    /// Runs one session over an in-memory stream; returns the client end, the
+    /// intake and the task driving the server end.
+    fn session() -> (DuplexStream, Arc<MemIntake>, tokio::task::JoinHandle<()>) {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let intake = Arc::new(MemIntake::default());
+        let sh = shared(intake.clone());
+        let task = tokio::spawn(async move {
+            let (_phase_tx, phase) = watch::channel(Phase::Running);
+            let mut conn = Conn::new(server, Instant::now() + sh.session_timeout, phase);
+            let mut s = Session::new(
+                sh.cfg.clone(),
+                "127.0.0.1".parse().unwrap(),
+                SourceKind::Dedicated,
+                None,
+            );
+            let _ = drive(&mut conn, &mut s, &sh, true).await;
+        });
+        (client, intake, task)
+    }
+
+    /// Reads reply lines until `n` final ones (code + space) have come.
+    async fn replies(c: &mut DuplexStream, n: usize) -> Vec<u16> {
+        let mut text = String::new();
+        let mut codes = Vec::new();
+        let mut buf = [0u8; 4096];
+        while codes.len() < n {
+            let k = c.read(&mut buf).await.unwrap();
+            if k == 0 {
+                break;
+            }
+            text.push_str(&String::from_utf8_lossy(&buf[..k]));
+            while let Some(end) = text.find("\r\n") {
+                let line: String = text.drain(..end + 2).collect();
+                if line.as_bytes().get(3) == Some(&b' ') {
+                    codes.push(line[..3].parse().unwrap());
+                }
+            }
+        }
+        codes
+    }
+
+    /// A whole pipelined transaction in one write: every reply comes back in order
+    /// and the message is handed to the queue as sent.
+    #[tokio::test(start_paused = true)]
+    async fn pipelined_transaction_in_one_write() {
+        let (mut c, intake, task) = session();
+        assert_eq!(replies(&mut c, 1).await, [220]);
+        c.write_all(
+            b"EHLO c.test\r\nMAIL FROM:<a@example.test>\r\nRCPT TO:<b@p.test>\r\nRCPT TO:<c@p.test>\r\nDATA\r\n",
+        )
+        .await
+        .unwrap();
+        assert_eq!(replies(&mut c, 5).await, [250, 250, 250, 250, 354]);
+        c.write_all(b"Subject: x\r\n\r\n..dot\r\n.\r\nQUIT\r\n")
+            .await
+            .unwrap();
+        assert_eq!(replies(&mut c, 2).await, [250, 221]);
+        task.await.unwrap();
+        let taken = intake.taken.lock().unwrap();
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].envelope.recipients.len(), 2);
+        assert!(String::from_utf8_lossy(&taken[0].data).ends_with("Subject: x\r\n\r\n.dot\r\n"));
+    }
+
+    /// BDAT chunks, the last one empty, make one message, byte for byte.
+    #[tokio::test(start_paused = true)]
+    async fn bdat_chunks_make_one_message() {
+        let (mut c, intake, task) = session();
+        replies(&mut c, 1).await;
+        c.write_all(b"EHLO c.test\r\nMAIL FROM:<a@example.test>\r\nRCPT TO:<b@p.test>\r\n")
+            .await
+            .unwrap();
+        assert_eq!(replies(&mut c, 3).await, [250, 250, 250]);
+        c.write_all(b"BDAT 14\r\nSubject: y\r\n\r\nBDAT 6 LAST\r\n.body\n")
+            .await
+            .unwrap();
+        assert_eq!(replies(&mut c, 2).await, [250, 250]);
+        c.write_all(b"QUIT\r\n").await.unwrap();
+        assert_eq!(replies(&mut c, 1).await, [221]);
+        task.await.unwrap();
+        let taken = intake.taken.lock().unwrap();
+        assert!(taken[0].data.ends_with(b"Subject: y\r\n\r\n.body\n"));
+    }
+
+    /// A silent client is closed with 421 4.4.2 after `command_timeout`, not before.
+    #[tokio::test(start_paused = true)]
+    async fn command_timeout_closes_with_421() {
+        let (mut c, _, task) = session();
+        replies(&mut c, 1).await;
+        c.write_all(b"EHLO c.test\r\n").await.unwrap();
+        assert_eq!(replies(&mut c, 1).await, [250]);
+        let t0 = Instant::now();
+        assert_eq!(replies(&mut c, 1).await, [421]);
+        assert_eq!(t0.elapsed().as_secs(), CMD.as_secs());
+        task.await.unwrap();
+    }
+
+    /// A client that stops in the middle of DATA is closed after `data_timeout`, and
+    /// nothing is queued.
+    #[tokio::test(start_paused = true)]
+    async fn data_timeout_closes_with_421_and_queues_nothing() {
+        let (mut c, intake, task) = session();
+        replies(&mut c, 1).await;
+        c.write_all(b"EHLO c.test\r\nMAIL FROM:<a@example.test>\r\nRCPT TO:<b@p.test>\r\nDATA\r\n")
+            .await
+            .unwrap();
+        assert_eq!(replies(&mut c, 4).await, [250, 250, 250, 354]);
+        c.write_all(b"Subject: half\r\n").await.unwrap();
+        let t0 = Instant::now();
+        assert_eq!(replies(&mut c, 1).await, [421]);
+        assert_eq!(t0.elapsed().as_secs(), DATA.as_secs());
+        task.await.unwrap();
+        assert!(intake.taken.lock().unwrap().is_empty());
+    }
+
+    /// However busy, a session ends at `session_timeout`.
+    #[tokio::test(start_paused = true)]
+    async fn session_timeout_ends_a_busy_session() {
+        let (mut c, _, task) = session();
+        replies(&mut c, 1).await;
+        let t0 = Instant::now();
+        let mut n = 0;
+        loop {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            if c.write_all(b"NOOP\r\n").await.is_err() {
+                break;
+            }
+            let got = replies(&mut c, 1).await;
+            n += 1;
+            if got.last() != Some(&250) {
+                assert_eq!(got.last(), Some(&421));
+                break;
+            }
+        }
+        assert!(n >= 59, "{n} commands");
+        assert!(t0.elapsed() >= SESSION && t0.elapsed() < SESSION + Duration::from_secs(61));
+        task.await.unwrap();
     }
 }

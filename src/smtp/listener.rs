@@ -289,7 +289,7 @@ impl<I: Intake, P: SenderPolicy> Listener<I, P> {
         guard: &SessionGuard,
     ) {
         let shared = &self.shared;
-        let deadline = Instant::now() + shared.session_timeout;
+        let deadline = tokio::time::Instant::now() + shared.session_timeout;
         if implicit_tls {
             let Some(acceptor) = &self.tls else { return };
             let Some(tls) = handshake(acceptor, stream, shared.command_timeout).await else {
