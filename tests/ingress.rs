@@ -228,9 +228,10 @@ fn smuggling_variants_never_produce_two_messages() {
             data.contains("smuggled\r\n"),
             "the smuggled text stays inside the message"
         );
+        let bare = data.replace("\r\n", "");
         assert!(
-            !data.contains('\n') || !data.replace("\r\n", "").contains('\n'),
-            "bare LF normalized: {data:?}"
+            !bare.contains('\n') && !bare.contains('\r'),
+            "bare LF and bare CR normalized to CRLF: {data:?}"
         );
     }
     let queued = relay.queue();
@@ -257,6 +258,14 @@ fn bare_line_endings_can_be_refused() {
         "Subject: x\r\n\r\nline\nline",
     );
     assert_eq!(r.code, 550, "{r:?}");
+    assert!(r.text().starts_with("5.6.0"));
+    // A bare CR is a line ending too (RFC 5321 §2.3.8), refused the same way.
+    let r = c.mail(
+        "a@example.test",
+        &["b@partner.test"],
+        "Subject: x\r\n\r\nline\rline",
+    );
+    assert_eq!(r.code, 550, "bare CR: {r:?}");
     assert!(r.text().starts_with("5.6.0"));
     let r = c.mail(
         "a@example.test",
