@@ -43,6 +43,15 @@ fn send(relay: &Relay, from: &str, to: &[&str], headers: &str) {
     assert_eq!(r.code, 250, "{r:?}");
 }
 
+fn recorded(relay: &Relay) -> f64 {
+    http_text("GET", &relay.url("/metrics"), None)
+        .1
+        .lines()
+        .find_map(|l| l.strip_prefix("smartrelay_trusted_deliveries_recorded_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 fn listed(relay: &Relay, query: &str) -> Vec<Value> {
     let (s, v) = relay.get(&format!("/api/v1/trusted-senders?{query}"));
     assert_eq!(s, 200, "{v}");
@@ -108,7 +117,17 @@ fn only_accepted_external_recipients_of_real_mail_are_trusted() {
     assert!(wait_until(T, || up.messages().len() >= 9));
     assert!(wait_until(T, || listed(&relay, "").len() >= 2
         && relay.queue().len() == 1));
-    std::thread::sleep(Duration::from_millis(500));
+    // The recorder has processed every delivery report so far (one per message and
+    // route in the delivery log), so nothing is still on its way into the list.
+    assert!(wait_until(T, || {
+        let reports: BTreeSet<(String, String)> = relay
+            .log_json()
+            .iter()
+            .filter(|l| l["message"] == "delivery")
+            .map(|l| (l["queue_id"].to_string(), l["route"].to_string()))
+            .collect();
+        recorded(&relay) >= reports.len() as f64 && reports.len() >= 10
+    }));
     let entries = listed(&relay, "");
     assert_eq!(
         addresses(&entries),

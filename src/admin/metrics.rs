@@ -151,6 +151,10 @@ fn describe() {
     );
     describe_gauge!("smartrelay_spool_segments", "Spool segment files on disk");
     describe_gauge!("smartrelay_spool_bytes", "Octets in spool segment files");
+    describe_counter!(
+        "smartrelay_trusted_deliveries_recorded_total",
+        "Delivery reports the trusted-sender recorder has processed"
+    );
     describe_gauge!(
         "smartrelay_spool_live_bytes",
         "Octets of spool records that are still the latest for a queued message"

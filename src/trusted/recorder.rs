@@ -28,6 +28,10 @@ pub async fn record(
             collect(&policy, ev, &mut batch);
         }
         flush(&store, &mut batch).await;
+        // Once this moves, every delivery up to here is in the list (or excluded by
+        // policy): what a test or an operator waits for instead of a sleep.
+        metrics::counter!("smartrelay_trusted_deliveries_recorded_total")
+            .increment(events.len() as u64);
     }
 }
 

@@ -782,53 +782,20 @@ pub fn python(code: &str) -> String {
 
 // ---------------------------------------------------------------- the spool on disk
 
-/// Every message the spool's segment log holds, replayed in order (removal records
-/// applied): ID -> (envelope, data). Decoded here from the documented record format,
-/// independently of the relay's own reader.
+/// Every message the spool's segment log holds (removal records applied): ID ->
+/// (envelope, data), read with the relay's own reader, without its lock, so a
+/// running relay's spool can be looked at.
 pub fn spool_messages(spool: &Path) -> std::collections::BTreeMap<String, (Value, Vec<u8>)> {
-    let mut out = std::collections::BTreeMap::new();
-    let mut segs: Vec<PathBuf> = std::fs::read_dir(spool.join("log"))
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    segs.sort();
-    for seg in segs {
-        let raw = std::fs::read(&seg).unwrap_or_default();
-        let mut pos = 0;
-        // "SRL1" kind idlen len(4) crc(4) id payload; crc over kind..len, id, payload.
-        while pos + 14 <= raw.len() {
-            let h = &raw[pos..pos + 14];
-            let id_len = h[5] as usize;
-            let len = u32::from_be_bytes([h[6], h[7], h[8], h[9]]) as usize;
-            let end = pos + 14 + id_len + len;
-            let ok = &h[..4] == b"SRL1" && end <= raw.len() && {
-                let mut c = crc32fast::Hasher::new();
-                c.update(&h[4..10]);
-                c.update(&raw[pos + 14..end]);
-                c.finalize() == u32::from_be_bytes([h[10], h[11], h[12], h[13]])
-            };
-            if !ok {
-                pos += 1;
-                continue;
-            }
-            let id = String::from_utf8_lossy(&raw[pos + 14..pos + 14 + id_len]).into_owned();
-            let payload = &raw[pos + 14 + id_len..end];
-            match h[4] {
-                1 => {
-                    let n = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]])
-                        as usize;
-                    if let Ok(env) = serde_json::from_slice(&payload[4..4 + n]) {
-                        out.insert(id, (env, payload[4 + n..].to_vec()));
-                    }
-                }
-                3 => {
-                    out.remove(&id);
-                }
-                _ => {}
-            }
-            pos = end;
-        }
-    }
-    out
+    smartrelay::queue::file::snapshot(spool)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(env, data)| {
+            (
+                env.id.as_str().to_string(),
+                (serde_json::to_value(&env).unwrap(), data),
+            )
+        })
+        .collect()
 }
 
 /// A queued message read straight from the spool: (envelope, data).
