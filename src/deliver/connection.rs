@@ -3,7 +3,9 @@
 //! out the greeting of a plain connection by itself).
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use mail_send::Credentials;
 use mail_send::SmtpClient;
@@ -75,6 +77,29 @@ pub struct Connection {
     pub created: Instant,
     pub last_used: Instant,
     pub messages: u32,
+}
+
+impl super::pool::Pooled for Connection {
+    fn created(&self) -> Instant {
+        self.created
+    }
+    fn last_used(&self) -> Instant {
+        self.last_used
+    }
+    fn messages(&self) -> u32 {
+        self.messages
+    }
+    fn used(&mut self, now: Instant) {
+        self.last_used = now;
+    }
+    /// Says goodbye politely without making anyone wait for it.
+    fn retire(self) {
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(5), self.client.quit()).await;
+            });
+        }
+    }
 }
 
 impl Connection {

@@ -5,12 +5,24 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+// tokio's clock: the unit tests below run back-off and retirement on the paused clock.
+use tokio::time::Instant;
 
 use super::connection::Connection;
 use crate::regions::{HostPort, RouteTarget};
+
+/// What the pool needs of a session: its age, use and a way to close it. Upstream
+/// `Connection`s in the relay, a recording double in the tests.
+pub trait Pooled: Send + 'static {
+    fn created(&self) -> Instant;
+    fn last_used(&self) -> Instant;
+    fn messages(&self) -> u32;
+    fn used(&mut self, now: Instant);
+    fn retire(self);
+}
 
 #[derive(Debug, Clone)]
 pub struct PoolSettings {
@@ -21,27 +33,30 @@ pub struct PoolSettings {
     pub backoff: Duration,
 }
 
-struct HostSlot {
+struct HostSlot<C> {
     permits: Arc<Semaphore>,
-    idle: Mutex<Vec<Connection>>,
+    idle: Mutex<Vec<C>>,
     down_until: Mutex<Option<Instant>>,
 }
 
-pub struct Pool {
+/// Sessions by (route, host).
+type Slots<C> = HashMap<(String, HostPort), Arc<HostSlot<C>>>;
+
+pub struct Pool<C = Connection> {
     settings: PoolSettings,
-    slots: Mutex<HashMap<(String, HostPort), Arc<HostSlot>>>,
+    slots: Mutex<Slots<C>>,
     round_robin: Mutex<HashMap<String, Arc<AtomicUsize>>>,
 }
 
 /// A session checked out of the pool, with the permit that counts it.
-pub struct Lease {
-    pub conn: Option<Connection>,
+pub struct Lease<C = Connection> {
+    pub conn: Option<C>,
     pub fresh: bool,
     _permit: OwnedSemaphorePermit,
 }
 
-impl Pool {
-    pub fn new(settings: PoolSettings) -> Pool {
+impl<C: Pooled> Pool<C> {
+    pub fn new(settings: PoolSettings) -> Pool<C> {
         Pool {
             settings,
             slots: Mutex::new(HashMap::new()),
@@ -49,7 +64,7 @@ impl Pool {
         }
     }
 
-    fn slot(&self, route: &str, host: &HostPort) -> Arc<HostSlot> {
+    fn slot(&self, route: &str, host: &HostPort) -> Arc<HostSlot<C>> {
         let mut map = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         map.entry((route.to_string(), host.clone()))
             .or_insert_with(|| {
@@ -99,7 +114,7 @@ impl Pool {
     }
 
     /// Waits for a permit, then hands out an idle session if a usable one exists.
-    pub async fn checkout(&self, route: &str, host: &HostPort) -> Lease {
+    pub async fn checkout(&self, route: &str, host: &HostPort) -> Lease<C> {
         let slot = self.slot(route, host);
         let permit = slot
             .permits
@@ -117,7 +132,7 @@ impl Pool {
                     _permit: permit,
                 };
             }
-            retire(conn);
+            conn.retire();
         }
         Lease {
             conn: None,
@@ -127,12 +142,12 @@ impl Pool {
     }
 
     /// Returns a session for reuse (the lease's permit is released either way).
-    pub fn checkin(&self, route: &str, host: &HostPort, mut lease: Lease) {
+    pub fn checkin(&self, route: &str, host: &HostPort, mut lease: Lease<C>) {
         let Some(mut conn) = lease.conn.take() else {
             return;
         };
         let now = Instant::now();
-        conn.last_used = now;
+        conn.used(now);
         if self.usable(&conn, now) {
             let slot = self.slot(route, host);
             slot.idle
@@ -140,20 +155,20 @@ impl Pool {
                 .unwrap_or_else(|e| e.into_inner())
                 .push(conn);
         } else {
-            retire(conn);
+            conn.retire();
         }
     }
 
-    fn usable(&self, c: &Connection, now: Instant) -> bool {
-        c.messages < self.settings.max_messages
-            && now.duration_since(c.created) < self.settings.max_age
-            && now.duration_since(c.last_used) < self.settings.idle_timeout
+    fn usable(&self, c: &C, now: Instant) -> bool {
+        c.messages() < self.settings.max_messages
+            && now.duration_since(c.created()) < self.settings.max_age
+            && now.duration_since(c.last_used()) < self.settings.idle_timeout
     }
 
     /// Closes sessions idle for longer than `idle_timeout`, with a QUIT.
     pub fn reap(&self) {
         let now = Instant::now();
-        let slots: Vec<Arc<HostSlot>> = self
+        let slots: Vec<Arc<HostSlot<C>>> = self
             .slots
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -162,19 +177,167 @@ impl Pool {
             .collect();
         for slot in slots {
             let mut idle = slot.idle.lock().unwrap_or_else(|e| e.into_inner());
-            let (keep, old): (Vec<Connection>, Vec<Connection>) =
-                idle.drain(..).partition(|c| self.usable(c, now));
+            let (keep, old): (Vec<C>, Vec<C>) = idle.drain(..).partition(|c| self.usable(c, now));
             *idle = keep;
-            old.into_iter().for_each(retire);
+            old.into_iter().for_each(C::retire);
         }
     }
 }
 
-/// Says goodbye politely without making anyone wait for it.
-fn retire(conn: Connection) {
-    if let Ok(handle) = tokio::runtime::Handle::try_current() {
-        handle.spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(5), conn.client.quit()).await;
-        });
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::regions::TlsMode;
+    use std::collections::BTreeSet;
+
+    /// A session that only counts: which one it is, and whether it was retired.
+    struct Fake {
+        n: u32,
+        created: Instant,
+        last_used: Instant,
+        messages: u32,
+        retired: Arc<Mutex<Vec<u32>>>,
+    }
+
+    impl Pooled for Fake {
+        fn created(&self) -> Instant {
+            self.created
+        }
+        fn last_used(&self) -> Instant {
+            self.last_used
+        }
+        fn messages(&self) -> u32 {
+            self.messages
+        }
+        fn used(&mut self, now: Instant) {
+            self.last_used = now;
+        }
+        fn retire(self) {
+            self.retired.lock().unwrap().push(self.n);
+        }
+    }
+
+    fn settings() -> PoolSettings {
+        PoolSettings {
+            max_per_host: 2,
+            max_messages: 3,
+            max_age: Duration::from_secs(600),
+            idle_timeout: Duration::from_secs(60),
+            backoff: Duration::from_secs(30),
+        }
+    }
+
+    fn host(name: &str) -> HostPort {
+        HostPort::parse(&format!("{name}:25")).unwrap()
+    }
+
+    fn fake(n: u32, retired: &Arc<Mutex<Vec<u32>>>) -> Fake {
+        let now = Instant::now();
+        Fake {
+            n,
+            created: now,
+            last_used: now,
+            messages: 0,
+            retired: retired.clone(),
+        }
+    }
+
+    /// At most `max_per_host` sessions at once; the next waits for a lease to end.
+    #[tokio::test(start_paused = true)]
+    async fn sessions_per_host_are_limited() {
+        let pool: Arc<Pool<Fake>> = Arc::new(Pool::new(settings()));
+        let h = host("a.test");
+        let a = pool.checkout("r", &h).await;
+        let _b = pool.checkout("r", &h).await;
+        let third = {
+            let (pool, h) = (pool.clone(), h.clone());
+            tokio::spawn(async move { pool.checkout("r", &h).await.fresh })
+        };
+        tokio::task::yield_now().await;
+        assert!(!third.is_finished(), "a third session was handed out");
+        // Another host has its own limit.
+        assert!(pool.checkout("r", &host("b.test")).await.fresh);
+        drop(a);
+        assert!(third.await.unwrap());
+    }
+
+    /// A session comes back for the next message until it has carried
+    /// `max_messages`, reached `max_age` or sat idle past `idle_timeout`.
+    #[tokio::test(start_paused = true)]
+    async fn reuse_and_retirement() {
+        let pool: Pool<Fake> = Pool::new(settings());
+        let retired = Arc::new(Mutex::new(Vec::new()));
+        let h = host("a.test");
+        let mut lease = pool.checkout("r", &h).await;
+        assert!(lease.fresh);
+        lease.conn = Some(fake(1, &retired));
+        pool.checkin("r", &h, lease);
+        for used in 1..=3 {
+            let mut lease = pool.checkout("r", &h).await;
+            assert!(!lease.fresh, "session 1 not reused");
+            if let Some(c) = lease.conn.as_mut() {
+                c.messages = used;
+            }
+            pool.checkin("r", &h, lease);
+        }
+        assert_eq!(*retired.lock().unwrap(), [1], "retired after 3 messages");
+        assert!(pool.checkout("r", &h).await.fresh);
+
+        let mut lease = pool.checkout("r", &h).await;
+        lease.conn = Some(fake(2, &retired));
+        pool.checkin("r", &h, lease);
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        pool.reap();
+        assert_eq!(*retired.lock().unwrap(), [1, 2], "idle session reaped");
+
+        let mut lease = pool.checkout("r", &h).await;
+        lease.conn = Some(fake(3, &retired));
+        pool.checkin("r", &h, lease);
+        for _ in 0..11 {
+            tokio::time::sleep(Duration::from_secs(55)).await;
+            let lease = pool.checkout("r", &h).await;
+            if lease.fresh {
+                break;
+            }
+            pool.checkin("r", &h, lease);
+        }
+        assert_eq!(*retired.lock().unwrap(), [1, 2, 3], "retired at max_age");
+    }
+
+    /// Failover order: a host in back-off goes last until its back-off ends; a host
+    /// that answers again is first in turn at once.
+    #[tokio::test(start_paused = true)]
+    async fn back_off_moves_a_failing_host_last() {
+        let pool: Pool<Fake> = Pool::new(settings());
+        let route = RouteTarget {
+            name: "r".into(),
+            hosts: vec![host("a.test"), host("b.test")],
+            tls: TlsMode::None,
+            ca_file: None,
+            tls_name: None,
+            auth: None,
+        };
+        let firsts: Vec<String> = (0..4).map(|_| pool.order(&route)[0].host.clone()).collect();
+        assert_eq!(
+            firsts,
+            ["a.test", "b.test", "a.test", "b.test"],
+            "round robin"
+        );
+        pool.mark_down("r", &host("a.test"));
+        for _ in 0..4 {
+            assert_eq!(pool.order(&route)[0].host, "b.test");
+            assert_eq!(
+                pool.order(&route).len(),
+                2,
+                "a host in back-off is still a last resort"
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(31)).await;
+        let firsts: BTreeSet<String> = (0..2).map(|_| pool.order(&route)[0].host.clone()).collect();
+        assert!(firsts.contains("a.test"), "back-off never ended");
+        pool.mark_down("r", &host("b.test"));
+        pool.mark_up("r", &host("b.test"));
+        let firsts: BTreeSet<String> = (0..2).map(|_| pool.order(&route)[0].host.clone()).collect();
+        assert!(firsts.contains("b.test"));
     }
 }
