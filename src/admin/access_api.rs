@@ -4,18 +4,18 @@
 use axum::extract::State;
 use axum::Json;
 
-use super::{ApiError, Shared};
+use super::{Admin, ApiError};
 use crate::tenant::sources::SourceView;
 
 /// State-database key of the shared ranges last resolved from SPF.
 pub const SHARED_RANGES_KEY: &str = "shared_ranges";
 
-pub async fn list(State(st): State<Shared>) -> Json<Vec<SourceView>> {
+pub async fn list(State(st): State<Admin>) -> Json<Vec<SourceView>> {
     Json(st.shared_sources.view())
 }
 
 /// Resolves every `ranges_from_spf` list now; a failure keeps the last good list.
-pub async fn refresh(State(st): State<Shared>) -> Result<Json<Vec<SourceView>>, ApiError> {
+pub async fn refresh(State(st): State<Admin>) -> Result<Json<Vec<SourceView>>, ApiError> {
     let (_, changed) = st.shared_sources.refresh_once(&st.spf).await;
     if changed {
         st.activity

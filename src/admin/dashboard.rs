@@ -10,13 +10,13 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use serde::Deserialize;
 
 use super::onboarding::{self, StepState};
-use super::{trusted_api, Shared};
+use super::{trusted_api, Admin};
 use crate::envelope::{now_ms, Millis};
 use crate::spf::walk::Node;
 use crate::spf::Severity;
 use crate::trusted::export::rfc3339;
 
-fn esc(s: &str) -> String {
+fn html_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
@@ -54,7 +54,7 @@ form{display:inline}button{margin:.3em 0}";
 fn page_shell(title: &str, body: &str) -> String {
     format!(
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{}</title><style>{STYLE}</style></head><body>{body}</body></html>",
-        esc(title)
+        html_escape(title)
     )
 }
 
@@ -74,7 +74,7 @@ pub struct LoginForm {
     token: String,
 }
 
-pub async fn login(State(st): State<Shared>, Form(f): Form<LoginForm>) -> Response {
+pub async fn login(State(st): State<Admin>, Form(f): Form<LoginForm>) -> Response {
     let ok = st
         .config
         .admin
@@ -95,16 +95,20 @@ pub async fn login(State(st): State<Shared>, Form(f): Form<LoginForm>) -> Respon
     resp
 }
 
-pub async fn page(State(st): State<Shared>) -> Response {
+pub async fn page(State(st): State<Admin>) -> Response {
     let mut b = String::new();
     let cfg = &st.config;
-    let _ = write!(b, "<h1>smartrelay on {}</h1>", esc(&cfg.server.hostname));
+    let _ = write!(
+        b,
+        "<h1>smartrelay on {}</h1>",
+        html_escape(&cfg.server.hostname)
+    );
     let overview = match onboarding::overview(&st).await {
         Ok(o) => o,
         Err(e) => {
             return (
                 StatusCode::INTERNAL_SERVER_ERROR,
-                Html(page_shell("smartrelay", &esc(&e.1))),
+                Html(page_shell("smartrelay", &html_escape(&e.1))),
             )
                 .into_response()
         }
@@ -136,9 +140,9 @@ pub async fn page(State(st): State<Shared>) -> Response {
         let _ = write!(
             b,
             "<div class=\"step {class}\" id=\"step-{id}\" data-step=\"{id}\" data-state=\"{class}\"><span class=\"mark\">{mark}</span><strong>{}</strong> — {}",
-            esc(&step.title),
-            esc(&step.reason),
-            id = esc(&step.id)
+            html_escape(&step.title),
+            html_escape(&step.reason),
+            id = html_escape(&step.id)
         );
         b.push_str("<details><summary>More</summary>");
         if step.id == "outbound_ips" {
@@ -153,7 +157,7 @@ pub async fn page(State(st): State<Shared>) -> Response {
             let _ = write!(
                 b,
                 "<p>Mail is relayed only for: {}</p>",
-                esc(&cfg.access.domains.join(", "))
+                html_escape(&cfg.access.domains.join(", "))
             );
         } else if step.id == "mail_flowing" {
             b.push_str("<p>See the outbound flow below.</p>");
@@ -175,7 +179,7 @@ pub async fn page(State(st): State<Shared>) -> Response {
             let _ = write!(
                 b,
                 "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                esc(&r.key),
+                html_escape(&r.key),
                 r.delivered,
                 r.deferred,
                 r.bounced
@@ -198,7 +202,7 @@ pub async fn page(State(st): State<Shared>) -> Response {
                 b,
                 "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
                 q.id,
-                esc(if q.sender.is_empty() { "<>" } else { &q.sender }),
+                html_escape(if q.sender.is_empty() { "<>" } else { &q.sender }),
                 q.recipients.len(),
                 q.attempts,
                 if q.held {
@@ -206,11 +210,12 @@ pub async fn page(State(st): State<Shared>) -> Response {
                 } else {
                     when(q.next_attempt)
                 },
-                esc(&q
-                    .last_reply
-                    .as_ref()
-                    .map(|r| r.to_string())
-                    .unwrap_or_default())
+                html_escape(
+                    &q.last_reply
+                        .as_ref()
+                        .map(|r| r.to_string())
+                        .unwrap_or_default()
+                )
             );
         }
         b.push_str("</table>");
@@ -230,7 +235,7 @@ pub async fn page(State(st): State<Shared>) -> Response {
             );
         }
         Err(e) => {
-            let _ = write!(b, "<p>{}</p>", esc(&e.1));
+            let _ = write!(b, "<p>{}</p>", html_escape(&e.1));
         }
     }
     let _ = write!(b, "<p><small>Rendered {}.</small></p>", rfc3339(now_ms()));
@@ -241,10 +246,15 @@ fn count_table(b: &mut String, title: &str, rows: &[super::activity::Count]) {
     let _ = write!(
         b,
         "<table><tr><th>{}</th><th>Messages</th></tr>",
-        esc(title)
+        html_escape(title)
     );
     for r in rows {
-        let _ = write!(b, "<tr><td>{}</td><td>{}</td></tr>", esc(&r.key), r.count);
+        let _ = write!(
+            b,
+            "<tr><td>{}</td><td>{}</td></tr>",
+            html_escape(&r.key),
+            r.count
+        );
     }
     b.push_str("</table>");
 }
@@ -253,7 +263,7 @@ fn outbound_details(b: &mut String, ips: &onboarding::OutboundIps) {
     let _ = write!(
         b,
         "<p>Configured ranges: <code>{}</code></p>",
-        esc(&ips.ranges.join(", "))
+        html_escape(&ips.ranges.join(", "))
     );
     if !ips.notify.is_empty() {
         b.push_str("<p class=\"error\"><strong>Refused addresses that look like your servers</strong> — add them to access.allowed_ranges, or notify support:</p><ul>");
@@ -261,8 +271,8 @@ fn outbound_details(b: &mut String, ips: &onboarding::OutboundIps) {
             let _ = write!(
                 b,
                 "<li class=\"notify\">{} — {}</li>",
-                esc(&n.source.ip),
-                esc(n.why.as_deref().unwrap_or(""))
+                html_escape(&n.source.ip),
+                html_escape(n.why.as_deref().unwrap_or(""))
             );
         }
         b.push_str("</ul>");
@@ -273,7 +283,7 @@ fn outbound_details(b: &mut String, ips: &onboarding::OutboundIps) {
             b,
             "<tr{}><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             if s.notify { " class=\"notify\"" } else { "" },
-            esc(&s.source.ip),
+            html_escape(&s.source.ip),
             if s.allowed { "yes" } else { "no" },
             s.source.connections,
             s.source.refused,
@@ -303,13 +313,13 @@ fn spf_details(b: &mut String, r: &crate::spf::validate::Report) {
         } else {
             "<span class=\"bang\">!</span> not valid"
         },
-        esc(&r.domain),
-        esc(&r.include),
+        html_escape(&r.domain),
+        html_escape(&r.include),
         r.lookups,
         r.void_lookups
     );
     for rec in &r.records {
-        let _ = write!(b, "<p>Published: <code>{}</code></p>", esc(rec));
+        let _ = write!(b, "<p>Published: <code>{}</code></p>", html_escape(rec));
     }
     if !r.findings.is_empty() {
         b.push_str("<ul class=\"findings\">");
@@ -323,10 +333,10 @@ fn spf_details(b: &mut String, r: &crate::spf::validate::Report) {
                 b,
                 "<li class=\"{class}\" data-code=\"{}\">{class}: {}{}</li>",
                 f.code,
-                esc(&f.message),
+                html_escape(&f.message),
                 f.term
                     .as_ref()
-                    .map(|t| format!(" (<code>{}</code>)", esc(t)))
+                    .map(|t| format!(" (<code>{}</code>)", html_escape(t)))
                     .unwrap_or_default()
             );
         }
@@ -335,7 +345,7 @@ fn spf_details(b: &mut String, r: &crate::spf::validate::Report) {
     let _ = write!(
         b,
         "<p>Recommended record:</p><pre class=\"recommended\">{}</pre>",
-        esc(&r.recommended)
+        html_escape(&r.recommended)
     );
     b.push_str("<details><summary>Include tree</summary>");
     tree(b, &r.tree);
@@ -346,16 +356,16 @@ fn tree(b: &mut String, n: &Node) {
     let _ = write!(
         b,
         "<ul><li>{} <code>{}</code> ({} lookups{}){}",
-        esc(n.via),
-        esc(&n.domain),
+        html_escape(n.via),
+        html_escape(&n.domain),
         n.total_lookups,
         n.error
             .as_ref()
-            .map(|e| format!(", <span class=\"error\">{}</span>", esc(e)))
+            .map(|e| format!(", <span class=\"error\">{}</span>", html_escape(e)))
             .unwrap_or_default(),
         n.record
             .as_ref()
-            .map(|r| format!("<br><small>{}</small>", esc(r)))
+            .map(|r| format!("<br><small>{}</small>", html_escape(r)))
             .unwrap_or_default()
     );
     for c in &n.children {
@@ -371,23 +381,23 @@ fn connector_details(b: &mut String, v: Option<&onboarding::Verification>) {
                 b,
                 "<p id=\"connector\">Last verified {}: {}</p>",
                 when(v.at),
-                esc(&v.reason)
+                html_escape(&v.reason)
             );
             b.push_str("<table><tr><th>Route</th><th>Smart host</th><th>Reachable</th><th>STARTTLS</th><th>TLS</th><th>Certificate</th><th>Result</th></tr>");
             for h in &v.hosts {
                 let _ = write!(
                     b,
                     "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                    esc(&h.route),
-                    esc(&h.host),
+                    html_escape(&h.route),
+                    html_escape(&h.host),
                     if h.reachable { "yes" } else { "no" },
                     match h.starttls_offered { Some(true) => "offered", Some(false) => "not offered", None => "?" },
-                    esc(h.tls.as_deref().unwrap_or("none")),
+                    html_escape(h.tls.as_deref().unwrap_or("none")),
                     match h.certificate_verified { Some(true) => "verified", Some(false) => "does not verify", None => "-" },
                     if h.ok {
                         "<span class=\"tick\">✔</span>".to_string()
                     } else {
-                        format!("<span class=\"bang\">!</span> {}", esc(h.error.as_deref().unwrap_or("")))
+                        format!("<span class=\"bang\">!</span> {}", html_escape(h.error.as_deref().unwrap_or("")))
                     }
                 );
             }
@@ -420,9 +430,9 @@ fn tenant_details(b: &mut String, st: &super::AdminState) {
         let _ = write!(
             b,
             "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
-            esc(&v.name),
-            esc(&nets.join(", ")),
-            esc(&proofs.join(", "))
+            html_escape(&v.name),
+            html_escape(&nets.join(", ")),
+            html_escape(&proofs.join(", "))
         );
     }
     b.push_str("</table>");

@@ -46,7 +46,7 @@ pub struct AdminState {
     pub smtp_addrs: Vec<std::net::SocketAddr>,
 }
 
-pub type Shared = Arc<AdminState>;
+pub type Admin = Arc<AdminState>;
 
 /// An error as the API shows it: a status and a JSON body with one message.
 pub struct ApiError(pub StatusCode, pub String);
@@ -69,7 +69,7 @@ impl ApiError {
     }
 }
 
-pub fn router(state: Shared) -> Router {
+pub fn router(state: Admin) -> Router {
     let api = Router::new()
         .route("/", get(dashboard::page))
         .route("/metrics", get(metrics_text))
@@ -145,7 +145,7 @@ fn token_matches(expected: &str, given: &str) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn require_token(State(st): State<Shared>, req: Request, next: Next) -> Response {
+async fn require_token(State(st): State<Admin>, req: Request, next: Next) -> Response {
     let Some(expected) = st.config.admin.token.as_deref().filter(|t| !t.is_empty()) else {
         return next.run(req).await;
     };
@@ -161,7 +161,7 @@ async fn require_token(State(st): State<Shared>, req: Request, next: Next) -> Re
     }
 }
 
-async fn metrics_text(State(st): State<Shared>) -> impl IntoResponse {
+async fn metrics_text(State(st): State<Admin>) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,
@@ -172,7 +172,7 @@ async fn metrics_text(State(st): State<Shared>) -> impl IntoResponse {
 }
 
 /// Ready when the listeners are bound, the spool takes writes and the databases answer.
-async fn readyz(State(st): State<Shared>) -> Response {
+async fn readyz(State(st): State<Admin>) -> Response {
     let mut failing = Vec::new();
     if !st.listening.load(Ordering::Relaxed) {
         failing.push("listeners: not bound yet".to_string());

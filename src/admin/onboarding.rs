@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::activity::{Confirmation, Source, Summary};
-use super::{instructions, AdminState, ApiError, Shared};
+use super::{instructions, Admin, AdminState, ApiError};
 use crate::config::Dur;
 use crate::deliver::probe::{probe, ProbeReport};
 use crate::envelope::{now_ms, Millis};
@@ -536,7 +536,7 @@ fn wants_html(headers: &HeaderMap) -> bool {
 
 // ---- handlers ----
 
-pub async fn steps(State(st): State<Shared>) -> Result<impl IntoResponse, ApiError> {
+pub async fn steps(State(st): State<Admin>) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(compute_steps(&st).await?))
 }
 
@@ -546,7 +546,7 @@ pub struct RegionQuery {
 }
 
 pub async fn spf_all(
-    State(st): State<Shared>,
+    State(st): State<Admin>,
     Query(q): Query<RegionQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
     let region = q.region.unwrap_or_else(|| st.config.routing.region.clone());
@@ -558,7 +558,7 @@ pub async fn spf_all(
 }
 
 pub async fn spf_one(
-    State(st): State<Shared>,
+    State(st): State<Admin>,
     Path(domain): Path<String>,
     Query(q): Query<RegionQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -578,12 +578,12 @@ fn check_region(region: &str) -> Result<(), ApiError> {
         .ok_or_else(|| ApiError::bad_request(format!("unknown region `{region}`")))
 }
 
-pub async fn outbound_ips(State(st): State<Shared>) -> Result<impl IntoResponse, ApiError> {
+pub async fn outbound_ips(State(st): State<Admin>) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(outbound_ips_view(&st).await?))
 }
 
 pub async fn confirm_ips(
-    State(st): State<Shared>,
+    State(st): State<Admin>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let c = confirm(&st).await?;
@@ -597,7 +597,7 @@ pub async fn confirm_ips(
 }
 
 pub async fn verify_connector(
-    State(st): State<Shared>,
+    State(st): State<Admin>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let v = verify(&st).await?;
@@ -627,7 +627,7 @@ pub struct WindowQuery {
 }
 
 pub async fn summary(
-    State(st): State<Shared>,
+    State(st): State<Admin>,
     Query(q): Query<WindowQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
     let w = window(&q)?;
@@ -641,7 +641,7 @@ pub struct PlatformQuery {
 }
 
 pub async fn instructions(
-    State(st): State<Shared>,
+    State(st): State<Admin>,
     Query(q): Query<PlatformQuery>,
 ) -> Result<Response, ApiError> {
     let platform = q.platform.as_deref().unwrap_or("exchange");

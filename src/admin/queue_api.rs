@@ -7,7 +7,7 @@ use axum::response::IntoResponse;
 use axum::Json;
 use serde_json::json;
 
-use super::{ApiError, Shared};
+use super::{Admin, ApiError};
 use crate::envelope::QueueId;
 use crate::queue::QueueError;
 
@@ -22,13 +22,13 @@ fn queue_error(e: QueueError) -> ApiError {
     }
 }
 
-pub async fn list(State(st): State<Shared>) -> impl IntoResponse {
+pub async fn list(State(st): State<Admin>) -> impl IntoResponse {
     let messages = st.queue.list();
     Json(json!({ "count": messages.len(), "messages": messages }))
 }
 
 pub async fn show(
-    State(st): State<Shared>,
+    State(st): State<Admin>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let id = id_of(&id)?;
@@ -38,13 +38,13 @@ pub async fn show(
         .ok_or_else(|| ApiError::not_found(format!("no message {id} in the queue")))
 }
 
-pub async fn flush(State(st): State<Shared>) -> impl IntoResponse {
+pub async fn flush(State(st): State<Admin>) -> impl IntoResponse {
     let n = st.queue.flush();
     Json(json!({ "rescheduled": n }))
 }
 
 pub async fn hold(
-    State(st): State<Shared>,
+    State(st): State<Admin>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let id = id_of(&id)?;
@@ -52,7 +52,7 @@ pub async fn hold(
 }
 
 pub async fn release(
-    State(st): State<Shared>,
+    State(st): State<Admin>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let id = id_of(&id)?;
@@ -60,7 +60,7 @@ pub async fn release(
 }
 
 pub async fn remove(
-    State(st): State<Shared>,
+    State(st): State<Admin>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let id = id_of(&id)?;

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 
-use super::{ApiError, Shared};
+use super::{Admin, ApiError};
 use crate::envelope::now_ms;
 use crate::trusted::export::{csv_row, parse_since, CSV_HEADER};
 use crate::trusted::store::{Filter, Stats};
@@ -26,14 +26,14 @@ pub struct ListQuery {
     cursor: Option<String>,
 }
 
-fn store(st: &Shared) -> Result<Arc<Store>, ApiError> {
+fn store(st: &Admin) -> Result<Arc<Store>, ApiError> {
     st.trusted.clone().ok_or_else(|| {
         ApiError::not_found("the trusted-sender list is disabled (trusted.enabled = false)")
     })
 }
 
 pub async fn list(
-    State(st): State<Shared>,
+    State(st): State<Admin>,
     Query(q): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
     let store = store(&st)?;
@@ -75,7 +75,7 @@ pub async fn list(
     }
 }
 
-pub async fn stats_of(st: &Shared) -> Result<Stats, ApiError> {
+pub async fn stats_of(st: &Admin) -> Result<Stats, ApiError> {
     let store = store(st)?;
     let days = st.config.trusted.learning_days;
     tokio::task::spawn_blocking(move || store.stats(now_ms(), days))
@@ -84,6 +84,6 @@ pub async fn stats_of(st: &Shared) -> Result<Stats, ApiError> {
         .map_err(ApiError::internal)
 }
 
-pub async fn stats(State(st): State<Shared>) -> Result<impl IntoResponse, ApiError> {
+pub async fn stats(State(st): State<Admin>) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(stats_of(&st).await?))
 }
