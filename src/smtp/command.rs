@@ -120,6 +120,41 @@ impl Command {
     }
 }
 
+/// Which stage of a transaction a command line belongs to, from its verb alone, so a
+/// line too long or too broken to parse is still told apart (for the MAIL/RCPT
+/// length allowance and for labelling refusals).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Mail,
+    Rcpt,
+    Data,
+    Other,
+}
+
+impl Stage {
+    pub fn of(line: &[u8]) -> Stage {
+        let verb = line.get(..4).unwrap_or(line);
+        if verb.eq_ignore_ascii_case(b"MAIL") {
+            Stage::Mail
+        } else if verb.eq_ignore_ascii_case(b"RCPT") {
+            Stage::Rcpt
+        } else if verb.eq_ignore_ascii_case(b"DATA") || verb.eq_ignore_ascii_case(b"BDAT") {
+            Stage::Data
+        } else {
+            Stage::Other
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Stage::Mail => "mail",
+            Stage::Rcpt => "rcpt",
+            Stage::Data => "data",
+            Stage::Other => "other",
+        }
+    }
+}
+
 pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
     let line = std::str::from_utf8(line).map_err(|_| CommandError::Syntax("Invalid UTF-8"))?;
     if line.contains(['\r', '\n', '\0']) {

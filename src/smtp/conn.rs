@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
+use super::command::Stage;
 use super::data::DataReceiver;
 use super::reply::{common, Reply};
 use super::session::{Action, Completed, Session, SessionConfig, Unproven};
@@ -338,7 +339,7 @@ where
         {
             Line::TooLong => session.line_too_long(),
             Line::Complete(a, b) => {
-                let verb = verb_label(&conn.buf[a..b]);
+                let verb = Stage::of(&conn.buf[a..b]).label();
                 let admission = shared.intake.admission();
                 let action = session.command(&conn.buf[a..b], admission.is_ok());
                 count_refusal(verb, &action);
@@ -538,19 +539,6 @@ async fn prove<I, P>(
         });
     }
     session.proof_checked(unproven, &binding.verdict, binding.stripped, now_ms())
-}
-
-fn verb_label(line: &[u8]) -> &'static str {
-    let verb = line.get(..4).unwrap_or(line);
-    if verb.eq_ignore_ascii_case(b"MAIL") {
-        "mail"
-    } else if verb.eq_ignore_ascii_case(b"RCPT") {
-        "rcpt"
-    } else if verb.eq_ignore_ascii_case(b"DATA") || verb.eq_ignore_ascii_case(b"BDAT") {
-        "data"
-    } else {
-        "other"
-    }
 }
 
 fn count_refusal(stage: &'static str, action: &Action) {

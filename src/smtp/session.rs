@@ -194,9 +194,10 @@ impl Session {
     pub fn command(&mut self, line: &[u8], spool_healthy: bool) -> Action {
         // RFC 5321 §4.5.3.1.4 counts the CRLF in the 512.
         let limit = self.cfg.max_line_length - 2;
-        let is_mail_or_rcpt = line.len() >= 4
-            && (line[..4].eq_ignore_ascii_case(b"MAIL") || line[..4].eq_ignore_ascii_case(b"RCPT"));
-        let allowance = if is_mail_or_rcpt { 500 } else { 0 };
+        let allowance = match command::Stage::of(line) {
+            command::Stage::Mail | command::Stage::Rcpt => 500,
+            _ => 0,
+        };
         if line.len() > limit + allowance {
             return self.error(common::line_too_long());
         }
