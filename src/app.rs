@@ -228,13 +228,16 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let persist_activity = activity.clone();
     let ranges_task = tokio::spawn(shared_sources.clone().run(
         spf.clone(),
-        move |resolved| {
-            let a = persist_activity.clone();
-            tokio::spawn(async move {
-                if let Err(e) = a.set_meta(SHARED_RANGES_KEY, &resolved).await {
-                    tracing::warn!(error = %e, "shared ranges not persisted");
-                }
-            });
+        {
+            let tasks = tasks.clone();
+            move |resolved| {
+                let a = persist_activity.clone();
+                tasks.spawn(async move {
+                    if let Err(e) = a.set_meta(SHARED_RANGES_KEY, &resolved).await {
+                        tracing::warn!(error = %e, "shared ranges not persisted");
+                    }
+                });
+            }
         },
         stop_rx.clone(),
     ));

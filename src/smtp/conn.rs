@@ -647,9 +647,16 @@ mod tests {
     /// Runs one session over an in-memory stream; returns the client end, the
     /// intake and the task driving the server end.
     fn session() -> (DuplexStream, Arc<MemIntake>, tokio::task::JoinHandle<()>) {
+        session_with(0)
+    }
+
+    fn session_with(
+        min_data_rate: u64,
+    ) -> (DuplexStream, Arc<MemIntake>, tokio::task::JoinHandle<()>) {
         let (client, server) = tokio::io::duplex(1 << 16);
         let intake = Arc::new(MemIntake::default());
-        let sh = shared(intake.clone());
+        let mut sh = shared(intake.clone());
+        sh.min_data_rate = min_data_rate;
         let task = tokio::spawn(async move {
             let (_phase_tx, phase) = watch::channel(Phase::Running);
             let mut conn = Conn::new(server, Instant::now() + sh.session_timeout, phase);
@@ -781,5 +788,40 @@ mod tests {
         assert!(n >= 59, "{n} commands");
         assert!(t0.elapsed() >= SESSION && t0.elapsed() < SESSION + Duration::from_secs(61));
         task.await.unwrap();
+    }
+
+    /// `server.min_data_rate`: a body dripped slower than the minimum is cut with 421
+    /// 4.4.2 once the grace is used up, though every chunk beats the data timeout.
+    #[tokio::test(start_paused = true)]
+    async fn a_body_below_the_minimum_rate_is_cut() {
+        let (mut c, intake, task) = session_with(1000);
+        replies(&mut c, 1).await;
+        c.write_all(b"EHLO c.test\r\nMAIL FROM:<a@example.test>\r\nRCPT TO:<b@p.test>\r\nDATA\r\n")
+            .await
+            .unwrap();
+        assert_eq!(replies(&mut c, 4).await, [250, 250, 250, 354]);
+        let t0 = Instant::now();
+        let dripping = tokio::spawn(async move {
+            // 10 octets a second, far under 1,000.
+            for _ in 0..120 {
+                if c.write_all(b"xxxxxxxx\r\n").await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            c
+        });
+        let mut c = dripping.await.unwrap();
+        let mut rest = Vec::new();
+        let _ = c.read_to_end(&mut rest).await;
+        let text = String::from_utf8_lossy(&rest);
+        assert!(text.starts_with("421 4.4.2"), "{text}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "cut only at {:?}",
+            t0.elapsed()
+        );
+        task.await.unwrap();
+        assert!(intake.taken.lock().unwrap().is_empty());
     }
 }
