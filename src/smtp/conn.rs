@@ -343,6 +343,10 @@ where
                 let admission = shared.intake.admission();
                 let action = session.command(&conn.buf[a..b], admission.is_ok());
                 count_refusal(verb, &action);
+                if session.take_tls_refusal() {
+                    metrics::counter!("smartrelay_connections_refused_total", "reason" => "tls_required")
+                        .increment(1);
+                }
                 if let (Err(why), Action::Reply(r)) = (admission, &action) {
                     if r.code == 452 {
                         metrics::counter!("smartrelay_queue_refusals_total", "reason" => why.label())
@@ -545,10 +549,6 @@ fn count_refusal(stage: &'static str, action: &Action) {
     if let Action::Reply(r) | Action::Close(r) = action {
         if r.code >= 400 && stage != "other" {
             count(stage, r);
-        }
-        if r.code == 530 {
-            metrics::counter!("smartrelay_connections_refused_total", "reason" => "tls_required")
-                .increment(1);
         }
     }
 }

@@ -128,6 +128,9 @@ pub struct Session {
     /// MAIL FROM waiting for the sender policy's verdict.
     pending_mail: Option<(String, MailParams)>,
     errors: u32,
+    /// MAIL was just refused for want of TLS (`tls.require`): for the driver's
+    /// metrics, which must not guess it from the reply code.
+    refused_without_tls: bool,
 }
 
 impl Session {
@@ -147,7 +150,14 @@ impl Session {
             tx: None,
             pending_mail: None,
             errors: 0,
+            refused_without_tls: false,
         }
+    }
+
+    /// Whether the last command was MAIL refused because the session has no TLS;
+    /// reading it clears it.
+    pub fn take_tls_refusal(&mut self) -> bool {
+        std::mem::take(&mut self.refused_without_tls)
     }
 
     pub fn config(&self) -> &SessionConfig {
@@ -282,6 +292,7 @@ impl Session {
             return self.error(common::bad_sequence("Nested MAIL command"));
         }
         if self.cfg.tls_required && self.tls.is_none() {
+            self.refused_without_tls = true;
             return self.error(Reply::new(
                 530,
                 "5.7.0",
@@ -771,6 +782,8 @@ mod tests {
         let mut s = session_with(c);
         cmd(&mut s, "EHLO c.test");
         assert_eq!(cmd(&mut s, "MAIL FROM:<a@example.test>"), 530);
+        assert!(s.take_tls_refusal(), "the driver is told why");
+        assert!(!s.take_tls_refusal());
         assert!(matches!(s.command(b"STARTTLS", true), Action::StartTls(_)));
         s.tls_established("TLSv1.3".into());
         assert_eq!(
