@@ -473,6 +473,18 @@ mod tests {
     use crate::envelope::{QueueId, Reply};
     use crate::events::{DeliveryReport, RcptResult};
 
+    /// Runs the recorder over `events` until it has written them all.
+    async fn record_all(a: &Arc<Activity>, events: Vec<Arc<Event>>) {
+        let (tx, rx) = mpsc::channel(16);
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(a.clone().record(rx, stop_rx));
+        for e in events {
+            tx.send(e).await.unwrap();
+        }
+        drop(tx);
+        task.await.unwrap();
+    }
+
     #[test]
     fn replies_lose_their_ids() {
         assert_eq!(
@@ -533,14 +545,7 @@ mod tests {
                 ],
             })),
         ];
-        let (tx, rx) = mpsc::channel(16);
-        let (_stop_tx, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(a.clone().record(rx, stop_rx));
-        for e in events {
-            tx.send(e).await.unwrap();
-        }
-        drop(tx);
-        task.await.unwrap();
+        record_all(&a, events).await;
         let s = a.summary(Duration::from_secs(86_400)).await.unwrap();
         assert_eq!(
             (s.accepted, s.delivered, s.bounced, s.refused_connections),
@@ -574,14 +579,7 @@ mod tests {
                 })
             })
             .collect();
-        let (tx, rx) = mpsc::channel(16);
-        let (_stop_tx, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(a.clone().record(rx, stop_rx));
-        for e in events {
-            tx.send(e).await.unwrap();
-        }
-        drop(tx);
-        task.await.unwrap();
+        record_all(&a, events).await;
         assert_eq!(a.sources().await.unwrap().len(), 2);
         let removed = a
             .prune(Duration::from_secs(30 * 86_400), now)
