@@ -1369,6 +1369,19 @@ mod tests {
         e
     }
 
+    /// Appends what a crash can leave of a commit: a message record whose head and
+    /// envelope reached the disk, but whose data blocks did not (zeros).
+    fn append_holed(f: &mut File) -> Envelope {
+        let holed = envelope(b"abcdefghij");
+        let prefix = record::message_prefix(&holed).unwrap();
+        let head =
+            record::head(Kind::Message, holed.id.as_str(), &[&prefix, b"abcdefghij"]).unwrap();
+        f.write_all(&head).unwrap();
+        f.write_all(&prefix).unwrap();
+        f.write_all(&[0u8; 10]).unwrap();
+        holed
+    }
+
     fn tempdir(name: &str) -> PathBuf {
         let d =
             std::env::temp_dir().join(format!("smartrelay-spool-{name}-{}", std::process::id()));
@@ -1479,13 +1492,7 @@ mod tests {
         f.write_all(&head).unwrap();
         f.write_all(&prefix).unwrap();
         f.write_all(b"01234").unwrap();
-        let holed = envelope(b"abcdefghij");
-        let prefix = record::message_prefix(&holed).unwrap();
-        let head =
-            record::head(Kind::Message, holed.id.as_str(), &[&prefix, b"abcdefghij"]).unwrap();
-        f.write_all(&head).unwrap();
-        f.write_all(&prefix).unwrap();
-        f.write_all(&[0u8; 10]).unwrap();
+        append_holed(&mut f);
         // A record that checks out but whose envelope is not one.
         let odd = QueueId::generate();
         let prefix = record::message_prefix(&serde_json::json!({})).unwrap();
@@ -1822,13 +1829,7 @@ mod tests {
         }
         let seg = segments(&dir).pop().unwrap();
         let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
-        let holed = envelope(b"abcdefghij");
-        let prefix = record::message_prefix(&holed).unwrap();
-        let head =
-            record::head(Kind::Message, holed.id.as_str(), &[&prefix, b"abcdefghij"]).unwrap();
-        f.write_all(&head).unwrap();
-        f.write_all(&prefix).unwrap();
-        f.write_all(&[0u8; 10]).unwrap();
+        let holed = append_holed(&mut f);
         drop(f);
         let spool = FileSpool::open(&dir).unwrap();
         assert_eq!(recovered(&spool).len(), 2);
