@@ -92,13 +92,9 @@ impl super::pool::Pooled for Connection {
     fn used(&mut self, now: Instant) {
         self.last_used = now;
     }
-    /// Says goodbye politely without making anyone wait for it.
-    fn retire(self) {
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(5), self.client.quit()).await;
-            });
-        }
+    /// Says goodbye politely, bounded so a silent server cannot hold shutdown.
+    async fn retire(self) {
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.client.quit()).await;
     }
 }
 

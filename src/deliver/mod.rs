@@ -43,6 +43,11 @@ impl Deliverer {
         &self.connectors
     }
 
+    /// At shutdown, after the last attempt: idle upstream sessions say QUIT.
+    pub async fn close(&self, within: Duration) {
+        self.pool.close(within).await;
+    }
+
     /// Closes idle sessions now and then, for as long as the deliverer lives.
     pub fn spawn_reaper(self: &Arc<Self>, tasks: &crate::tasks::Tasks, every: Duration) {
         let weak = Arc::downgrade(self);
@@ -117,37 +122,189 @@ impl Courier for Deliverer {
         data: &Bytes,
         rcpts: &[usize],
     ) -> LegOutcome {
-        let mut last: Option<(HostPort, UpstreamError)> = None;
-        for host in self.pool.order(route) {
-            match self.on_host(route, &host, env, data, rcpts).await {
-                Ok((out, tls)) => {
-                    self.pool.mark_up(&route.name, &host);
-                    return LegOutcome {
-                        host: host.to_string(),
-                        replies: out.replies,
-                        tls,
-                        dsn_passed: out.dsn_passed,
-                    };
-                }
-                Err(e) => {
-                    tracing::warn!(queue_id = %env.id, route = %route.name, %host, error = %e, "smart host failed, trying the next");
-                    metrics::counter!("smartrelay_upstream_connection_failures_total",
-                        "route" => route.name.clone(), "host" => host.to_string())
-                    .increment(1);
-                    self.pool.mark_down(&route.name, &host);
-                    last = Some((host, e));
-                }
+        let queue_id = env.id.to_string();
+        over_hosts(&self.pool, route, &queue_id, rcpts, |host| async move {
+            self.on_host(route, &host, env, data, rcpts).await
+        })
+        .await
+    }
+}
+
+/// Failover within a route: the hosts in the pool's order (round-robin, hosts in
+/// back-off last), the first that takes the transaction wins; a host that fails is put
+/// in back-off and the next is tried. When none can, every recipient gets the last
+/// host's temporary reply.
+async fn over_hosts<C, F, Fut>(
+    pool: &Pool<C>,
+    route: &RouteTarget,
+    queue_id: &str,
+    rcpts: &[usize],
+    mut attempt: F,
+) -> LegOutcome
+where
+    C: pool::Pooled,
+    F: FnMut(HostPort) -> Fut,
+    Fut: std::future::Future<Output = Result<(transaction::TxOutcome, bool), UpstreamError>>,
+{
+    let mut last: Option<(HostPort, UpstreamError)> = None;
+    for host in pool.order(route) {
+        match attempt(host.clone()).await {
+            Ok((out, tls)) => {
+                pool.mark_up(&route.name, &host);
+                return LegOutcome {
+                    host: host.to_string(),
+                    replies: out.replies,
+                    tls,
+                    dsn_passed: out.dsn_passed,
+                };
+            }
+            Err(e) => {
+                tracing::warn!(queue_id, route = %route.name, %host, error = %e, "smart host failed, trying the next");
+                metrics::counter!("smartrelay_upstream_connection_failures_total",
+                    "route" => route.name.clone(), "host" => host.to_string())
+                .increment(1);
+                pool.mark_down(&route.name, &host);
+                last = Some((host, e));
             }
         }
-        let reply = match &last {
-            Some((host, e)) => e.reply(host),
-            None => Reply::new(451, "4.4.1", "route has no hosts"),
-        };
-        LegOutcome {
-            host: String::new(),
-            replies: rcpts.iter().map(|&i| (i, reply.clone())).collect(),
-            tls: false,
+    }
+    let reply = match &last {
+        Some((host, e)) => e.reply(host),
+        None => Reply::new(451, "4.4.1", "route has no hosts"),
+    };
+    LegOutcome {
+        host: String::new(),
+        replies: rcpts.iter().map(|&i| (i, reply.clone())).collect(),
+        tls: false,
+        dsn_passed: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use tokio::time::Instant;
+
+    /// No session at all: the failover loop never touches one.
+    struct Nothing;
+
+    impl pool::Pooled for Nothing {
+        fn created(&self) -> Instant {
+            Instant::now()
+        }
+        fn last_used(&self) -> Instant {
+            Instant::now()
+        }
+        fn messages(&self) -> u32 {
+            0
+        }
+        fn used(&mut self, _: Instant) {}
+        fn retire(self) -> impl std::future::Future<Output = ()> + Send + 'static {
+            std::future::ready(())
+        }
+    }
+
+    fn route(hosts: &[&str]) -> RouteTarget {
+        RouteTarget {
+            name: "eu".into(),
+            hosts: hosts
+                .iter()
+                .map(|h| HostPort::parse(&format!("{h}:25")).unwrap())
+                .collect(),
+            tls: crate::regions::TlsMode::Opportunistic,
+            ca_file: None,
+            tls_name: None,
+            auth: None,
+        }
+    }
+
+    fn pool() -> Pool<Nothing> {
+        Pool::new(PoolSettings {
+            max_per_host: 2,
+            max_messages: 100,
+            max_age: Duration::from_secs(600),
+            idle_timeout: Duration::from_secs(60),
+            backoff: Duration::from_secs(30),
+        })
+    }
+
+    fn accepted(rcpts: &[usize]) -> transaction::TxOutcome {
+        transaction::TxOutcome {
+            replies: rcpts
+                .iter()
+                .map(|&i| (i, Reply::new(250, "2.0.0", "queued")))
+                .collect(),
+            reusable: true,
             dsn_passed: false,
         }
+    }
+
+    /// Runs one leg, failing on the hosts in `down`, and returns the hosts tried.
+    async fn leg(
+        pool: &Pool<Nothing>,
+        r: &RouteTarget,
+        down: &[&str],
+    ) -> (LegOutcome, Vec<String>) {
+        let tried = Mutex::new(Vec::new());
+        let out = over_hosts(pool, r, "Q1", &[0, 1], |host| {
+            let name = host.host.clone();
+            tried.lock().unwrap().push(name.clone());
+            let fails = down.contains(&name.as_str());
+            async move {
+                if fails {
+                    Err(UpstreamError::Connect("refused".into()))
+                } else {
+                    Ok((accepted(&[0, 1]), true))
+                }
+            }
+        })
+        .await;
+        (out, tried.into_inner().unwrap())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failover_backoff_and_recovery() {
+        let p = pool();
+        let r = route(&["a.test", "b.test"]);
+        // a fails: b takes it, in the same leg.
+        let (out, tried) = leg(&p, &r, &["a.test"]).await;
+        assert_eq!(tried, ["a.test", "b.test"]);
+        assert_eq!(out.host, "b.test:25");
+        assert!(out.replies.iter().all(|(_, rep)| rep.code == 250));
+        // While a is in back-off it is tried last, whatever the round-robin says.
+        for _ in 0..3 {
+            let (_, tried) = leg(&p, &r, &[]).await;
+            assert_eq!(tried, ["b.test"]);
+        }
+        // After the back-off, a is back in rotation.
+        tokio::time::advance(Duration::from_secs(31)).await;
+        let mut firsts = Vec::new();
+        for _ in 0..2 {
+            firsts.push(leg(&p, &r, &[]).await.1[0].clone());
+        }
+        firsts.sort();
+        assert_eq!(firsts, ["a.test", "b.test"], "round-robin over both");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_host_down_gives_each_recipient_the_last_temporary_reply() {
+        let p = pool();
+        let r = route(&["a.test", "b.test"]);
+        let (out, tried) = leg(&p, &r, &["a.test", "b.test"]).await;
+        assert_eq!(tried.len(), 2);
+        assert_eq!(out.host, "");
+        assert_eq!(out.replies.len(), 2);
+        for (_, rep) in &out.replies {
+            assert_eq!((rep.code, rep.esc.as_deref()), (451, Some("4.4.1")));
+            assert!(rep.text.contains(&tried[1]), "{}", rep.text);
+        }
+        // Both in back-off: still tried (last), not skipped, on the next leg.
+        let (out, tried) = leg(&p, &r, &[]).await;
+        assert_eq!(tried.len(), 1);
+        assert!(out.replies.iter().all(|(_, rep)| rep.code == 250));
+        let empty = route(&[]);
+        let (out, _) = leg(&p, &empty, &[]).await;
+        assert_eq!(out.replies[0].1.text, "route has no hosts");
     }
 }

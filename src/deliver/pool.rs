@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::task::TaskTracker;
 // tokio's clock: the unit tests below run back-off and retirement on the paused clock.
 use tokio::time::Instant;
 
@@ -21,7 +22,8 @@ pub trait Pooled: Send + 'static {
     fn last_used(&self) -> Instant;
     fn messages(&self) -> u32;
     fn used(&mut self, now: Instant);
-    fn retire(self);
+    /// The goodbye (QUIT); the pool runs it on a task it owns and waits for at close.
+    fn retire(self) -> impl std::future::Future<Output = ()> + Send + 'static;
 }
 
 #[derive(Debug, Clone)]
@@ -46,6 +48,8 @@ pub struct Pool<C = Connection> {
     settings: PoolSettings,
     slots: Mutex<Slots<C>>,
     round_robin: Mutex<HashMap<String, Arc<AtomicUsize>>>,
+    /// The QUITs of retired sessions in flight.
+    retiring: TaskTracker,
 }
 
 /// A session checked out of the pool, with the permit that counts it.
@@ -61,6 +65,45 @@ impl<C: Pooled> Pool<C> {
             settings,
             slots: Mutex::new(HashMap::new()),
             round_robin: Mutex::new(HashMap::new()),
+            retiring: TaskTracker::new(),
+        }
+    }
+
+    fn all_slots(&self) -> Vec<Arc<HostSlot<C>>> {
+        self.slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    fn retire(&self, conn: C) {
+        self.retiring.spawn(conn.retire());
+    }
+
+    /// At shutdown: every idle session says QUIT, and the goodbyes in flight finish,
+    /// within `within`.
+    pub async fn close(&self, within: Duration) {
+        let slots = self.all_slots();
+        for slot in slots {
+            let idle: Vec<C> = slot
+                .idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .drain(..)
+                .collect();
+            idle.into_iter().for_each(|c| self.retire(c));
+        }
+        self.retiring.close();
+        if tokio::time::timeout(within, self.retiring.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = self.retiring.len(),
+                "upstream sessions not closed in time"
+            );
         }
     }
 
@@ -132,7 +175,7 @@ impl<C: Pooled> Pool<C> {
                     _permit: permit,
                 };
             }
-            conn.retire();
+            self.retire(conn);
         }
         Lease {
             conn: None,
@@ -155,7 +198,7 @@ impl<C: Pooled> Pool<C> {
                 .unwrap_or_else(|e| e.into_inner())
                 .push(conn);
         } else {
-            conn.retire();
+            self.retire(conn);
         }
     }
 
@@ -168,18 +211,12 @@ impl<C: Pooled> Pool<C> {
     /// Closes sessions idle for longer than `idle_timeout`, with a QUIT.
     pub fn reap(&self) {
         let now = Instant::now();
-        let slots: Vec<Arc<HostSlot<C>>> = self
-            .slots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let slots = self.all_slots();
         for slot in slots {
             let mut idle = slot.idle.lock().unwrap_or_else(|e| e.into_inner());
             let (keep, old): (Vec<C>, Vec<C>) = idle.drain(..).partition(|c| self.usable(c, now));
             *idle = keep;
-            old.into_iter().for_each(C::retire);
+            old.into_iter().for_each(|c| self.retire(c));
         }
     }
 }
@@ -212,8 +249,9 @@ mod tests {
         fn used(&mut self, now: Instant) {
             self.last_used = now;
         }
-        fn retire(self) {
+        fn retire(self) -> impl std::future::Future<Output = ()> + Send + 'static {
             self.retired.lock().unwrap().push(self.n);
+            std::future::ready(())
         }
     }
 

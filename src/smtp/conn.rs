@@ -13,7 +13,7 @@ use tokio::sync::watch;
 
 use super::command::Stage;
 use super::data::DataReceiver;
-use super::reply::{common, Reply};
+use super::reply::{common, WireReply};
 use super::session::{Action, Completed, Session, SessionConfig, Unproven};
 use crate::envelope::{now_ms, QueueId};
 use crate::events::{Event, EventBus, TenantProof};
@@ -94,7 +94,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         self.stream
     }
 
-    fn queue_reply(&mut self, r: &Reply) {
+    fn queue_reply(&mut self, r: &WireReply) {
         r.write_to(&mut self.out);
     }
 
@@ -117,7 +117,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 
     /// Sends a last reply and gives up on errors: the connection is closing anyway.
-    async fn final_reply(&mut self, r: &Reply) {
+    async fn final_reply(&mut self, r: &WireReply) {
         self.queue_reply(r);
         let _ = self.flush(Duration::from_secs(5)).await;
         let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.shutdown()).await;
@@ -392,7 +392,7 @@ where
             Action::ReadChunk { size, last, keep } => {
                 if size > 2 * session.config().max_message_size && !keep {
                     // Reading gigabytes only to throw them away helps nobody.
-                    conn.final_reply(&Reply::new(
+                    conn.final_reply(&WireReply::new(
                         552,
                         "5.3.4",
                         "Chunk exceeds the maximum message size, closing connection",
@@ -453,7 +453,7 @@ where
 }
 
 /// Hands a message to the queue; the reply says whether it is on disk.
-async fn submit<I, P>(session: &mut Session, shared: &Shared<I, P>, sub: Submission) -> Reply
+async fn submit<I, P>(session: &mut Session, shared: &Shared<I, P>, sub: Submission) -> WireReply
 where
     I: Intake,
 {
@@ -554,7 +554,7 @@ fn count_refusal(stage: &'static str, action: &Action) {
 }
 
 /// Refusals are labelled by stage and enhanced status code: a small, fixed set.
-fn count(stage: &'static str, r: &Reply) {
+fn count(stage: &'static str, r: &WireReply) {
     let reason = if r.esc.is_empty() { "none" } else { r.esc };
     metrics::counter!("smartrelay_messages_refused_total", "stage" => stage, "reason" => reason)
         .increment(1);

@@ -11,6 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
+use tokio_util::task::TaskTracker;
 
 use super::conn::{drive, Conn, Exit, Phase, Shared};
 use super::session::{Session, SourceKind};
@@ -175,6 +176,8 @@ pub struct Listener<I, P> {
     pub gate: Arc<Gate>,
     /// For STARTTLS on plain listeners and for implicit TLS listeners.
     pub tls: Option<TlsAcceptor>,
+    /// Every session task and every polite refusal: shutdown waits for them.
+    pub sessions: TaskTracker,
 }
 
 impl<I: Intake, P: SenderPolicy> Listener<I, P> {
@@ -233,7 +236,7 @@ impl<I: Intake, P: SenderPolicy> Listener<I, P> {
                 match self.gate.slots.clone().try_acquire_owned() {
                     Ok(permit) => {
                         let hostname = self.shared.cfg.hostname.clone();
-                        tokio::spawn(async move {
+                        self.sessions.spawn(async move {
                             refuse_politely(stream, ip, &hostname).await;
                             drop(permit);
                         });
@@ -262,7 +265,8 @@ impl<I: Intake, P: SenderPolicy> Listener<I, P> {
             refused: None,
         });
         let guard = SessionGuard::new(admission, &stream, implicit_tls);
-        tokio::spawn(async move {
+        let sessions = self.sessions.clone();
+        sessions.spawn(async move {
             self.session(stream, ip, kind, implicit_tls, phase, &guard)
                 .await;
             drop(guard);

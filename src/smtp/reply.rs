@@ -1,9 +1,10 @@
-//! Server replies: code, enhanced status code (RFC 3463) and text, written in wire form.
+//! The replies this server writes to its clients (`WireReply`; the replies recorded
+//! from upstream servers are `envelope::Reply`): code, enhanced status code (RFC 3463) and text, written in wire form.
 
 use std::borrow::Cow;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reply {
+pub struct WireReply {
     pub code: u16,
     /// Enhanced status code, empty for replies that carry none (220, 221 banners are
     /// allowed one, but greetings and EHLO lines traditionally omit it).
@@ -11,17 +12,17 @@ pub struct Reply {
     pub lines: Vec<Cow<'static, str>>,
 }
 
-impl Reply {
-    pub fn new(code: u16, esc: &'static str, text: impl Into<Cow<'static, str>>) -> Reply {
-        Reply {
+impl WireReply {
+    pub fn new(code: u16, esc: &'static str, text: impl Into<Cow<'static, str>>) -> WireReply {
+        WireReply {
             code,
             esc,
             lines: vec![text.into()],
         }
     }
 
-    pub fn multi(code: u16, lines: Vec<Cow<'static, str>>) -> Reply {
-        Reply {
+    pub fn multi(code: u16, lines: Vec<Cow<'static, str>>) -> WireReply {
+        WireReply {
             code,
             esc: "",
             lines,
@@ -54,38 +55,38 @@ impl Reply {
 
 /// The replies used in more than one place, so their wording stays the same.
 pub mod common {
-    use super::Reply;
+    use super::WireReply;
 
-    pub fn ok() -> Reply {
-        Reply::new(250, "2.0.0", "Ok")
+    pub fn ok() -> WireReply {
+        WireReply::new(250, "2.0.0", "Ok")
     }
-    pub fn bad_sequence(what: &'static str) -> Reply {
-        Reply::new(503, "5.5.1", what)
+    pub fn bad_sequence(what: &'static str) -> WireReply {
+        WireReply::new(503, "5.5.1", what)
     }
-    pub fn line_too_long() -> Reply {
-        Reply::new(500, "5.5.2", "Line too long")
+    pub fn line_too_long() -> WireReply {
+        WireReply::new(500, "5.5.2", "Line too long")
     }
-    pub fn too_many_errors() -> Reply {
-        Reply::new(421, "4.7.0", "Too many errors, closing connection")
+    pub fn too_many_errors() -> WireReply {
+        WireReply::new(421, "4.7.0", "Too many errors, closing connection")
     }
-    pub fn timeout() -> Reply {
-        Reply::new(421, "4.4.2", "Timeout exceeded, closing connection")
+    pub fn timeout() -> WireReply {
+        WireReply::new(421, "4.4.2", "Timeout exceeded, closing connection")
     }
-    pub fn too_slow() -> Reply {
-        Reply::new(421, "4.4.2", "Data rate too low, closing connection")
+    pub fn too_slow() -> WireReply {
+        WireReply::new(421, "4.4.2", "Data rate too low, closing connection")
     }
-    pub fn shutting_down() -> Reply {
-        Reply::new(421, "4.3.0", "Service shutting down, closing connection")
+    pub fn shutting_down() -> WireReply {
+        WireReply::new(421, "4.3.0", "Service shutting down, closing connection")
     }
-    pub fn size_exceeded() -> Reply {
-        Reply::new(
+    pub fn size_exceeded() -> WireReply {
+        WireReply::new(
             552,
             "5.3.4",
             "Message size exceeds fixed maximum message size",
         )
     }
-    pub fn queue_unavailable() -> Reply {
-        Reply::new(452, "4.3.1", "Insufficient system storage, try again later")
+    pub fn queue_unavailable() -> WireReply {
+        WireReply::new(452, "4.3.1", "Insufficient system storage, try again later")
     }
 }
 
@@ -95,7 +96,7 @@ mod tests {
 
     #[test]
     fn multiline_wire_form() {
-        let r = Reply::multi(
+        let r = WireReply::multi(
             250,
             vec!["relay.test".into(), "PIPELINING".into(), "SIZE 10".into()],
         );
@@ -107,7 +108,7 @@ mod tests {
     #[test]
     fn text_cannot_inject_lines() {
         let mut out = Vec::new();
-        Reply::new(550, "5.7.1", "a\r\n250 ok").write_to(&mut out);
+        WireReply::new(550, "5.7.1", "a\r\n250 ok").write_to(&mut out);
         assert_eq!(out, b"550 5.7.1 a  250 ok\r\n");
     }
 }

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use super::command::{self, Command, CommandError, MailParams};
 use super::data::DataError;
 use super::inspect::{self, Trace};
-use super::reply::{common, Reply};
+use super::reply::{common, WireReply};
 use crate::config::BareLineEndings;
 use crate::envelope::{domain_in, BodyType, ClientInfo, Envelope, Millis, QueueId, Recipient};
 use crate::pipeline::{IntakeError, SenderVerdict, Submission};
@@ -41,16 +41,16 @@ pub struct SessionConfig {
 /// What the connection driver must do next.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Action {
-    Reply(Reply),
+    Reply(WireReply),
     /// Send the reply, then close the connection.
-    Close(Reply),
+    Close(WireReply),
     /// Send the 220, drop any input read so far, and run the TLS handshake.
-    StartTls(Reply),
+    StartTls(WireReply),
     /// Ask the sender policy about this domain, then call [`Session::sender_checked`].
     CheckSender(String),
     /// Send the 354 and read a DATA body of at most `max` octets.
     ReadData {
-        reply: Reply,
+        reply: WireReply,
         max: u64,
     },
     /// Read exactly `size` octets of a BDAT chunk; pass them on when `keep`.
@@ -74,7 +74,7 @@ pub enum SourceKind {
 /// What a finished DATA or BDAT chunk leads to: a reply, or a message to queue.
 #[derive(Debug)]
 pub enum Completed {
-    Reply(Reply),
+    Reply(WireReply),
     Submit(Box<Submission>),
     /// From a shared range: check the message's tenant proof, then call
     /// [`Session::proof_checked`].
@@ -114,7 +114,7 @@ struct Transaction {
     /// BDAT chunks so far; `Some` once the first chunk arrived.
     chunks: Option<Vec<u8>>,
     /// A BDAT chunk failed: the rest of this transaction's chunks get this reply.
-    failed: Option<Reply>,
+    failed: Option<WireReply>,
 }
 
 pub struct Session {
@@ -164,8 +164,8 @@ impl Session {
         &self.cfg
     }
 
-    pub fn greeting(&self) -> Reply {
-        Reply::new(
+    pub fn greeting(&self) -> WireReply {
+        WireReply::new(
             220,
             "",
             format!("{} ESMTP smartrelay ready", self.cfg.hostname),
@@ -227,14 +227,14 @@ impl Session {
                 Action::Reply(common::ok())
             }
             Command::Noop => Action::Reply(common::ok()),
-            Command::Quit => Action::Close(Reply::new(221, "2.0.0", "Bye")),
-            Command::Vrfy => Action::Reply(Reply::new(
+            Command::Quit => Action::Close(WireReply::new(221, "2.0.0", "Bye")),
+            Command::Vrfy => Action::Reply(WireReply::new(
                 252,
                 "2.5.2",
                 "Cannot VRFY user, but will accept message and attempt delivery",
             )),
-            Command::Expn => self.error(Reply::new(502, "5.5.1", "EXPN not available")),
-            Command::Help => Action::Reply(Reply::new(
+            Command::Expn => self.error(WireReply::new(502, "5.5.1", "EXPN not available")),
+            Command::Help => Action::Reply(WireReply::new(
                 214,
                 "2.0.0",
                 "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT STARTTLS",
@@ -249,7 +249,7 @@ impl Session {
         self.esmtp = esmtp;
         let greet = format!("{} greets {}", self.cfg.hostname, name);
         if !esmtp {
-            return Action::Reply(Reply::new(250, "", greet));
+            return Action::Reply(WireReply::new(250, "", greet));
         }
         let mut lines: Vec<Cow<'static, str>> = vec![
             greet.into(),
@@ -263,7 +263,7 @@ impl Session {
             lines.push("STARTTLS".into());
         }
         lines.extend(["CHUNKING".into(), "BINARYMIME".into(), "DSN".into()]);
-        Action::Reply(Reply::multi(250, lines))
+        Action::Reply(WireReply::multi(250, lines))
     }
 
     fn starttls(&mut self) -> Action {
@@ -271,7 +271,7 @@ impl Session {
             return self.error(common::bad_sequence("TLS already active"));
         }
         if !self.cfg.starttls {
-            return self.error(Reply::new(502, "5.5.1", "STARTTLS not available"));
+            return self.error(WireReply::new(502, "5.5.1", "STARTTLS not available"));
         }
         if self.helo.is_none() || !self.esmtp {
             return self.error(common::bad_sequence("Send EHLO first"));
@@ -281,7 +281,7 @@ impl Session {
                 "STARTTLS not allowed in a transaction",
             ));
         }
-        Action::StartTls(Reply::new(220, "2.0.0", "Ready to start TLS"))
+        Action::StartTls(WireReply::new(220, "2.0.0", "Ready to start TLS"))
     }
 
     fn mail(&mut self, sender: String, params: MailParams, spool_healthy: bool) -> Action {
@@ -293,14 +293,14 @@ impl Session {
         }
         if self.cfg.tls_required && self.tls.is_none() {
             self.refused_without_tls = true;
-            return self.error(Reply::new(
+            return self.error(WireReply::new(
                 530,
                 "5.7.0",
                 "Must issue a STARTTLS command first",
             ));
         }
         if !self.esmtp && params != MailParams::default() {
-            return self.error(Reply::new(555, "5.5.4", "ESMTP parameters need EHLO"));
+            return self.error(WireReply::new(555, "5.5.4", "ESMTP parameters need EHLO"));
         }
         if params.size.is_some_and(|s| s > self.cfg.max_message_size) {
             return self.error(common::size_exceeded());
@@ -311,7 +311,7 @@ impl Session {
         if !sender.is_empty() {
             let domain = crate::envelope::domain_of(&sender);
             if !domain_in(domain, &self.cfg.domains) {
-                return self.error(Reply::new(
+                return self.error(WireReply::new(
                     550,
                     "5.7.1",
                     format!("Sender domain {domain} is not allowed to relay through this host"),
@@ -324,22 +324,22 @@ impl Session {
             }
         }
         self.open_transaction(sender, params);
-        Action::Reply(Reply::new(250, "2.1.0", "Sender ok"))
+        Action::Reply(WireReply::new(250, "2.1.0", "Sender ok"))
     }
 
     /// The sender policy's answer to [`Action::CheckSender`].
-    pub fn sender_checked(&mut self, verdict: SenderVerdict) -> Reply {
+    pub fn sender_checked(&mut self, verdict: SenderVerdict) -> WireReply {
         let Some((sender, params)) = self.pending_mail.take() else {
             return common::bad_sequence("No MAIL pending");
         };
         match verdict {
             SenderVerdict::Accept => {
                 self.open_transaction(sender, params);
-                Reply::new(250, "2.1.0", "Sender ok")
+                WireReply::new(250, "2.1.0", "Sender ok")
             }
             SenderVerdict::Reject(why) => {
                 self.errors += 1;
-                Reply::new(550, "5.7.1", why)
+                WireReply::new(550, "5.7.1", why)
             }
         }
     }
@@ -364,18 +364,18 @@ impl Session {
             return self.error(common::bad_sequence("RCPT not allowed after BDAT"));
         }
         if !recipient.is_ascii() && !tx.params.smtputf8 {
-            return self.error(Reply::new(
+            return self.error(WireReply::new(
                 553,
                 "5.6.7",
                 "Non-ASCII recipient needs SMTPUTF8",
             ));
         }
         if (params.notify.is_some() || params.orcpt.is_some()) && !self.esmtp {
-            return self.error(Reply::new(555, "5.5.4", "ESMTP parameters need EHLO"));
+            return self.error(WireReply::new(555, "5.5.4", "ESMTP parameters need EHLO"));
         }
         if tx.recipients.len() >= max {
             // 452, not 552: RFC 5321 §4.5.3.1.10, the client sends the rest later.
-            return Action::Reply(Reply::new(452, "4.5.3", "Too many recipients"));
+            return Action::Reply(WireReply::new(452, "4.5.3", "Too many recipients"));
         }
         let address = if recipient == "postmaster" {
             format!("postmaster@{postmaster_domain}")
@@ -393,7 +393,7 @@ impl Session {
                 orcpt: params.orcpt,
             });
         }
-        Action::Reply(Reply::new(250, "2.1.5", "Recipient ok"))
+        Action::Reply(WireReply::new(250, "2.1.5", "Recipient ok"))
     }
 
     fn data(&mut self) -> Action {
@@ -408,10 +408,10 @@ impl Session {
             return self.error(common::bad_sequence("BODY=BINARYMIME requires BDAT"));
         }
         if tx.recipients.is_empty() {
-            return self.error(Reply::new(554, "5.5.1", "No valid recipients"));
+            return self.error(WireReply::new(554, "5.5.1", "No valid recipients"));
         }
         Action::ReadData {
-            reply: Reply::new(354, "", "End data with <CR><LF>.<CR><LF>"),
+            reply: WireReply::new(354, "", "End data with <CR><LF>.<CR><LF>"),
             max,
         }
     }
@@ -456,7 +456,7 @@ impl Session {
         };
         if tx.recipients.is_empty() {
             self.errors += 1;
-            return Completed::Reply(Reply::new(554, "5.5.1", "No valid recipients"));
+            return Completed::Reply(WireReply::new(554, "5.5.1", "No valid recipients"));
         }
         if let Some(failure) = tx.failed.clone() {
             if last {
@@ -466,7 +466,11 @@ impl Session {
             return Completed::Reply(failure);
         }
         if !last {
-            return Completed::Reply(Reply::new(250, "2.0.0", format!("{size} octets received")));
+            return Completed::Reply(WireReply::new(
+                250,
+                "2.0.0",
+                format!("{size} octets received"),
+            ));
         }
         let tx = self.tx.take().expect("checked above");
         let body = tx.chunks.clone().unwrap_or_default();
@@ -486,7 +490,7 @@ impl Session {
             }
             Err(DataError::BareLineEnding) => {
                 self.errors += 1;
-                Completed::Reply(Reply::new(
+                Completed::Reply(WireReply::new(
                     550,
                     "5.6.0",
                     "Message contains a bare CR or LF; lines must end with CRLF",
@@ -499,7 +503,7 @@ impl Session {
         let seen = inspect::inspect(&body);
         if seen.received_count > self.cfg.hop_limit {
             self.errors += 1;
-            return Completed::Reply(Reply::new(
+            return Completed::Reply(WireReply::new(
                 554,
                 "5.4.6",
                 format!(
@@ -538,13 +542,13 @@ impl Session {
             },
             Verdict::NotProven(_) => {
                 self.errors += 1;
-                Completed::Reply(Reply::new(
+                Completed::Reply(WireReply::new(
                     550,
                     "5.7.1",
                     "Message refused: it is not bound to this organization (no DKIM signature of its domains, tenant id or route header)",
                 ))
             }
-            Verdict::TryLater(_) => Completed::Reply(Reply::new(
+            Verdict::TryLater(_) => Completed::Reply(WireReply::new(
                 451,
                 "4.7.1",
                 "Cannot verify that the message is bound to this organization now, try again later",
@@ -601,15 +605,15 @@ impl Session {
     }
 
     /// The queue's answer for a submitted message.
-    pub fn stored(&mut self, id: &QueueId, result: &Result<(), IntakeError>) -> Reply {
+    pub fn stored(&mut self, id: &QueueId, result: &Result<(), IntakeError>) -> WireReply {
         match result {
-            Ok(()) => Reply::new(250, "2.0.0", format!("Ok: queued as {id}")),
+            Ok(()) => WireReply::new(250, "2.0.0", format!("Ok: queued as {id}")),
             Err(_) => common::queue_unavailable(),
         }
     }
 
     /// Counts a failed command; past the limit the session ends with 421.
-    fn error(&mut self, reply: Reply) -> Action {
+    fn error(&mut self, reply: WireReply) -> Action {
         self.errors += 1;
         if self.errors >= self.cfg.max_errors {
             return Action::Close(common::too_many_errors());
@@ -630,21 +634,21 @@ fn same_address(a: &str, b: &str) -> bool {
     }
 }
 
-fn command_error_reply(e: &CommandError, line: &[u8]) -> Reply {
+fn command_error_reply(e: &CommandError, line: &[u8]) -> WireReply {
     match e {
-        CommandError::Unrecognized => Reply::new(500, "5.5.1", "Command unrecognized"),
-        CommandError::NotImplemented => Reply::new(502, "5.5.1", "Command not implemented"),
-        CommandError::Syntax(why) => Reply::new(501, "5.5.4", *why),
+        CommandError::Unrecognized => WireReply::new(500, "5.5.1", "Command unrecognized"),
+        CommandError::NotImplemented => WireReply::new(502, "5.5.1", "Command not implemented"),
+        CommandError::Syntax(why) => WireReply::new(501, "5.5.4", *why),
         CommandError::BadAddress(why) => {
             let esc = if line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"MAIL") {
                 "5.1.7"
             } else {
                 "5.1.3"
             };
-            Reply::new(501, esc, *why)
+            WireReply::new(501, esc, *why)
         }
         CommandError::UnknownParam(p) => {
-            Reply::new(555, "5.5.4", format!("Unsupported parameter {p}"))
+            WireReply::new(555, "5.5.4", format!("Unsupported parameter {p}"))
         }
     }
 }
