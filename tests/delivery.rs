@@ -34,6 +34,7 @@ _spf.bravo IN TXT "v=spf1 include:us._netblocks.mimecast.com ~all"
 charlie IN TXT "v=spf1 include:_netblocks.mimecast.com ~all"
 none IN TXT "v=spf1 ip4:192.0.2.1 -all"
 example IN TXT "v=spf1 include:eu._netblocks.mimecast.com -all"
+denied IN TXT "v=spf1 -ip4:198.51.100.0/24 include:eu._netblocks.mimecast.com -all"
 "#,
         ),
     ])
@@ -226,6 +227,10 @@ fn unauthorized_policy_defer_and_reject() {
     );
     c.expect("MAIL FROM:<e@example.test>", 250);
     c.expect("RSET", 250);
+    // Naming the include is not enough: this record fails every gateway address, so
+    // receivers would fail what the gateway relays.
+    let r = c.cmd("MAIL FROM:<d@denied.test>");
+    assert_eq!(r.code, 550, "{r:?}");
     c.expect("MAIL FROM:<>", 250);
 }
 

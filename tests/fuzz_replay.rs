@@ -49,6 +49,11 @@ fn spf() {
 }
 
 #[test]
+fn spf_eval() {
+    replay("spf_eval", targets::spf_eval);
+}
+
+#[test]
 fn spool() {
     replay("spool", targets::spool);
 }

@@ -346,6 +346,12 @@ fn dashboard_in_a_real_browser() {
     assert!(dom.contains(r#"<span class="bang">!</span> not valid SPF for broken.test"#));
     assert!(dom.contains(r#"<span class="tick">✔</span> valid SPF for example.test"#));
     assert!(dom.contains(r#"data-code="gateway_include_not_first""#));
+    // The receivers' verdict, range by range.
+    assert!(
+        dom.contains(r#"class="gateway-pass" data-verdict="all""#),
+        "{dom}"
+    );
+    assert!(dom.contains("<td>198.51.100.0/24</td><td>198.51.100.1</td><td>pass</td>"));
     assert!(
         dom.contains("v=spf1 include:eu._netblocks.mimecast.com ip4:192.0.2.1 ~all"),
         "recommended record shown"

@@ -229,6 +229,18 @@ fn scenario_zone() -> String {
         &[r#""v=spf1 include:eu._netblocks.mimecast.com -all""#],
     );
     add(&mut z, "broken", &[r#""v=spf1 ip4:192.0.2.10 ~all""#]);
+    // Names the include, but denies one of the gateway's ranges before it.
+    add(
+        &mut z,
+        "denyfirst",
+        &[r#""v=spf1 -ip4:198.51.101.0/24 include:eu._netblocks.mimecast.com -all""#],
+    );
+    add(
+        &mut z,
+        "existsdeny",
+        &[r#""v=spf1 -exists:%{i}.deny.test include:eu._netblocks.mimecast.com -all""#],
+    );
+    z.push_str("198.51.100.1.deny IN A 127.0.0.2\n");
     z
 }
 
@@ -237,7 +249,7 @@ fn dns() -> Dns {
         (
             "mimecast.com",
             r#"
-eu._netblocks IN TXT "v=spf1 ip4:198.51.100.0/24 ~all"
+eu._netblocks IN TXT "v=spf1 ip4:198.51.100.0/24 ip4:198.51.101.0/24 ~all"
 de._netblocks IN TXT "v=spf1 ip4:203.0.113.0/24 ~all"
 _netblocks IN TXT "v=spf1 include:eu._netblocks.mimecast.com include:de._netblocks.mimecast.com include:us._netblocks.mimecast.com ~all"
 us._netblocks IN TXT "v=spf1 ip4:192.0.2.128/25 ~all"
@@ -292,14 +304,26 @@ fn spf_scenarios_through_the_cli() {
         (
             "missing.test",
             false,
-            vec!["gateway_include_missing"],
+            vec!["gateway_include_missing", "gateway_not_passing"],
             vec![],
         ),
         (
             "afterall.test",
             false,
-            vec!["gateway_include_after_all"],
+            vec!["gateway_include_after_all", "gateway_not_passing"],
             vec!["terms_after_all"],
+        ),
+        (
+            "denyfirst.test",
+            false,
+            vec!["gateway_include_not_first", "gateway_not_passing"],
+            vec![],
+        ),
+        (
+            "existsdeny.test",
+            false,
+            vec!["gateway_include_not_first", "gateway_not_passing"],
+            vec![],
         ),
         ("tworecords.test", false, vec!["multiple_records"], vec![]),
         ("norecord.test", false, vec!["no_record"], vec![]),
@@ -343,7 +367,7 @@ fn spf_scenarios_through_the_cli() {
         (
             "otherregion.test",
             false,
-            vec!["gateway_include_missing"],
+            vec!["gateway_include_missing", "gateway_not_passing"],
             vec!["other_region_include"],
         ),
         ("nested.test", false, vec!["gateway_include_nested"], vec![]),
@@ -379,6 +403,65 @@ fn spf_scenarios_through_the_cli() {
         })
         .collect();
     let reports: HashMap<&str, Value> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    // The receivers' verdict, range by range: one address of each published range,
+    // evaluated against the domain's record.
+    let verdict = |d: &str| {
+        reports[d]["gateway_pass"]["verdict"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let ranges = |d: &str| {
+        reports[d]["gateway_pass"]["ranges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} {} {} {}",
+                    r["range"].as_str().unwrap(),
+                    r["address"].as_str().unwrap(),
+                    r["result"].as_str().unwrap(),
+                    r["mechanism"].as_str().unwrap_or("-")
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(verdict("valid.test"), "all");
+    assert_eq!(
+        ranges("valid.test"),
+        [
+            "198.51.100.0/24 198.51.100.1 pass include:eu._netblocks.mimecast.com",
+            "198.51.101.0/24 198.51.101.1 pass include:eu._netblocks.mimecast.com"
+        ]
+    );
+    assert_eq!(verdict("denyfirst.test"), "some");
+    assert_eq!(
+        ranges("denyfirst.test")[1],
+        "198.51.101.0/24 198.51.101.1 fail -ip4:198.51.101.0/24"
+    );
+    assert_eq!(verdict("existsdeny.test"), "some");
+    assert_eq!(
+        ranges("existsdeny.test")[0],
+        "198.51.100.0/24 198.51.100.1 fail -exists:%{i}.deny.test"
+    );
+    let broken: Vec<&Value> = reports["existsdeny.test"]["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["code"] == "gateway_not_passing")
+        .collect();
+    assert_eq!(broken.len(), 1);
+    assert_eq!(broken[0]["term"], "-exists:%{i}.deny.test");
+    assert_eq!(verdict("missing.test"), "none");
+    assert_eq!(verdict("otherregion.test"), "none");
+    // A macro term is evaluated now, not reported as unevaluated.
+    assert!(!reports["existsdeny.test"]
+        .to_string()
+        .contains("macro_not_evaluated"));
+    // A record that does not evaluate has its own error; its ranges say permerror.
+    assert_eq!(verdict("tworecords.test"), "none");
+    assert_eq!(verdict("nested.test"), "all");
     assert_eq!(reports["eleven.test"]["lookups"], 11);
     assert_eq!(reports["voids.test"]["void_lookups"], 3);
     assert_eq!(
@@ -555,6 +638,11 @@ fn onboarding_api_steps_confirmation_and_flow() {
         one["recommended"],
         "v=spf1 include:eu._netblocks.mimecast.com ip4:192.0.2.10 ~all"
     );
+    // Without the include, receivers softfail what the gateway relays.
+    assert_eq!(one["gateway_pass"]["verdict"], "none", "{one:#}");
+    assert_eq!(one["gateway_pass"]["ranges"][0]["address"], "198.51.100.1");
+    assert_eq!(one["gateway_pass"]["ranges"][0]["result"], "softfail");
+    assert_eq!(one["gateway_pass"]["ranges"][0]["mechanism"], "~all");
     let (_, all) = relay.get("/api/v1/onboarding/spf");
     assert_eq!(all["domains"].as_array().unwrap().len(), 2);
     assert_eq!(

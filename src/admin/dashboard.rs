@@ -342,6 +342,7 @@ fn spf_details(b: &mut String, r: &crate::spf::validate::Report) {
         }
         b.push_str("</ul>");
     }
+    gateway_pass(b, &r.gateway_pass);
     let _ = write!(
         b,
         "<p>Recommended record:</p><pre class=\"recommended\">{}</pre>",
@@ -350,6 +351,40 @@ fn spf_details(b: &mut String, r: &crate::spf::validate::Report) {
     b.push_str("<details><summary>Include tree</summary>");
     tree(b, &r.tree);
     b.push_str("</details>");
+}
+
+/// The receivers' result for each gateway range.
+fn gateway_pass(b: &mut String, p: &crate::spf::gateway::GatewayPass) {
+    use crate::spf::gateway::Verdict;
+    let verdict = match p.verdict {
+        Verdict::All => "all",
+        Verdict::Some => "some",
+        Verdict::None => "none",
+        Verdict::Unknown => "unknown",
+    };
+    let _ = write!(
+        b,
+        "<p class=\"gateway-pass\" data-verdict=\"{verdict}\">Receivers pass gateway-relayed mail for <b>{verdict}</b> of the gateway's ranges.</p>"
+    );
+    if p.ranges.is_empty() {
+        return;
+    }
+    b.push_str("<table class=\"gateway-ranges\"><tr><th>Range</th><th>Address</th><th>Result</th><th>Decided by</th></tr>");
+    for r in &p.ranges {
+        let _ = write!(
+            b,
+            "<tr data-result=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            r.result,
+            r.range,
+            r.address,
+            r.result,
+            r.mechanism
+                .as_ref()
+                .map(|t| format!("<code>{}</code>", html_escape(t)))
+                .unwrap_or_else(|| "no term matched".into())
+        );
+    }
+    b.push_str("</table>");
 }
 
 fn tree(b: &mut String, n: &Node) {

@@ -1,13 +1,13 @@
-//! The three DNS questions SPF asks, behind a trait so the walker is testable with a
-//! zone in memory; the real implementation is hickory's resolver.
+//! The DNS questions SPF asks, behind a trait so the walker and the evaluator are
+//! testable with a zone in memory; the real implementation is hickory's resolver.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
-use hickory_resolver::proto::rr::{RData, RecordType};
+use hickory_resolver::proto::rr::{Name, RData, RecordType};
 use hickory_resolver::TokioResolver;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,10 +37,33 @@ pub struct TxtAnswer {
 
 pub trait SpfDns: Send + Sync + 'static {
     fn txt(&self, name: &str) -> impl Future<Output = Result<TxtAnswer, DnsFailure>> + Send;
-    /// Number of A and AAAA records.
-    fn addresses(&self, name: &str) -> impl Future<Output = Result<usize, DnsFailure>> + Send;
-    /// MX exchange names.
+    fn a(&self, name: &str) -> impl Future<Output = Result<Vec<Ipv4Addr>, DnsFailure>> + Send;
+    fn aaaa(&self, name: &str) -> impl Future<Output = Result<Vec<Ipv6Addr>, DnsFailure>> + Send;
+    /// MX exchange names, without the trailing dot.
     fn mx(&self, name: &str) -> impl Future<Output = Result<Vec<String>, DnsFailure>> + Send;
+    /// PTR names of an address (the `in-addr.arpa`/`ip6.arpa` question), without the
+    /// trailing dot.
+    fn ptr(&self, ip: IpAddr) -> impl Future<Output = Result<Vec<String>, DnsFailure>> + Send;
+
+    /// Number of A and AAAA records: whether a name exists as a host, for the walker.
+    fn addresses(&self, name: &str) -> impl Future<Output = Result<usize, DnsFailure>> + Send {
+        async move {
+            let v4 = self.a(name).await;
+            if let Err(e) = &v4 {
+                if !e.is_void() {
+                    return Err(e.clone());
+                }
+            }
+            let v6 = self.aaaa(name).await;
+            match (v4, v6) {
+                (Ok(a), Ok(b)) => Ok(a.len() + b.len()),
+                (Ok(a), Err(_)) => Ok(a.len()),
+                (Err(_), Ok(b)) => Ok(b.len()),
+                (Err(e), Err(DnsFailure::NoData)) => Err(e),
+                (Err(_), Err(e)) => Err(e),
+            }
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -88,12 +111,14 @@ impl HickoryDns {
     }
 
     async fn query(&self, name: &str, rtype: RecordType) -> Result<(Vec<RData>, u32), DnsFailure> {
-        let fqdn = if name.ends_with('.') {
-            name.to_string()
-        } else {
-            format!("{name}.")
+        // Labels go on the wire as they are: SPF domain-specs may hold any visible
+        // character (`foo:bar/baz.example.com`), which a host-name parser refuses. A name
+        // DNS cannot carry at all (an empty or a 64-octet label) cannot exist.
+        let labels = name.trim_end_matches('.').split('.').map(str::as_bytes);
+        let Ok(name) = Name::from_labels(labels) else {
+            return Err(DnsFailure::NxDomain);
         };
-        match self.resolver.lookup(fqdn.as_str(), rtype).await {
+        match self.resolver.lookup(name, rtype).await {
             Ok(lookup) => {
                 let ttl = lookup.answers().iter().map(|r| r.ttl).min().unwrap_or(0);
                 let data: Vec<RData> = lookup
@@ -135,21 +160,37 @@ impl SpfDns for HickoryDns {
         Ok(TxtAnswer { records, ttl })
     }
 
-    async fn addresses(&self, name: &str) -> Result<usize, DnsFailure> {
-        let v4 = self.query(name, RecordType::A).await;
-        if let Err(e) = &v4 {
-            if !e.is_void() {
-                return Err(e.clone());
-            }
-        }
-        let v6 = self.query(name, RecordType::AAAA).await;
-        match (v4, v6) {
-            (Ok((a, _)), Ok((b, _))) => Ok(a.len() + b.len()),
-            (Ok((a, _)), Err(_)) => Ok(a.len()),
-            (Err(_), Ok((b, _))) => Ok(b.len()),
-            (Err(e), Err(DnsFailure::NoData)) => Err(e),
-            (Err(_), Err(e)) => Err(e),
-        }
+    async fn a(&self, name: &str) -> Result<Vec<Ipv4Addr>, DnsFailure> {
+        let (data, _) = self.query(name, RecordType::A).await?;
+        Ok(data
+            .into_iter()
+            .filter_map(|d| match d {
+                RData::A(a) => Some(a.0),
+                _ => None,
+            })
+            .collect())
+    }
+
+    async fn aaaa(&self, name: &str) -> Result<Vec<Ipv6Addr>, DnsFailure> {
+        let (data, _) = self.query(name, RecordType::AAAA).await?;
+        Ok(data
+            .into_iter()
+            .filter_map(|d| match d {
+                RData::AAAA(a) => Some(a.0),
+                _ => None,
+            })
+            .collect())
+    }
+
+    async fn ptr(&self, ip: IpAddr) -> Result<Vec<String>, DnsFailure> {
+        let (data, _) = self.query(&reverse_name(ip), RecordType::PTR).await?;
+        Ok(data
+            .into_iter()
+            .filter_map(|d| match d {
+                RData::PTR(p) => Some(p.0.to_utf8().trim_end_matches('.').to_string()),
+                _ => None,
+            })
+            .collect())
     }
 
     async fn mx(&self, name: &str) -> Result<Vec<String>, DnsFailure> {
@@ -161,5 +202,52 @@ impl SpfDns for HickoryDns {
                 _ => None,
             })
             .collect())
+    }
+}
+
+/// The PTR question for an address: `4.3.2.1.in-addr.arpa`, or 32 nibbles under
+/// `ip6.arpa`.
+pub fn reverse_name(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, c, d] = v4.octets();
+            format!("{d}.{c}.{b}.{a}.in-addr.arpa")
+        }
+        IpAddr::V6(v6) => {
+            let mut out = String::with_capacity(72);
+            for n in nibbles(v6).iter().rev() {
+                out.push(char::from_digit(u32::from(*n), 16).unwrap_or('0'));
+                out.push('.');
+            }
+            out.push_str("ip6.arpa");
+            out
+        }
+    }
+}
+
+/// The 32 nibbles of an IPv6 address, most significant first.
+pub fn nibbles(v6: Ipv6Addr) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    for (i, byte) in v6.octets().iter().enumerate() {
+        out[2 * i] = byte >> 4;
+        out[2 * i + 1] = byte & 0x0f;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reverse_names() {
+        assert_eq!(
+            reverse_name("192.0.2.3".parse().unwrap()),
+            "3.2.0.192.in-addr.arpa"
+        );
+        assert_eq!(
+            reverse_name("2001:db8::cb01".parse().unwrap()),
+            "1.0.b.c.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa"
+        );
     }
 }

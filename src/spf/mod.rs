@@ -3,6 +3,8 @@
 //! reaches this module only through [`SpfLookup`](crate::pipeline::SpfLookup).
 
 pub mod dns;
+pub mod eval;
+pub mod gateway;
 pub mod macros;
 pub mod record;
 pub mod validate;
@@ -54,9 +56,62 @@ impl<D: SpfDns> SpfService<D> {
         }
     }
 
-    /// The onboarding report for `domain` against `region`'s include.
+    /// RFC 7208 `check_host()` for one message, bounded by the whole-evaluation timeout
+    /// (a temperror when it runs out).
+    pub async fn evaluate(&self, query: &eval::Query) -> eval::Evaluation {
+        match tokio::time::timeout(self.timeout, eval::check_host(&self.dns, query)).await {
+            Ok(e) => e,
+            Err(_) => eval::Evaluation {
+                result: eval::SpfResult::TempError,
+                explanation: format!(
+                    "SPF evaluation did not finish within {}s",
+                    self.timeout.as_secs()
+                ),
+                mechanism: None,
+                domain: eval::identity(query).1,
+                lookups: 0,
+                void_lookups: 0,
+            },
+        }
+    }
+
+    /// The onboarding report for `domain` against `region`'s include, with the
+    /// receivers' verdict for each address range the gateway publishes for the region.
     pub async fn check(&self, domain: &str, region: &str) -> validate::Report {
-        validate::validate(self.walk(domain).await, region)
+        let report = validate::validate(self.walk(domain).await, region);
+        let pass = self.gateway_pass(domain, region).await;
+        report.with_gateway_pass(pass)
+    }
+
+    /// `check_host()` of `domain`'s record for one address of each of the region's
+    /// ranges, as a receiver of gateway-relayed mail from `postmaster@<domain>` runs it.
+    pub async fn gateway_pass(&self, domain: &str, region: &str) -> gateway::GatewayPass {
+        self.gateway_pass_for(domain, crate::regions::spf_include_for(region))
+            .await
+    }
+
+    /// The same for the ranges of one gateway include name.
+    async fn gateway_pass_for(&self, domain: &str, include: &str) -> gateway::GatewayPass {
+        let published = self.walk(include).await;
+        let timestamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut checks = Vec::new();
+        for range in authorized_networks(&published)
+            .into_iter()
+            .take(gateway::MAX_RANGES)
+        {
+            let address = gateway::probe_address(&range);
+            let query = eval::Query {
+                ip: address,
+                sender: format!("postmaster@{domain}"),
+                helo: domain.to_string(),
+                receiver: "unknown".into(),
+                timestamp,
+            };
+            checks.push((range, address, self.evaluate(&query).await));
+        }
+        gateway::summarize(checks)
     }
 }
 
@@ -156,8 +211,42 @@ impl<D: SpfDns> SpfLookup for SpfService<D> {
                 reason,
             });
         }
+        // The include names the region; the evaluator decides whether receivers pass
+        // what the gateway relays, the same check_host() as `spf eval`.
+        let mut include = w.authorized();
+        if let Some(found) = include {
+            let name = match found {
+                crate::regions::GatewayInclude::Region(r) => crate::regions::spf_include_for(r),
+                crate::regions::GatewayInclude::Global => crate::regions::GLOBAL_INCLUDE,
+            };
+            let pass = self.gateway_pass_for(domain, name).await;
+            let temp = !pass.ranges.is_empty()
+                && pass
+                    .ranges
+                    .iter()
+                    .all(|r| r.result == eval::SpfResult::TempError);
+            if temp {
+                return Err(SpfLookupError {
+                    domain: domain.to_string(),
+                    reason: "temperror evaluating the record for the gateway's addresses".into(),
+                });
+            }
+            match pass.verdict {
+                gateway::Verdict::None => {
+                    tracing::warn!(
+                        domain,
+                        "the SPF record names the gateway's include but fails every gateway range"
+                    );
+                    include = None;
+                }
+                gateway::Verdict::Some => {
+                    tracing::warn!(domain, "the SPF record fails some of the gateway's ranges");
+                }
+                gateway::Verdict::All | gateway::Verdict::Unknown => {}
+            }
+        }
         Ok(GatewayAuthorization {
-            include: w.authorized(),
+            include,
             // Bounded so a zero TTL does not mean a lookup per message, nor a long one
             // that a fixed record stays unnoticed for hours.
             ttl: Duration::from_secs(u64::from(w.ttl).clamp(30, 3600)),

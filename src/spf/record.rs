@@ -154,7 +154,9 @@ impl Record {
 /// RFC 7208 §4.5: "v=spf1" exactly, then a space or the end; case-insensitive.
 pub fn is_spf_record(txt: &str) -> bool {
     let b = txt.as_bytes();
-    b.len() >= 6 && b[..6].eq_ignore_ascii_case(b"v=spf1") && (b.len() == 6 || b[6] == b' ')
+    b.get(..6)
+        .is_some_and(|v| v.eq_ignore_ascii_case(b"v=spf1"))
+        && matches!(b.get(6), None | Some(b' '))
 }
 
 pub fn parse(record: &str) -> Record {
@@ -171,7 +173,7 @@ pub fn parse(record: &str) -> Record {
     let mut offset = 6;
     let mut seen_redirect = false;
     let mut seen_exp = false;
-    for raw in record[6..].split(' ') {
+    for raw in record.get(6..).unwrap_or("").split(' ') {
         let here = offset;
         offset += raw.len() + 1;
         if raw.is_empty() {
@@ -374,15 +376,14 @@ fn domain_arg(name: &str, arg: &str) -> Result<String, TermError> {
 type DualCidr = (Option<String>, Option<u8>, Option<u8>);
 
 fn dual_cidr_arg(arg: &str) -> Result<DualCidr, TermError> {
-    let (rest, cidr6) = match arg.find("//") {
-        Some(i) => (&arg[..i], Some(cidr_len(&arg[i + 2..], 128)?)),
+    // The lengths are a suffix of digits after `/` and `//`; a `/` followed by anything
+    // else belongs to the domain-spec, which may hold any visible character.
+    let (rest, cidr6) = match cidr_suffix(arg, "//") {
+        Some((rest, len)) => (rest, Some(cidr_len(len, 128)?)),
         None => (arg, None),
     };
-    let (rest, cidr4) = match rest.rfind('/') {
-        Some(i) if rest[i + 1..].bytes().all(|b| b.is_ascii_digit()) => {
-            (&rest[..i], Some(cidr_len(&rest[i + 1..], 32)?))
-        }
-        Some(_) => return Err(("syntax_bad_cidr", format!("bad CIDR length in `{arg}`"))),
+    let (rest, cidr4) = match cidr_suffix(rest, "/") {
+        Some((rest, len)) => (rest, Some(cidr_len(len, 32)?)),
         None => (rest, None),
     };
     let domain = match rest {
@@ -403,6 +404,20 @@ fn dual_cidr_arg(arg: &str) -> Result<DualCidr, TermError> {
         }
     };
     Ok((domain, cidr4, cidr6))
+}
+
+/// `(head, digits)` when `s` ends with `sep` and digits (or `sep` and nothing, which is
+/// then a bad length).
+fn cidr_suffix<'a>(s: &'a str, sep: &str) -> Option<(&'a str, &'a str)> {
+    let (head, tail) = s.rsplit_once(sep)?;
+    if !tail.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    // `a//64` must not read as a domain `/` with an IPv4 length `64`.
+    if sep == "/" && head.ends_with('/') {
+        return None;
+    }
+    Some((head, tail))
 }
 
 fn split_cidr<'a>(value: &'a str, max: u8, what: &str) -> Result<(&'a str, Option<u8>), TermError> {

@@ -5,6 +5,7 @@
 
 use serde::Serialize;
 
+use super::gateway::{self, GatewayPass, Verdict};
 use super::record::{self, Mechanism, Qualifier, Record, Term};
 use super::walk::{Node, SpfStatus, Walk, LOOKUP_LIMIT};
 use super::{Finding, Severity};
@@ -26,9 +27,24 @@ pub struct Report {
     pub recommended: String,
     /// Lookups the recommended record would cost.
     pub recommended_lookups: u32,
+    /// Whether receivers pass mail the gateway relays, range by range.
+    pub gateway_pass: GatewayPass,
 }
 
 impl Report {
+    /// Adds the receivers' verdict. A record that does not evaluate at all already has
+    /// its error; otherwise each range that does not pass is one, with the term that
+    /// decides it.
+    pub fn with_gateway_pass(mut self, pass: GatewayPass) -> Report {
+        if self.status == SpfStatus::Ok {
+            self.findings
+                .extend(gateway::findings(&pass, &self.domain, &self.include));
+        }
+        self.valid = !self.findings.iter().any(|f| f.severity == Severity::Error);
+        self.gateway_pass = pass;
+        self
+    }
+
     pub fn errors(&self) -> impl Iterator<Item = &Finding> {
         self.findings
             .iter()
@@ -203,6 +219,10 @@ pub fn validate(walk: Walk, region: &str) -> Report {
         tree: walk.tree,
         recommended,
         recommended_lookups,
+        gateway_pass: GatewayPass {
+            verdict: Verdict::Unknown,
+            ranges: Vec::new(),
+        },
     }
 }
 

@@ -501,11 +501,7 @@ impl<D: SpfDns> Walker<'_, D> {
                     domain,
                 ),
                 Mechanism::Exists(target) => {
-                    if super::macros::has_macros(target) {
-                        self.macro_note(domain, &p.text);
-                    } else {
-                        self.check_addresses(domain, &p.text, target).await;
-                    }
+                    self.check_addresses(domain, &p.text, target).await;
                 }
                 Mechanism::All | Mechanism::Ip4 { .. } | Mechanism::Ip6 { .. } => {}
             }
@@ -526,8 +522,8 @@ impl<D: SpfDns> Walker<'_, D> {
             if !self.count(&term, domain) {
                 return;
             }
+            // A macro target depends on each message: `eval` follows it per address.
             if super::macros::has_macros(target) {
-                self.macro_note(domain, &term);
                 return;
             }
             let target = target.trim_end_matches('.').to_ascii_lowercase();
@@ -558,8 +554,8 @@ impl<D: SpfDns> Walker<'_, D> {
         depth: u32,
         node: &mut Node,
     ) {
+        // A macro target depends on each message: `eval` follows it per address.
         if super::macros::has_macros(target) {
-            self.macro_note(domain, term);
             return;
         }
         let target = target.trim_end_matches('.').to_ascii_lowercase();
@@ -598,19 +594,9 @@ impl<D: SpfDns> Walker<'_, D> {
         node.children.push(child);
     }
 
-    fn macro_note(&mut self, domain: &str, term: &str) {
-        self.find(
-            Severity::Info,
-            "macro_not_evaluated",
-            "the term uses macros; its target depends on each message and was not looked up".into(),
-            Some(term),
-            domain,
-        );
-    }
-
     async fn check_addresses(&mut self, domain: &str, term: &str, target: &str) {
+        // A macro target depends on each message: `eval` follows it per address.
         if super::macros::has_macros(target) {
-            self.macro_note(domain, term);
             return;
         }
         match self.dns.addresses(target).await {
@@ -621,8 +607,8 @@ impl<D: SpfDns> Walker<'_, D> {
     }
 
     async fn check_mx(&mut self, domain: &str, term: &str, target: &str) {
+        // A macro target depends on each message: `eval` follows it per address.
         if super::macros::has_macros(target) {
-            self.macro_note(domain, term);
             return;
         }
         match self.dns.mx(target).await {
@@ -691,12 +677,18 @@ pub(crate) mod tests {
                 None => Err(DnsFailure::NxDomain),
             }
         }
-        async fn addresses(&self, name: &str) -> Result<usize, DnsFailure> {
+        async fn a(&self, name: &str) -> Result<Vec<std::net::Ipv4Addr>, DnsFailure> {
             if self.addresses.iter().any(|a| a == name) {
-                Ok(1)
+                Ok(vec![std::net::Ipv4Addr::new(192, 0, 2, 1)])
             } else {
                 Err(DnsFailure::NxDomain)
             }
+        }
+        async fn aaaa(&self, _name: &str) -> Result<Vec<std::net::Ipv6Addr>, DnsFailure> {
+            Err(DnsFailure::NoData)
+        }
+        async fn ptr(&self, _ip: std::net::IpAddr) -> Result<Vec<String>, DnsFailure> {
+            Err(DnsFailure::NxDomain)
         }
         async fn mx(&self, name: &str) -> Result<Vec<String>, DnsFailure> {
             self.mx.get(name).cloned().ok_or(DnsFailure::NxDomain)

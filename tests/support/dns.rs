@@ -35,15 +35,54 @@ impl Dns {
     fn serve(zones: &[(&str, &str)], fixed: Option<SocketAddr>) -> Dns {
         let mut catalog = Catalog::new();
         for (origin, body) in zones {
-            let origin = origin.trim_end_matches('.');
+            // "." is the root zone: it makes every name outside the others NXDOMAIN.
+            let fqdn = format!("{}.", origin.trim_end_matches('.')).replace("..", ".");
+            let fqdn = if fqdn == "." {
+                fqdn
+            } else {
+                fqdn.trim_start_matches('.').to_string()
+            };
+            let soa_host = if fqdn == "." {
+                "root.".to_string()
+            } else {
+                fqdn.clone()
+            };
+            // `@raw<TAB>LABELS<TAB>A<TAB>ADDRESS` lines: names whose labels hold characters a zone
+            // file cannot (':', '/', ' '), which DNS itself carries.
+            let (raw, body): (Vec<&str>, Vec<&str>) =
+                body.lines().partition(|l| l.starts_with("@raw\t"));
+            let body = body.join("\n");
             let text = format!(
-                "$ORIGIN {origin}.\n$TTL 60\n@ IN SOA ns.{origin}. hostmaster.{origin}. 1 3600 600 86400 60\n{body}\n"
+                "$ORIGIN {fqdn}\n$TTL 60\n@ IN SOA ns.{soa_host} hostmaster.{soa_host} 1 3600 600 86400 60\n{body}\n"
             );
-            let name = Name::from_ascii(format!("{origin}.")).unwrap();
+            let origin = fqdn.as_str();
+            let name = Name::from_ascii(&fqdn).unwrap();
             let (parsed_origin, records): (Name, BTreeMap<_, _>) =
                 Parser::new(text.as_str(), None, Some(name.clone()))
                     .parse()
                     .unwrap_or_else(|e| panic!("zone {origin}: {e}"));
+            let mut records = records;
+            for line in raw {
+                let parts: Vec<&str> = line.split('\t').collect();
+                let [_, labels, "A", ip] = parts.as_slice() else {
+                    panic!("`{line}`: want @raw<TAB>labels<TAB>A<TAB>ip");
+                };
+                let mut all: Vec<&[u8]> = labels.split('.').map(str::as_bytes).collect();
+                all.extend(fqdn.trim_end_matches('.').split('.').map(str::as_bytes));
+                let owner = Name::from_labels(all).unwrap();
+                let record = hickory_server::proto::rr::Record::from_rdata(
+                    owner.clone(),
+                    60,
+                    hickory_server::proto::rr::RData::A(ip.parse().unwrap()),
+                );
+                records.insert(
+                    hickory_server::proto::rr::RrKey::new(
+                        LowerName::new(&owner),
+                        hickory_server::proto::rr::RecordType::A,
+                    ),
+                    hickory_server::proto::rr::RecordSet::from(record),
+                );
+            }
             let handler =
                 InMemoryZoneHandler::<hickory_server::net::runtime::TokioRuntimeProvider>::new(
                     parsed_origin,
