@@ -81,7 +81,11 @@ fn session_config(cfg: &Config) -> SessionConfig {
 }
 
 /// Runs the relay until `shutdown` completes, then stops gracefully.
-pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+pub async fn run(
+    cfg: Config,
+    config_path: Option<std::path::PathBuf>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
     let cfg = Arc::new(cfg);
     for w in cfg.warnings() {
         tracing::warn!("configuration: {w}");
@@ -191,7 +195,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let activity_task = tokio::spawn(activity.clone().record(activity_rx, stop_rx.clone()));
     let trusted_task = match (&trusted_store, trusted_rx) {
         (Some(store), Some(rx)) => {
-            if let Ok(n) = store.count() {
+            let counting = store.clone();
+            if let Ok(Ok(n)) = tokio::task::spawn_blocking(move || counting.count()).await {
                 metrics::gauge!("smartrelay_trusted_entries").set(n as f64);
             }
             let policy = TrustPolicy::new(
@@ -269,14 +274,20 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         }),
         gate: gate.clone(),
         tls,
+        sessions: TaskTracker::new(),
     });
     let mut bound = Vec::new();
+    let mut serving = Vec::new();
     for (l, implicit) in smtp_listeners {
         if let Ok(addr) = l.local_addr() {
             tracing::info!(%addr, implicit_tls = implicit, "smtp listening");
             bound.push(addr);
         }
-        tokio::spawn(listener.clone().serve(l, implicit, phase_rx.clone()));
+        serving.push(tokio::spawn(listener.clone().serve(
+            l,
+            implicit,
+            phase_rx.clone(),
+        )));
     }
     let smtp_addrs = bound.clone();
     let state = Arc::new(AdminState {
@@ -310,8 +321,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         })
     });
     tracing::info!(queued = queue.len(), "ready");
+    notify_systemd(&tasks);
+    if let Some(path) = config_path {
+        watch_hangup(&tasks, path);
+    }
 
     shutdown.await;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     tracing::info!("stopping: no new connections; sessions may finish");
     let _ = phase_tx.send(Phase::Draining);
     let deadline = Instant::now() + cfg.server.shutdown_timeout.0;
@@ -321,8 +337,21 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             "sessions still open at the deadline: closing them with 421"
         );
         let _ = phase_tx.send(Phase::Stop);
-        gate.wait_idle(Instant::now() + Duration::from_secs(2))
-            .await;
+    }
+    // The accept loops have returned on Draining; the session tasks end with their
+    // sessions (told to stop above when the deadline passed).
+    for s in serving {
+        let _ = s.await;
+    }
+    listener.sessions.close();
+    if tokio::time::timeout(Duration::from_secs(2), listener.sessions.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = listener.sessions.len(),
+            "session tasks still running"
+        );
     }
     // Deliveries: no new attempts; those in flight finish (or are cut before their
     // data) and record their results before the spool's last sync.
@@ -334,6 +363,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     if left == 0 {
         tracing::info!("deliveries finished");
     }
+    deliverer.close(Duration::from_secs(2)).await;
     queue.close().await;
     // The recorders flush what they hold, then the periodic tasks stop.
     let _ = stop_tx.send(true);
@@ -349,6 +379,56 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     tasks.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// SIGHUP (systemd's `ExecReload`) must not end the relay, as its default action would.
+/// It re-reads and validates the configuration and says so in the log; this version
+/// applies a changed configuration at the next restart only, and says that too.
+fn watch_hangup(tasks: &Tasks, path: std::path::PathBuf) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::warn!("SIGHUP handler not installed");
+        return;
+    };
+    let started = std::fs::read(&path).ok();
+    tasks.spawn(async move {
+        while hangups.recv().await.is_some() {
+            let p = path.clone();
+            let checked = tokio::task::spawn_blocking(move || {
+                let text = std::fs::read(&p).ok();
+                (Config::load(&p), text)
+            })
+            .await;
+            match checked {
+                Ok((Err(e), _)) => {
+                    metrics::counter!("smartrelay_config_reload_failures_total").increment(1);
+                    tracing::error!(error = %e, "SIGHUP: the configuration is not valid; running on unchanged");
+                }
+                Ok((Ok(_), text)) if text == started => {
+                    tracing::info!(path = %path.display(), "SIGHUP: configuration valid and unchanged");
+                }
+                Ok((Ok(_), _)) => {
+                    tracing::warn!(path = %path.display(), "SIGHUP: configuration valid and changed; the changes take effect at the next restart");
+                }
+                Err(e) => tracing::warn!(error = %e, "SIGHUP: configuration check failed"),
+            }
+        }
+    });
+}
+
+/// Under systemd (`Type=notify`): READY once the listeners are bound and the spool
+/// recovered, and the watchdog pinged at half its interval when one is set. Outside
+/// systemd (no `NOTIFY_SOCKET`) this does nothing.
+fn notify_systemd(tasks: &Tasks) {
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "systemd notification failed");
+    }
+    if let Some(every) = sd_notify::watchdog_enabled() {
+        tasks.every((every / 2).max(Duration::from_millis(500)), || {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            std::future::ready(())
+        });
+    }
 }
 
 fn spawn_pruner(tasks: &Tasks, store: Arc<trusted::Store>, retention: Duration, every: Duration) {

@@ -2,6 +2,8 @@
 //! onboarding, trusted). Binary-side code, so errors are `anyhow` here.
 
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -49,6 +51,13 @@ pub enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `smartrelay man > smartrelay.1`.
+    Man,
     /// SPF checks that need no running relay.
     Spf {
         #[command(subcommand)]
@@ -133,6 +142,40 @@ pub enum SpfCmd {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Run RFC 7208 check_host() for one client address and sender, as a receiver would.
+    /// Exits 0 whenever the evaluation completed, whatever the result.
+    Eval {
+        /// The SMTP client's address.
+        #[arg(long)]
+        ip: std::net::IpAddr,
+        /// The MAIL FROM address; '' for the null sender (then the HELO name is checked).
+        #[arg(long, allow_hyphen_values = true)]
+        sender: String,
+        /// The HELO/EHLO name.
+        #[arg(long)]
+        helo: Option<String>,
+        /// DNS server (ip:port); repeatable. Defaults to [dns] of --config, else the system's.
+        #[arg(long, value_parser = nameserver)]
+        nameserver: Vec<std::net::SocketAddr>,
+        /// Bound on each DNS query (default: [dns].timeout of --config, else 5s).
+        #[arg(long, value_parser = Dur::parse)]
+        timeout: Option<Dur>,
+        #[arg(long)]
+        json: bool,
+        /// Takes [dns] from this file: name servers, timeout and spf_timeout.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+/// `IP:PORT`, or a bare IP on port 53.
+fn nameserver(text: &str) -> Result<std::net::SocketAddr, String> {
+    text.parse::<std::net::SocketAddr>()
+        .or_else(|_| {
+            text.parse::<std::net::IpAddr>()
+                .map(|ip| std::net::SocketAddr::new(ip, 53))
+        })
+        .map_err(|_| format!("`{text}` is not IP:PORT"))
 }
 
 #[derive(Subcommand)]
@@ -345,34 +388,101 @@ pub fn onboarding(action: OnboardingCmd, remote: Remote) -> Result<()> {
     Ok(())
 }
 
-/// Returns whether the record is valid (the exit code follows it).
-pub async fn spf(action: SpfCmd) -> Result<bool> {
-    let SpfCmd::Check {
-        domain,
-        region,
-        nameserver,
-        json,
-        config,
-    } = action;
+/// `spf check` exits 1 when the record is not valid; `spf eval` exits 0 whenever the
+/// evaluation completed and 2 on a usage error.
+pub async fn spf(action: SpfCmd) -> Result<ExitCode> {
+    match action {
+        SpfCmd::Check {
+            domain,
+            region,
+            nameserver,
+            json,
+            config,
+        } => {
+            let valid = spf_check(domain, region, nameserver, json, config).await?;
+            Ok(if valid {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        SpfCmd::Eval {
+            ip,
+            sender,
+            helo,
+            nameserver,
+            timeout,
+            json,
+            config,
+        } => spf_eval(ip, sender, helo, nameserver, timeout, json, config).await,
+    }
+}
+
+/// `[dns]` of `--config` (or its defaults), with `--nameserver` winning when given.
+fn dns_settings(
+    config: Option<&Path>,
+    nameserver: Vec<std::net::SocketAddr>,
+) -> Result<(Vec<std::net::SocketAddr>, Duration, Duration)> {
+    let dns = match config {
+        Some(p) => load_config(p)?.dns,
+        None => smartrelay::config::DnsConfig::default(),
+    };
+    let servers = if nameserver.is_empty() {
+        dns.nameservers
+    } else {
+        nameserver
+    };
+    Ok((servers, dns.timeout.0, dns.spf_timeout.0))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn spf_eval(
+    ip: std::net::IpAddr,
+    sender: String,
+    helo: Option<String>,
+    nameserver: Vec<std::net::SocketAddr>,
+    timeout: Option<Dur>,
+    json: bool,
+    config: Option<PathBuf>,
+) -> Result<ExitCode> {
+    if sender.is_empty() && helo.as_deref().is_none_or(str::is_empty) {
+        eprintln!("smartrelay: an empty --sender checks the HELO identity: give --helo");
+        return Ok(ExitCode::from(2));
+    }
+    let (servers, query_timeout, whole) = dns_settings(config.as_deref(), nameserver)?;
+    let dns = HickoryDns::new(&servers, timeout.map_or(query_timeout, |t| t.0))?;
+    let query = smartrelay::spf::eval::Query {
+        ip,
+        sender,
+        helo: helo.unwrap_or_else(|| "unknown".into()),
+        receiver: "unknown".into(),
+        timestamp: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    };
+    let evaluation = SpfService::new(dns, whole).evaluate(&query).await;
+    if json {
+        println!("{}", serde_json::to_string(&evaluation)?);
+    } else {
+        println!("{}", evaluation.result);
+        if evaluation.result == smartrelay::spf::eval::SpfResult::Fail {
+            println!("explanation: {}", evaluation.explanation);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn spf_check(
+    domain: String,
+    region: String,
+    nameserver: Vec<std::net::SocketAddr>,
+    json: bool,
+    config: Option<PathBuf>,
+) -> Result<bool> {
     if smartrelay::regions::preset(&region).is_none() {
         bail!("unknown region `{region}`");
     }
-    let (servers, timeout, spf_timeout) = match &config {
-        Some(p) => {
-            let c = load_config(p)?;
-            let servers = if nameserver.is_empty() {
-                c.dns.nameservers.clone()
-            } else {
-                nameserver
-            };
-            (servers, c.dns.timeout.0, c.dns.spf_timeout.0)
-        }
-        None => (
-            nameserver,
-            std::time::Duration::from_secs(5),
-            std::time::Duration::from_secs(20),
-        ),
-    };
+    let (servers, timeout, spf_timeout) = dns_settings(config.as_deref(), nameserver)?;
     let dns = HickoryDns::new(&servers, timeout)?;
     let report = SpfService::new(dns, spf_timeout)
         .check(&domain, &region)
@@ -396,6 +506,39 @@ pub async fn spf(action: SpfCmd) -> Result<bool> {
         "  lookups:     {}/10, void lookups {}/2",
         report.lookups, report.void_lookups
     );
+    let pass = &report.gateway_pass;
+    let passing = pass
+        .ranges
+        .iter()
+        .filter(|r| r.result == smartrelay::spf::eval::SpfResult::Pass)
+        .count();
+    println!(
+        "  receivers:   {} ({passing} of {} gateway ranges pass)",
+        match pass.verdict {
+            smartrelay::spf::gateway::Verdict::All => "all pass",
+            smartrelay::spf::gateway::Verdict::Some => "some pass",
+            smartrelay::spf::gateway::Verdict::None => "none pass",
+            smartrelay::spf::gateway::Verdict::Unknown => "unknown",
+        },
+        pass.ranges.len()
+    );
+    for r in &pass.ranges {
+        println!(
+            "    {} {:<20} {:<16} {}{}",
+            if r.result == smartrelay::spf::eval::SpfResult::Pass {
+                "✔"
+            } else {
+                "✘"
+            },
+            r.range.to_string(),
+            r.address.to_string(),
+            r.result,
+            r.mechanism
+                .as_ref()
+                .map(|t| format!(" [{t}]"))
+                .unwrap_or_default()
+        );
+    }
     for f in &report.findings {
         let sev = match f.severity {
             Severity::Error => "error  ",

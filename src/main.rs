@@ -3,7 +3,7 @@ mod cli;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use tracing_subscriber::EnvFilter;
 
 use cli::{Cli, Command};
@@ -31,7 +31,11 @@ fn dispatch(args: Cli) -> Result<ExitCode> {
         Command::Run { config, log_format } => {
             let cfg = cli::load_config(&config)?;
             init_logging(&cfg.log.level, cli::log_format(&cfg, log_format));
-            runtime()?.block_on(smartrelay::app::run(cfg, shutdown_signal()))?;
+            runtime()?.block_on(smartrelay::app::run(
+                cfg,
+                Some(config.clone()),
+                shutdown_signal(),
+            ))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig { config } => {
@@ -52,14 +56,20 @@ fn dispatch(args: Cli) -> Result<ExitCode> {
         Command::Onboarding { action, remote } => {
             cli::onboarding(action, remote).map(|_| ExitCode::SUCCESS)
         }
-        Command::Spf { action } => {
-            let valid = runtime()?.block_on(cli::spf(action))?;
-            Ok(if valid {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "smartrelay",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
         }
+        Command::Man => {
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Spf { action } => runtime()?.block_on(cli::spf(action)),
         Command::Trusted { action, config } => {
             cli::trusted(action, &config).map(|_| ExitCode::SUCCESS)
         }

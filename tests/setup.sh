@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs, on Debian, what the tests talk to when it is missing: Postfix's smtp-sink
 # and smtp-source (package postfix), swaks, Python's aiosmtpd and prometheus_client,
-# python3-dkim and python3-nacl, strace, sqlite3, openssl, headless Chromium, prlimit and script (util-linux, bsdutils).
+# python3-dkim and python3-nacl, strace, sqlite3, openssl, headless Chromium, prlimit and script (util-linux, bsdutils),
+# systemd-analyze and promtool.
 set -euo pipefail
 
 need=()
@@ -19,6 +20,12 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v prlimit >/dev/null 2>&1 || need+=(util-linux)
 command -v script >/dev/null 2>&1 || need+=(bsdutils)
 command -v gcc >/dev/null 2>&1 || need+=(gcc libc6-dev)
+# The operations tests: systemd-analyze verify on the unit.
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+# promtool (alert rule tests, metrics lint) comes with the Prometheus server package;
+# its recommends (exporters, a web UI) are not needed.
+lean=()
+command -v promtool >/dev/null 2>&1 || lean+=(prometheus)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
@@ -28,4 +35,11 @@ if [ ${#need[@]} -gt 0 ]; then
   echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
+fi
+if [ ${#lean[@]} -gt 0 ]; then
+  echo "installing: ${lean[*]}"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${lean[@]}"
 fi

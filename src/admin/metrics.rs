@@ -93,6 +93,15 @@ fn describe() {
     );
     describe_gauge!("smartrelay_sessions_active", "SMTP sessions in progress");
     describe_counter!(
+        "smartrelay_config_reload_failures_total",
+        "SIGHUP re-reads of the configuration that found it not valid (the relay keeps running)"
+    );
+    describe_gauge!(
+        "smartrelay_tls_certificate_expiry_timestamp_seconds",
+        Unit::Seconds,
+        "notAfter of the certificate served for STARTTLS and implicit TLS, in seconds since the epoch"
+    );
+    describe_counter!(
         "smartrelay_sessions_too_slow_total",
         "DATA or BDAT senders closed with 421 4.4.2 for falling below server.min_data_rate"
     );

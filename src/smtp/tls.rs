@@ -31,6 +31,10 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
             reason: "no certificate in file".into(),
         });
     }
+    if let Some(not_after) = expiry(&certs[0]) {
+        metrics::gauge!("smartrelay_tls_certificate_expiry_timestamp_seconds")
+            .set(not_after as f64);
+    }
     let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
         path: key.display().to_string(),
         reason: e.to_string(),
@@ -44,6 +48,12 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
             .with_single_cert(certs, key)
             .map_err(TlsError::Config)?;
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The certificate's notAfter, in seconds since the epoch.
+pub fn expiry(cert: &CertificateDer<'_>) -> Option<i64> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    Some(parsed.validity().not_after.timestamp())
 }
 
 /// "TLSv1.3 with cipher TLS13_AES_256_GCM_SHA384", for Received and logs.
