@@ -12,29 +12,32 @@ use tokio::sync::watch;
 
 use crate::admin::access_api::SHARED_RANGES_KEY;
 use crate::admin::activity::{Activity, ActivityError};
-use crate::admin::{self, AdminState};
+use crate::admin::{self, Admin, AdminState};
 use crate::config::Config;
 use crate::deliver::connection::ClientSettings;
 use crate::deliver::pool::PoolSettings;
 use crate::deliver::Deliverer;
 use crate::events::{EventBus, EventKind};
+use crate::live::Live;
 use crate::queue::file::FileSpool;
 use crate::queue::retry::RetryPolicy;
 use crate::queue::spool::SpoolError;
 use crate::queue::{Queue, QueueSettings};
+use crate::reload::{self, Effect, LogLevelSetter, Origin, Outcome, ReloadError, Reloads};
 use crate::route::SpfRouter;
 use crate::smtp::conn::{Phase, Shared};
-use crate::smtp::listener::{Gate, Listener};
+use crate::smtp::listener::{Access, Gate, Listener, Rules};
 use crate::smtp::session::SessionConfig;
 use crate::smtp::tls::{acceptor, TlsError};
 use crate::spf::dns::{HickoryDns, ResolverError};
 use crate::spf::SpfService;
 use crate::tasks::{CancellationToken, Tasks};
 use crate::tenant::dkim::DkimVerifier;
-use crate::tenant::sources::{Resolved, SharedSources};
+use crate::tenant::sources::{self, Resolved, SharedSources};
 use crate::tenant::TenantBinder;
 use crate::trusted::store::StoreError;
 use crate::trusted::{self, TrustPolicy};
+use hickory_resolver::TokioResolver;
 use tokio_util::task::TaskTracker;
 
 #[derive(Debug, thiserror::Error)]
@@ -80,13 +83,92 @@ fn session_config(cfg: &Config) -> SessionConfig {
     }
 }
 
+/// How the binary runs the relay, beyond its configuration.
+#[derive(Default)]
+pub struct Options {
+    /// The file to re-read on reload; `None`: reload answers that there is none.
+    pub config_path: Option<std::path::PathBuf>,
+    /// Applies a reloaded `log.level` to the process's subscriber.
+    pub set_log_level: Option<LogLevelSetter>,
+}
+
+type SpfRoutes = SpfRouter<SpfService<HickoryDns>>;
+type Ingress = Listener<Queue<FileSpool>, SpfRoutes>;
+
+/// What the rules of a session are built from, at start and at each reload.
+struct Parts {
+    queue: Arc<Queue<FileSpool>>,
+    bus: EventBus,
+    dkim_dns: TokioResolver,
+}
+
+impl Parts {
+    fn rules(
+        &self,
+        cfg: &Config,
+        sources: Arc<SharedSources>,
+        router: Arc<SpfRoutes>,
+    ) -> Result<Rules<Queue<FileSpool>, SpfRoutes>, TlsError> {
+        // Read from disk each time: a reload is how a rotated certificate is picked up.
+        let tls = match &cfg.tls {
+            Some(t) => Some(acceptor(&t.cert, &t.key)?),
+            None => None,
+        };
+        let tenant = Arc::new(TenantBinder::new(
+            cfg.access.shared_ranges.clone(),
+            cfg.access.domains.clone(),
+            DkimVerifier::new(self.dkim_dns.clone()),
+            cfg.dns.spf_timeout.0,
+        ));
+        Ok(Rules {
+            shared: Arc::new(Shared {
+                cfg: Arc::new(session_config(cfg)),
+                intake: self.queue.clone(),
+                policy: router,
+                events: self.bus.clone(),
+                tenant,
+                command_timeout: cfg.server.command_timeout.0,
+                data_timeout: cfg.server.data_timeout.0,
+                session_timeout: cfg.server.session_timeout.0,
+                min_data_rate: cfg.server.min_data_rate,
+            }),
+            access: Access {
+                allowed: cfg.access.allowed_ranges.clone(),
+                sources,
+            },
+            tls,
+        })
+    }
+}
+
+fn trust_policy(cfg: &Config) -> TrustPolicy {
+    TrustPolicy::new(
+        &cfg.access.internal_domains,
+        &cfg.trusted.exclude_senders,
+        &cfg.trusted.exclude_recipient_domains,
+    )
+}
+
+fn spf_routes(cfg: &Config, spf: &Arc<SpfService<HickoryDns>>) -> SpfRoutes {
+    SpfRouter::new(
+        &cfg.routing,
+        cfg.access.internal_domains.clone(),
+        spf.clone(),
+    )
+}
+
 /// Runs the relay until `shutdown` completes, then stops gracefully.
 pub async fn run(
     cfg: Config,
-    config_path: Option<std::path::PathBuf>,
+    options: Options,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
     let cfg = Arc::new(cfg);
+    // The file as it was when the process started: what "restart required" compares to.
+    let started_text = match &options.config_path {
+        Some(p) => std::fs::read_to_string(p).unwrap_or_default(),
+        None => String::new(),
+    };
     for w in cfg.warnings() {
         tracing::warn!("configuration: {w}");
     }
@@ -95,10 +177,6 @@ pub async fn run(
     let metrics = admin::metrics::install();
     admin::metrics::spawn_upkeep(&tasks, metrics.clone());
 
-    let tls = match &cfg.tls {
-        Some(t) => Some(acceptor(&t.cert, &t.key)?),
-        None => None,
-    };
     let dns = HickoryDns::new(&cfg.dns.nameservers, cfg.dns.timeout.0)?;
     let dns_for_dkim = dns.resolver();
     let (spool_dir, segment_size) = (cfg.queue.dir.clone(), cfg.queue.segment_size);
@@ -157,11 +235,9 @@ pub async fn run(
     .await?;
     queue.spawn_gauges(&tasks);
     let spf = Arc::new(SpfService::new(dns, cfg.dns.spf_timeout.0));
-    let router = Arc::new(SpfRouter::new(
-        &cfg.routing,
-        cfg.access.internal_domains.clone(),
-        spf.clone(),
-    ));
+    let routes = Arc::new(spf_routes(&cfg, &spf));
+    // Delivery attempts plan with the routes in force when they start.
+    let router = Arc::new(Live::from_arc(routes.clone()));
     let d = &cfg.delivery;
     let (scheduling, cut) = (CancellationToken::new(), CancellationToken::new());
     let deliverer = Arc::new(Deliverer::new(
@@ -193,17 +269,15 @@ pub async fn run(
         scheduling.clone(),
     ));
     let activity_task = tokio::spawn(activity.clone().record(activity_rx, stop_rx.clone()));
+    let mut trust = None;
     let trusted_task = match (&trusted_store, trusted_rx) {
         (Some(store), Some(rx)) => {
             let counting = store.clone();
             if let Ok(Ok(n)) = tokio::task::spawn_blocking(move || counting.count()).await {
                 metrics::gauge!("smartrelay_trusted_entries").set(n as f64);
             }
-            let policy = TrustPolicy::new(
-                &cfg.access.internal_domains,
-                &cfg.trusted.exclude_senders,
-                &cfg.trusted.exclude_recipient_domains,
-            );
+            let policy = Arc::new(Live::new(trust_policy(&cfg)));
+            trust = Some(policy.clone());
             spawn_pruner(
                 &tasks,
                 store.clone(),
@@ -230,8 +304,10 @@ pub async fn run(
             Err(e) => tracing::warn!(error = %e, "persisted shared ranges not read"),
         }
     }
+    let sources = Arc::new(Live::from_arc(shared_sources.clone()));
     let persist_activity = activity.clone();
-    let ranges_task = tokio::spawn(shared_sources.clone().run(
+    let ranges_task = tokio::spawn(sources::follow(
+        sources.subscribe(),
         spf.clone(),
         {
             let tasks = tasks.clone();
@@ -246,34 +322,20 @@ pub async fn run(
         },
         stop_rx.clone(),
     ));
-    let tenant = Arc::new(TenantBinder::new(
-        cfg.access.shared_ranges.clone(),
-        cfg.access.domains.clone(),
-        DkimVerifier::new(dns_for_dkim),
-        cfg.dns.spf_timeout.0,
-    ));
+    let parts = Parts {
+        queue: queue.clone(),
+        bus: bus.clone(),
+        dkim_dns: dns_for_dkim,
+    };
 
     let (phase_tx, phase_rx) = watch::channel(Phase::Running);
     let gate = Arc::new(Gate::new(
-        cfg.access.allowed_ranges.clone(),
-        shared_sources.clone(),
         cfg.server.max_connections,
         cfg.server.max_connections_per_ip,
     ));
-    let listener = Arc::new(Listener {
-        shared: Arc::new(Shared {
-            cfg: Arc::new(session_config(&cfg)),
-            intake: queue.clone(),
-            policy: router.clone(),
-            events: bus.clone(),
-            tenant,
-            command_timeout: cfg.server.command_timeout.0,
-            data_timeout: cfg.server.data_timeout.0,
-            session_timeout: cfg.server.session_timeout.0,
-            min_data_rate: cfg.server.min_data_rate,
-        }),
+    let listener: Arc<Ingress> = Arc::new(Listener {
+        rules: Live::new(parts.rules(&cfg, shared_sources, routes)?),
         gate: gate.clone(),
-        tls,
         sessions: TaskTracker::new(),
     });
     let mut bound = Vec::new();
@@ -290,15 +352,17 @@ pub async fn run(
         )));
     }
     let smtp_addrs = bound.clone();
+    let (reloads, reload_rx) = Reloads::channel();
     let state = Arc::new(AdminState {
-        config: cfg.clone(),
+        config: Live::from_arc(cfg.clone()),
+        reloads: reloads.clone(),
         queue: queue.clone(),
         spf,
         deliverer: deliverer.clone(),
         activity: activity.clone(),
         trusted: trusted_store.clone(),
         metrics,
-        shared_sources: shared_sources.clone(),
+        shared_sources: sources.clone(),
         listening: false.into(),
         smtp_addrs,
     });
@@ -322,9 +386,25 @@ pub async fn run(
     });
     tracing::info!(queued = queue.len(), "ready");
     notify_systemd(&tasks);
-    if let Some(path) = config_path {
-        watch_hangup(&tasks, path);
-    }
+    let mut reloader = Reloader {
+        path: options.config_path,
+        applied_text: started_text.clone(),
+        started_text,
+        hash: String::new(),
+        running: cfg.clone(),
+        listener: listener.clone(),
+        router,
+        trust,
+        sources,
+        admin: state.clone(),
+        parts,
+        spf: state.spf.clone(),
+        set_log_level: options.set_log_level,
+        tasks: tasks.clone(),
+    };
+    reloader.publish_info();
+    watch_hangup(&tasks, reloads);
+    let reload_task = tokio::spawn(reloader.serve(reload_rx, stop_rx.clone()));
 
     shutdown.await;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
@@ -371,6 +451,7 @@ pub async fn run(
         let _ = t.await;
     }
     let _ = ranges_task.await;
+    let _ = reload_task.await;
     let _ = activity_task.await;
     let _ = admin_stop_tx.send(true);
     if let Some(t) = admin_task {
@@ -381,39 +462,159 @@ pub async fn run(
     Ok(())
 }
 
-/// SIGHUP (systemd's `ExecReload`) must not end the relay, as its default action would.
-/// It re-reads and validates the configuration and says so in the log; this version
-/// applies a changed configuration at the next restart only, and says that too.
-fn watch_hangup(tasks: &Tasks, path: std::path::PathBuf) {
+/// SIGHUP (systemd's `ExecReload`) must not end the relay, as its default action would:
+/// it asks for a reload like the admin API does.
+fn watch_hangup(tasks: &Tasks, reloads: Reloads) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hangups) = signal(SignalKind::hangup()) else {
         tracing::warn!("SIGHUP handler not installed");
         return;
     };
-    let started = std::fs::read(&path).ok();
     tasks.spawn(async move {
         while hangups.recv().await.is_some() {
-            let p = path.clone();
-            let checked = tokio::task::spawn_blocking(move || {
-                let text = std::fs::read(&p).ok();
-                (Config::load(&p), text)
-            })
-            .await;
-            match checked {
-                Ok((Err(e), _)) => {
-                    metrics::counter!("smartrelay_config_reload_failures_total").increment(1);
-                    tracing::error!(error = %e, "SIGHUP: the configuration is not valid; running on unchanged");
-                }
-                Ok((Ok(_), text)) if text == started => {
-                    tracing::info!(path = %path.display(), "SIGHUP: configuration valid and unchanged");
-                }
-                Ok((Ok(_), _)) => {
-                    tracing::warn!(path = %path.display(), "SIGHUP: configuration valid and changed; the changes take effect at the next restart");
-                }
-                Err(e) => tracing::warn!(error = %e, "SIGHUP: configuration check failed"),
-            }
+            // The outcome is logged by the reloader.
+            let _ = reloads.request(Origin::Signal).await;
         }
     });
+}
+
+/// The one task that applies reloads, so two never interleave.
+struct Reloader {
+    path: Option<std::path::PathBuf>,
+    /// The file as the process started with it.
+    started_text: String,
+    /// The file whose applicable keys are in force.
+    applied_text: String,
+    hash: String,
+    /// The configuration in force (restart-only keys as started).
+    running: Arc<Config>,
+    listener: Arc<Ingress>,
+    router: Arc<Live<SpfRoutes>>,
+    trust: Option<Arc<Live<TrustPolicy>>>,
+    sources: Arc<Live<SharedSources>>,
+    admin: Admin,
+    parts: Parts,
+    spf: Arc<SpfService<HickoryDns>>,
+    set_log_level: Option<LogLevelSetter>,
+    tasks: Tasks,
+}
+
+impl Reloader {
+    async fn serve(
+        mut self,
+        mut requests: tokio::sync::mpsc::Receiver<reload::Request>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        loop {
+            let request = tokio::select! {
+                r = requests.recv() => match r {
+                    Some(r) => r,
+                    None => return,
+                },
+                _ = stop.changed() => return,
+            };
+            let outcome = self.reload().await;
+            match &outcome {
+                Ok(o) => {
+                    metrics::counter!("smartrelay_config_reloads_total").increment(1);
+                    tracing::info!(origin = request.origin.label(), hash = %o.hash, applied = ?o.applied, restart_required = ?o.restart_required, "configuration reloaded");
+                    for key in &o.restart_required {
+                        tracing::warn!(key = %key, "configuration changed: restart required for it to take effect");
+                    }
+                }
+                Err(e) => {
+                    metrics::counter!("smartrelay_config_reload_failures_total").increment(1);
+                    tracing::error!(origin = request.origin.label(), error = %e, "configuration not reloaded; running on the previous one");
+                }
+            }
+            let _ = request.reply.send(outcome);
+        }
+    }
+
+    async fn reload(&mut self) -> Result<Outcome, ReloadError> {
+        let Some(path) = self.path.clone() else {
+            return Err(ReloadError::Invalid(
+                "the relay was started without a configuration file".into(),
+            ));
+        };
+        let text = tokio::fs::read_to_string(&path)
+            .await
+            .map_err(|e| ReloadError::Invalid(format!("cannot read {}: {e}", path.display())))?;
+        let parsed =
+            Config::parse(&text, &path).map_err(|e| ReloadError::Invalid(e.to_string()))?;
+        let applied: Vec<String> = reload::changed_keys(&self.applied_text, &text)
+            .map_err(ReloadError::Invalid)?
+            .into_iter()
+            .filter(|k| reload::effect(k) == Effect::Applied)
+            .collect();
+        let restart_required: Vec<String> = reload::changed_keys(&self.started_text, &text)
+            .map_err(ReloadError::Invalid)?
+            .into_iter()
+            .filter(|k| reload::effect(k) == Effect::RestartRequired)
+            .collect();
+        let cfg = reload::effective(&self.running, parsed);
+        // Everything that can fail is built before anything is swapped.
+        let old_sources = self.sources.get();
+        let sources_changed = applied.iter().any(|k| k == "access.shared_ranges");
+        let sources = if sources_changed {
+            let s = Arc::new(SharedSources::new(&cfg.access.shared_ranges));
+            s.restore(old_sources.resolved());
+            s
+        } else {
+            old_sources
+        };
+        let routes = Arc::new(spf_routes(&cfg, &self.spf));
+        let rules = self
+            .parts
+            .rules(&cfg, sources.clone(), routes.clone())
+            .map_err(|e| ReloadError::Invalid(e.to_string()))?;
+        if applied.iter().any(|k| k == "log.level") {
+            if let Some(set) = &self.set_log_level {
+                set(&cfg.log.level).map_err(ReloadError::Invalid)?;
+            }
+        }
+
+        self.listener.rules.set(Arc::new(rules));
+        self.listener
+            .gate
+            .set_max_per_ip(cfg.server.max_connections_per_ip);
+        self.router.set(routes);
+        if sources_changed {
+            self.sources.set(sources);
+        }
+        if let Some(trust) = &self.trust {
+            trust.set(Arc::new(trust_policy(&cfg)));
+        }
+        let cfg = Arc::new(cfg);
+        self.admin.config.set(cfg.clone());
+        self.running = cfg;
+        self.applied_text = text;
+        metrics::gauge!("smartrelay_config_restart_required").set(restart_required.len() as f64);
+        self.publish_info();
+        // Changed ranges void the confirmation: the gauge says so now, not in 15 minutes.
+        let admin = self.admin.clone();
+        self.tasks.spawn(async move {
+            let _ = admin::onboarding::compute_steps(&admin).await;
+        });
+        Ok(Outcome {
+            hash: self.hash.clone(),
+            applied,
+            restart_required,
+        })
+    }
+
+    /// `smartrelay_config_info{hash}` is 1 for the configuration in force (0 for one
+    /// replaced), with the time it was loaded.
+    fn publish_info(&mut self) {
+        let hash = reload::fingerprint(self.applied_text.as_bytes());
+        if !self.hash.is_empty() && self.hash != hash {
+            metrics::gauge!("smartrelay_config_info", "hash" => self.hash.clone()).set(0.0);
+        }
+        metrics::gauge!("smartrelay_config_info", "hash" => hash.clone()).set(1.0);
+        metrics::gauge!("smartrelay_config_loaded_timestamp_seconds")
+            .set(crate::envelope::now_ms() as f64 / 1000.0);
+        self.hash = hash;
+    }
 }
 
 /// Under systemd (`Type=notify`): READY once the listeners are bound and the spool

@@ -51,6 +51,12 @@ pub enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Re-read the configuration in the running instance (as SIGHUP does) and say
+    /// what took effect and what needs a restart.
+    Reload {
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         #[arg(value_enum)]
@@ -350,6 +356,43 @@ pub fn queue(action: QueueCmd, remote: Remote) -> Result<()> {
         QueueCmd::Flush => println!("{} message(s) scheduled for delivery now", v["rescheduled"]),
         QueueCmd::Remove { id } => println!("{id} removed"),
         _ => print_json(&v),
+    }
+    Ok(())
+}
+
+pub fn reload(remote: Remote) -> Result<()> {
+    let api = Api::new(&remote)?;
+    let (_, v) = api.call("POST", "/api/v1/reload")?;
+    if remote.json {
+        print_json(&v);
+        return Ok(());
+    }
+    let list = |k: &str| {
+        v[k].as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default()
+    };
+    println!(
+        "configuration reloaded (sha256 {})",
+        v["hash"].as_str().unwrap_or("")
+    );
+    let applied = list("applied");
+    println!(
+        "applied: {}",
+        if applied.is_empty() {
+            "nothing changed"
+        } else {
+            &applied
+        }
+    );
+    let restart = list("restart_required");
+    if !restart.is_empty() {
+        println!("restart required for: {restart}");
     }
     Ok(())
 }

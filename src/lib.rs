@@ -5,15 +5,18 @@
 //! (upstream client pool), with `tenant` beside ingress (proof that mail from a shared
 //! platform is the organization's); then `spf` (record parser and validator), `trusted` (the
 //! trusted-sender list) and `admin` (HTTP API, dashboard, metrics). Types several stages
-//! share sit below them all: `envelope`, `regions`, `events`, `pipeline`.
+//! share sit below them all: `envelope`, `regions`, `events`, `pipeline`, `live` (what a
+//! reload replaces).
 
 pub mod admin;
 pub mod app;
 pub mod config;
 pub mod envelope;
 pub mod events;
+pub mod live;
 pub mod pipeline;
 pub mod regions;
+pub mod reload;
 pub mod tasks;
 
 pub mod deliver;

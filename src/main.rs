@@ -8,6 +8,7 @@ use tracing_subscriber::EnvFilter;
 
 use cli::{Cli, Command};
 use smartrelay::config::LogFormat;
+use smartrelay::reload::LogLevelSetter;
 
 fn main() -> ExitCode {
     let args = Cli::parse();
@@ -30,12 +31,12 @@ fn dispatch(args: Cli) -> Result<ExitCode> {
     match args.command {
         Command::Run { config, log_format } => {
             let cfg = cli::load_config(&config)?;
-            init_logging(&cfg.log.level, cli::log_format(&cfg, log_format));
-            runtime()?.block_on(smartrelay::app::run(
-                cfg,
-                Some(config.clone()),
-                shutdown_signal(),
-            ))?;
+            let set_log_level = init_logging(&cfg.log.level, cli::log_format(&cfg, log_format));
+            let options = smartrelay::app::Options {
+                config_path: Some(config.clone()),
+                set_log_level: Some(set_log_level),
+            };
+            runtime()?.block_on(smartrelay::app::run(cfg, options, shutdown_signal()))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig { config } => {
@@ -56,6 +57,7 @@ fn dispatch(args: Cli) -> Result<ExitCode> {
         Command::Onboarding { action, remote } => {
             cli::onboarding(action, remote).map(|_| ExitCode::SUCCESS)
         }
+        Command::Reload { remote } => cli::reload(remote).map(|_| ExitCode::SUCCESS),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,
@@ -76,18 +78,37 @@ fn dispatch(args: Cli) -> Result<ExitCode> {
     }
 }
 
-/// RUST_LOG, when set, wins over log.level.
-fn init_logging(level: &str, format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+/// RUST_LOG, when set, wins over log.level, at start and on reload.
+fn init_logging(level: &str, format: LogFormat) -> LogLevelSetter {
+    let from_env = EnvFilter::try_from_default_env().ok();
+    let pinned = from_env.is_some();
+    let filter = from_env.unwrap_or_else(|| EnvFilter::new(level));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
-    }
+    let set: Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync> = match format {
+        LogFormat::Json => {
+            let b = builder.json().flatten_event(true).with_filter_reloading();
+            let handle = b.reload_handle();
+            b.init();
+            Box::new(move |f| handle.reload(f).map_err(|e| e.to_string()))
+        }
+        LogFormat::Text => {
+            let b = builder.with_filter_reloading();
+            let handle = b.reload_handle();
+            b.init();
+            Box::new(move |f| handle.reload(f).map_err(|e| e.to_string()))
+        }
+    };
+    Box::new(move |level: &str| {
+        if pinned {
+            return Ok(());
+        }
+        let filter = EnvFilter::try_new(level).map_err(|e| format!("log.level: {e}"))?;
+        set(filter)
+    })
 }
 
 async fn shutdown_signal() {

@@ -11,17 +11,17 @@ use crate::tenant::sources::SourceView;
 pub const SHARED_RANGES_KEY: &str = "shared_ranges";
 
 pub async fn list(State(st): State<Admin>) -> Json<Vec<SourceView>> {
-    Json(st.shared_sources.view())
+    Json(st.shared_sources.get().view())
 }
 
 /// Resolves every `ranges_from_spf` list now; a failure keeps the last good list.
 pub async fn refresh(State(st): State<Admin>) -> Result<Json<Vec<SourceView>>, ApiError> {
-    let (_, changed) = st.shared_sources.refresh_once(&st.spf).await;
+    let (_, changed) = st.shared_sources.get().refresh_once(&st.spf).await;
     if changed {
         st.activity
-            .set_meta(SHARED_RANGES_KEY, &st.shared_sources.resolved())
+            .set_meta(SHARED_RANGES_KEY, &st.shared_sources.get().resolved())
             .await
             .map_err(ApiError::internal)?;
     }
-    Ok(Json(st.shared_sources.view()))
+    Ok(Json(st.shared_sources.get().view()))
 }

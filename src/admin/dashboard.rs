@@ -76,7 +76,7 @@ pub struct LoginForm {
 
 pub async fn login(State(st): State<Admin>, Form(f): Form<LoginForm>) -> Response {
     let ok = st
-        .config
+        .config()
         .admin
         .token
         .as_deref()
@@ -97,7 +97,7 @@ pub async fn login(State(st): State<Admin>, Form(f): Form<LoginForm>) -> Respons
 
 pub async fn page(State(st): State<Admin>) -> Response {
     let mut b = String::new();
-    let cfg = &st.config;
+    let cfg = st.config();
     let _ = write!(
         b,
         "<h1>smartrelay on {}</h1>",
@@ -445,7 +445,7 @@ fn connector_details(b: &mut String, v: Option<&onboarding::Verification>) {
 
 /// Each shared range: its addresses (configured and from SPF) and the proofs it takes.
 fn tenant_details(b: &mut String, st: &super::AdminState) {
-    let views = st.shared_sources.view();
+    let views = st.shared_sources.get().view();
     if views.is_empty() {
         b.push_str("<p>No shared-platform ranges are configured.</p>");
         return;
@@ -453,7 +453,7 @@ fn tenant_details(b: &mut String, st: &super::AdminState) {
     b.push_str(
         "<table id=\"shared-ranges\"><tr><th>Range</th><th>Addresses</th><th>Proofs</th></tr>",
     );
-    for (v, r) in views.iter().zip(&st.config.access.shared_ranges) {
+    for (v, r) in views.iter().zip(&st.config().access.shared_ranges) {
         let mut nets: Vec<String> = v.ranges.iter().map(|n| n.to_string()).collect();
         if let Some(spf) = &v.ranges_from_spf {
             match &v.resolved {
@@ -461,7 +461,7 @@ fn tenant_details(b: &mut String, st: &super::AdminState) {
                 None => nets.push(format!("{spf}: not resolved yet")),
             }
         }
-        let proofs = r.proofs(&st.config.access.domains);
+        let proofs = r.proofs(&st.config().access.domains);
         let _ = write!(
             b,
             "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",

@@ -94,7 +94,24 @@ fn describe() {
     describe_gauge!("smartrelay_sessions_active", "SMTP sessions in progress");
     describe_counter!(
         "smartrelay_config_reload_failures_total",
-        "SIGHUP re-reads of the configuration that found it not valid (the relay keeps running)"
+        "Reloads (SIGHUP, POST /api/v1/reload) refused because the file was not valid; the previous configuration stays in force"
+    );
+    describe_counter!(
+        "smartrelay_config_reloads_total",
+        "Reloads that put a configuration in force"
+    );
+    describe_gauge!(
+        "smartrelay_config_info",
+        "1 for the SHA-256 (label hash) of the configuration file in force, 0 for one replaced"
+    );
+    describe_gauge!(
+        "smartrelay_config_loaded_timestamp_seconds",
+        Unit::Seconds,
+        "When the configuration in force was loaded, in seconds since the epoch"
+    );
+    describe_gauge!(
+        "smartrelay_config_restart_required",
+        "Changed keys that take effect only at the next restart (listen addresses, spool, databases, workers)"
     );
     describe_gauge!(
         "smartrelay_tls_certificate_expiry_timestamp_seconds",

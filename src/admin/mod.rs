@@ -9,6 +9,7 @@ pub mod instructions;
 pub mod metrics;
 pub mod onboarding;
 pub mod queue_api;
+pub mod reload_api;
 pub mod trusted_api;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,25 +26,35 @@ use serde_json::json;
 
 use crate::config::Config;
 use crate::deliver::Deliverer;
+use crate::live::Live;
 use crate::queue::file::FileSpool;
 use crate::queue::Queue;
+use crate::reload::Reloads;
 use crate::spf::dns::HickoryDns;
 use crate::spf::SpfService;
 use activity::Activity;
 
 pub struct AdminState {
-    pub config: Arc<Config>,
+    /// The configuration in force; a reload replaces it.
+    pub config: Live<Config>,
+    pub reloads: Reloads,
     pub queue: Arc<Queue<FileSpool>>,
     pub spf: Arc<SpfService<HickoryDns>>,
     pub deliverer: Arc<Deliverer>,
     pub activity: Arc<Activity>,
     pub trusted: Option<Arc<crate::trusted::Store>>,
     pub metrics: PrometheusHandle,
-    pub shared_sources: Arc<crate::tenant::sources::SharedSources>,
+    pub shared_sources: Arc<Live<crate::tenant::sources::SharedSources>>,
     /// Set once every SMTP listener is bound.
     pub listening: AtomicBool,
     /// Where the SMTP listeners are bound (the configured port may be 0).
     pub smtp_addrs: Vec<std::net::SocketAddr>,
+}
+
+impl AdminState {
+    pub fn config(&self) -> Arc<Config> {
+        self.config.get()
+    }
 }
 
 pub type Admin = Arc<AdminState>;
@@ -106,6 +117,7 @@ pub fn router(state: Admin) -> Router {
             "/api/v1/access/shared-ranges/refresh",
             post(access_api::refresh),
         )
+        .route("/api/v1/reload", post(reload_api::reload))
         .route("/api/v1/trusted-senders", get(trusted_api::list))
         .route("/api/v1/trusted-senders/stats", get(trusted_api::stats))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
@@ -146,7 +158,8 @@ fn token_matches(expected: &str, given: &str) -> bool {
 }
 
 async fn require_token(State(st): State<Admin>, req: Request, next: Next) -> Response {
-    let Some(expected) = st.config.admin.token.as_deref().filter(|t| !t.is_empty()) else {
+    let cfg = st.config();
+    let Some(expected) = cfg.admin.token.as_deref().filter(|t| !t.is_empty()) else {
         return next.run(req).await;
     };
     match presented_token(req.headers()) {

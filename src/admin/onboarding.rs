@@ -90,7 +90,7 @@ pub struct Verification {
 
 fn range_strings(st: &AdminState) -> Vec<String> {
     let mut r: Vec<String> = st
-        .config
+        .config()
         .access
         .allowed_ranges
         .iter()
@@ -103,7 +103,7 @@ fn range_strings(st: &AdminState) -> Vec<String> {
 /// The routes a connector check covers: the default region, every region configured by
 /// hand, the internal and the fallback route.
 pub fn routes_to_verify(st: &AdminState) -> Vec<RouteTarget> {
-    let routing = &st.config.routing;
+    let routing = &st.config().routing;
     let mut out = vec![routing.default_route().clone()];
     for (name, route) in &routing.regions {
         let preset = crate::regions::preset(name).map(|p| p.route(routing.platform));
@@ -129,7 +129,7 @@ pub async fn outbound_ips_view(st: &AdminState) -> Result<OutboundIps, ApiError>
         .await
         .map_err(ApiError::internal)?;
     let confirmed = confirmation.as_ref().is_some_and(|c| c.ranges == ranges);
-    let allowed_nets = &st.config.access.allowed_ranges;
+    let allowed_nets = &st.config().access.allowed_ranges;
     let raw = st.activity.sources().await.map_err(ApiError::internal)?;
     let accepted_ips: Vec<IpAddr> = raw
         .iter()
@@ -192,7 +192,7 @@ fn looks_ours(ip: IpAddr, nets: &[IpNet], accepted: &[IpAddr], attempts: u64) ->
 
 pub async fn spf_reports(st: &AdminState, region: &str) -> Vec<Report> {
     let mut out = Vec::new();
-    for domain in &st.config.access.domains {
+    for domain in &st.config().access.domains {
         let report = st.spf.check(domain, region).await;
         metrics::gauge!("smartrelay_onboarding_spf_valid", "domain" => domain.clone())
             .set(if report.valid { 1.0 } else { 0.0 });
@@ -214,7 +214,7 @@ pub async fn compute_steps(st: &AdminState) -> Result<Steps, ApiError> {
 }
 
 pub async fn overview(st: &AdminState) -> Result<Overview, ApiError> {
-    let cfg = &st.config;
+    let cfg = st.config();
     let mut steps = vec![Step {
         id: "domains".into(),
         title: "Domains validated".into(),
@@ -340,7 +340,7 @@ pub async fn overview(st: &AdminState) -> Result<Overview, ApiError> {
 
 /// "Tenant bound": every shared range's mail of the last 24 hours carried proof.
 async fn tenant_step(st: &AdminState) -> Result<Step, ApiError> {
-    let ranges = &st.config.access.shared_ranges;
+    let ranges = &st.config().access.shared_ranges;
     let day = Duration::from_secs(86_400);
     let checks = st
         .activity
@@ -549,7 +549,9 @@ pub async fn spf_all(
     State(st): State<Admin>,
     Query(q): Query<RegionQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let region = q.region.unwrap_or_else(|| st.config.routing.region.clone());
+    let region = q
+        .region
+        .unwrap_or_else(|| st.config().routing.region.clone());
     check_region(&region)?;
     let reports = spf_reports(&st, &region).await;
     Ok(Json(
@@ -562,7 +564,9 @@ pub async fn spf_one(
     Path(domain): Path<String>,
     Query(q): Query<RegionQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let region = q.region.unwrap_or_else(|| st.config.routing.region.clone());
+    let region = q
+        .region
+        .unwrap_or_else(|| st.config().routing.region.clone());
     check_region(&region)?;
     if !crate::envelope::is_valid_domain(&domain) {
         return Err(ApiError::bad_request(format!(
@@ -645,10 +649,10 @@ pub async fn instructions(
     Query(q): Query<PlatformQuery>,
 ) -> Result<Response, ApiError> {
     let platform = q.platform.as_deref().unwrap_or("exchange");
-    let reports = spf_reports(&st, &st.config.routing.region).await;
+    let reports = spf_reports(&st, &st.config().routing.region).await;
     let port = st.smtp_addrs.first().map_or(25, |a| a.port());
-    let ins =
-        instructions::build(&st.config, port, platform, &reports).map_err(ApiError::bad_request)?;
+    let ins = instructions::build(&st.config(), port, platform, &reports)
+        .map_err(ApiError::bad_request)?;
     if q.format.as_deref() == Some("text") {
         return Ok((
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],

@@ -77,7 +77,7 @@ pub async fn list(
 
 pub async fn stats_of(st: &Admin) -> Result<Stats, ApiError> {
     let store = store(st)?;
-    let days = st.config.trusted.learning_days;
+    let days = st.config().trusted.learning_days;
     tokio::task::spawn_blocking(move || store.stats(now_ms(), days))
         .await
         .map_err(ApiError::internal)?

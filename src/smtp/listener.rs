@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,7 @@ use super::session::{Session, SourceKind};
 use super::tls::describe;
 use crate::envelope::now_ms;
 use crate::events::{Event, RefusalReason};
+use crate::live::Live;
 use crate::pipeline::{Intake, SenderPolicy};
 use crate::tenant::sources::{Membership, SharedSources};
 
@@ -30,37 +32,17 @@ pub enum Entry {
     Refuse,
 }
 
-/// Who may connect, and how many at once.
-pub struct Gate {
-    allowed: Vec<IpNet>,
-    shared: Arc<SharedSources>,
-    max_per_ip: usize,
-    slots: Arc<Semaphore>,
-    max_connections: usize,
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
+/// Who may connect: the dedicated ranges and the shared platforms' ranges.
+pub struct Access {
+    pub allowed: Vec<IpNet>,
+    pub sources: Arc<SharedSources>,
 }
 
-impl Gate {
-    pub fn new(
-        allowed: Vec<IpNet>,
-        shared: Arc<SharedSources>,
-        max_connections: usize,
-        max_per_ip: usize,
-    ) -> Gate {
-        Gate {
-            allowed,
-            shared,
-            max_per_ip,
-            slots: Arc::new(Semaphore::new(max_connections)),
-            max_connections,
-            per_ip: Mutex::new(HashMap::new()),
-        }
-    }
-
+impl Access {
     /// A shared range wins over a dedicated one that also holds the address: the
     /// stricter rule applies. `ip` must be canonical.
     pub fn entry(&self, ip: IpAddr) -> Entry {
-        match self.shared.classify(ip) {
+        match self.sources.classify(ip) {
             Membership::Shared(i) => Entry::Admit(SourceKind::Shared(i)),
             _ if self.allowed.iter().any(|net| net.contains(&ip)) => {
                 Entry::Admit(SourceKind::Dedicated)
@@ -69,12 +51,36 @@ impl Gate {
             Membership::Outside => Entry::Refuse,
         }
     }
+}
+
+/// How many may be connected at once, in all and per address. The total is fixed for
+/// the process's life (shutdown waits on it); the per-address limit follows a reload.
+pub struct Gate {
+    max_per_ip: AtomicUsize,
+    slots: Arc<Semaphore>,
+    max_connections: usize,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl Gate {
+    pub fn new(max_connections: usize, max_per_ip: usize) -> Gate {
+        Gate {
+            max_per_ip: AtomicUsize::new(max_per_ip),
+            slots: Arc::new(Semaphore::new(max_connections)),
+            max_connections,
+            per_ip: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn set_max_per_ip(&self, n: usize) {
+        self.max_per_ip.store(n, Ordering::Relaxed);
+    }
 
     fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Admission> {
         let permit = self.slots.clone().try_acquire_owned().ok()?;
         let mut map = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
         let n = map.entry(ip).or_insert(0);
-        if *n >= self.max_per_ip {
+        if *n >= self.max_per_ip.load(Ordering::Relaxed) {
             return None;
         }
         *n += 1;
@@ -171,11 +177,18 @@ impl Drop for SessionGuard {
     }
 }
 
-pub struct Listener<I, P> {
+/// Everything a session is judged by, from its first byte to its last: a reload makes
+/// new rules for the next connection and leaves open sessions with theirs.
+pub struct Rules<I, P> {
     pub shared: Arc<Shared<I, P>>,
-    pub gate: Arc<Gate>,
+    pub access: Access,
     /// For STARTTLS on plain listeners and for implicit TLS listeners.
     pub tls: Option<TlsAcceptor>,
+}
+
+pub struct Listener<I, P> {
+    pub rules: Live<Rules<I, P>>,
+    pub gate: Arc<Gate>,
     /// Every session task and every polite refusal: shutdown waits for them.
     pub sessions: TaskTracker,
 }
@@ -219,11 +232,12 @@ impl<I: Intake, P: SenderPolicy> Listener<I, P> {
     ) {
         // An IPv4 client on a dual-stack socket shows up as ::ffff:a.b.c.d.
         let ip = peer.ip().to_canonical();
-        let kind = match self.gate.entry(ip) {
+        let rules = self.rules.get();
+        let kind = match rules.access.entry(ip) {
             Entry::Admit(kind) => kind,
             Entry::NotYet => {
                 tracing::warn!(client = %ip, "connection refused for now: the shared ranges from SPF have never been resolved");
-                self.refused(ip, RefusalReason::SharedRangesUnresolved);
+                refused(&rules, ip, RefusalReason::SharedRangesUnresolved);
                 // One non-blocking write, no task: this can be a whole platform knocking.
                 let _ = stream.try_write(
                     b"421 4.3.0 Shared-platform ranges not resolved yet, try again later\r\n",
@@ -232,10 +246,10 @@ impl<I: Intake, P: SenderPolicy> Listener<I, P> {
             }
             Entry::Refuse => {
                 tracing::warn!(client = %ip, "connection refused: address not in access.allowed_ranges");
-                self.refused(ip, RefusalReason::IpNotAllowed);
+                refused(&rules, ip, RefusalReason::IpNotAllowed);
                 match self.gate.slots.clone().try_acquire_owned() {
                     Ok(permit) => {
-                        let hostname = self.shared.cfg.hostname.clone();
+                        let hostname = rules.shared.cfg.hostname.clone();
                         self.sessions.spawn(async move {
                             refuse_politely(stream, ip, &hostname).await;
                             drop(permit);
@@ -253,71 +267,69 @@ impl<I: Intake, P: SenderPolicy> Listener<I, P> {
         };
         let Some(admission) = self.gate.admit(ip) else {
             tracing::warn!(client = %ip, "connection refused: connection limit");
-            self.refused(ip, RefusalReason::Limit);
+            refused(&rules, ip, RefusalReason::Limit);
             // No task is spawned for a connection over the limit: one non-blocking write.
             let _ = stream.try_write(b"421 4.7.0 Too many connections, try again later\r\n");
             return;
         };
         metrics::counter!("smartrelay_connections_accepted_total").increment(1);
-        self.shared.events.publish_now(Event::Connection {
+        rules.shared.events.publish_now(Event::Connection {
             ip,
             at: now_ms(),
             refused: None,
         });
         let guard = SessionGuard::new(admission, &stream, implicit_tls);
-        let sessions = self.sessions.clone();
-        sessions.spawn(async move {
-            self.session(stream, ip, kind, implicit_tls, phase, &guard)
-                .await;
+        self.sessions.spawn(async move {
+            session(&rules, stream, ip, kind, implicit_tls, phase, &guard).await;
             drop(guard);
         });
     }
+}
 
-    fn refused(&self, ip: IpAddr, reason: RefusalReason) {
-        metrics::counter!("smartrelay_connections_refused_total", "reason" => reason.label())
-            .increment(1);
-        self.shared.events.publish_now(Event::Connection {
-            ip,
-            at: now_ms(),
-            refused: Some(reason),
-        });
-    }
+fn refused<I, P>(rules: &Rules<I, P>, ip: IpAddr, reason: RefusalReason) {
+    metrics::counter!("smartrelay_connections_refused_total", "reason" => reason.label())
+        .increment(1);
+    rules.shared.events.publish_now(Event::Connection {
+        ip,
+        at: now_ms(),
+        refused: Some(reason),
+    });
+}
 
-    async fn session(
-        &self,
-        stream: TcpStream,
-        ip: IpAddr,
-        kind: SourceKind,
-        implicit_tls: bool,
-        phase: watch::Receiver<Phase>,
-        guard: &SessionGuard,
-    ) {
-        let shared = &self.shared;
-        let deadline = tokio::time::Instant::now() + shared.session_timeout;
-        if implicit_tls {
-            let Some(acceptor) = &self.tls else { return };
-            let Some(tls) = handshake(acceptor, stream, shared.command_timeout).await else {
-                return;
-            };
-            let desc = describe(tls.get_ref().1);
-            let mut session = Session::new(shared.cfg.clone(), ip, kind, Some(desc));
-            let mut conn = Conn::new(tls, deadline, phase);
-            drive(&mut conn, &mut session, shared, true).await;
+async fn session<I: Intake, P: SenderPolicy>(
+    rules: &Rules<I, P>,
+    stream: TcpStream,
+    ip: IpAddr,
+    kind: SourceKind,
+    implicit_tls: bool,
+    phase: watch::Receiver<Phase>,
+    guard: &SessionGuard,
+) {
+    let shared = &rules.shared;
+    let deadline = tokio::time::Instant::now() + shared.session_timeout;
+    if implicit_tls {
+        let Some(acceptor) = &rules.tls else { return };
+        let Some(tls) = handshake(acceptor, stream, shared.command_timeout).await else {
             return;
-        }
-        let mut session = Session::new(shared.cfg.clone(), ip, kind, None);
-        let mut conn = Conn::new(stream, deadline, phase.clone());
-        if let Exit::StartTls(()) = drive(&mut conn, &mut session, shared, true).await {
-            let Some(acceptor) = &self.tls else { return };
-            guard.encrypted();
-            let Some(tls) = handshake(acceptor, conn.into_stream(), shared.command_timeout).await
-            else {
-                return;
-            };
-            session.tls_established(describe(tls.get_ref().1));
-            let mut conn = Conn::new(tls, deadline, phase);
-            drive(&mut conn, &mut session, shared, false).await;
-        }
+        };
+        let desc = describe(tls.get_ref().1);
+        let mut session = Session::new(shared.cfg.clone(), ip, kind, Some(desc));
+        let mut conn = Conn::new(tls, deadline, phase);
+        drive(&mut conn, &mut session, shared, true).await;
+        return;
+    }
+    let mut session = Session::new(shared.cfg.clone(), ip, kind, None);
+    let mut conn = Conn::new(stream, deadline, phase.clone());
+    if let Exit::StartTls(()) = drive(&mut conn, &mut session, shared, true).await {
+        let Some(acceptor) = &rules.tls else { return };
+        guard.encrypted();
+        let Some(tls) = handshake(acceptor, conn.into_stream(), shared.command_timeout).await
+        else {
+            return;
+        };
+        session.tls_established(describe(tls.get_ref().1));
+        let mut conn = Conn::new(tls, deadline, phase);
+        drive(&mut conn, &mut session, shared, false).await;
     }
 }
 
@@ -394,12 +406,10 @@ mod tests {
             dkim_domains: Vec::new(),
             header: None,
         };
-        let gate = Gate::new(
-            vec!["127.0.0.0/8".parse().unwrap()],
-            Arc::new(SharedSources::new(&[shared])),
-            10,
-            2,
-        );
+        let gate = Access {
+            allowed: vec!["127.0.0.0/8".parse().unwrap()],
+            sources: Arc::new(SharedSources::new(&[shared])),
+        };
         let ip = |t: &str| t.parse::<IpAddr>().unwrap();
         assert_eq!(
             gate.entry(ip("127.0.0.2")),
@@ -414,12 +424,10 @@ mod tests {
 
     #[test]
     fn allowlist_matches_mapped_v4() {
-        let gate = Gate::new(
-            vec!["127.0.0.1/32".parse().unwrap(), "::1/128".parse().unwrap()],
-            no_shared(),
-            10,
-            2,
-        );
+        let gate = Access {
+            allowed: vec!["127.0.0.1/32".parse().unwrap(), "::1/128".parse().unwrap()],
+            sources: no_shared(),
+        };
         let dedicated = Entry::Admit(SourceKind::Dedicated);
         let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
         assert_eq!(gate.entry(mapped.to_canonical()), dedicated);
@@ -429,32 +437,28 @@ mod tests {
 
     #[test]
     fn per_ip_limit_and_release() {
-        let gate = Arc::new(Gate::new(
-            vec!["0.0.0.0/0".parse().unwrap()],
-            no_shared(),
-            10,
-            2,
-        ));
+        let gate = Arc::new(Gate::new(10, 2));
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         let a = gate.admit(ip).unwrap();
-        let _b = gate.admit(ip).unwrap();
+        let b = gate.admit(ip).unwrap();
         assert!(gate.admit(ip).is_none());
         assert!(gate.admit("10.0.0.2".parse().unwrap()).is_some());
         drop(a);
+        let _c = gate.admit(ip).unwrap();
+        assert_eq!(gate.active(), 2);
+        // A reload lowers the per-address limit: one held, no second.
+        drop(b);
+        gate.set_max_per_ip(1);
+        assert!(gate.admit(ip).is_none());
+        gate.set_max_per_ip(2);
         assert!(gate.admit(ip).is_some());
-        assert_eq!(gate.active(), 1);
     }
 
     /// A session task that panics gives back its slot and per-IP count, and the client
     /// reads 421 rather than a silent close.
     #[tokio::test]
     async fn a_panicking_session_releases_its_slot_and_says_421() {
-        let gate = Arc::new(Gate::new(
-            vec!["127.0.0.0/8".parse().unwrap()],
-            no_shared(),
-            4,
-            1,
-        ));
+        let gate = Arc::new(Gate::new(4, 1));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mut client = TcpStream::connect(addr).await.unwrap();

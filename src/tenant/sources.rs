@@ -219,9 +219,9 @@ impl SharedSources {
 
     /// Refreshes until `stop`, calling `persist` whenever a list changed.
     pub async fn run<D: SpfDns>(
-        self: Arc<Self>,
-        spf: Arc<SpfService<D>>,
-        persist: impl Fn(Vec<Resolved>) + Send + Sync + 'static,
+        &self,
+        spf: &SpfService<D>,
+        persist: &(impl Fn(Vec<Resolved>) + Send + Sync),
         mut stop: watch::Receiver<bool>,
     ) {
         if !self.entries.iter().any(|e| e.spf.is_some()) {
@@ -229,7 +229,7 @@ impl SharedSources {
         }
         loop {
             let (wait, changed) = tokio::select! {
-                r = self.refresh_once(&spf) => r,
+                r = self.refresh_once(spf) => r,
                 _ = stop.changed() => return,
             };
             if changed {
@@ -240,6 +240,32 @@ impl SharedSources {
                 _ = self.refresh.notified() => {}
                 _ = stop.changed() => return,
             }
+        }
+    }
+}
+
+/// Refreshes the sources in force until `stop`; when a reload puts others in their
+/// place, those from then on.
+pub async fn follow<D: SpfDns>(
+    mut current: watch::Receiver<Arc<SharedSources>>,
+    spf: Arc<SpfService<D>>,
+    persist: impl Fn(Vec<Resolved>) + Send + Sync + 'static,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let sources = current.borrow_and_update().clone();
+        tokio::select! {
+            _ = sources.run(&spf, &persist, stop.clone()) => {
+                if *stop.borrow() {
+                    return;
+                }
+                // Nothing to resolve in this set: wait for the next one.
+                tokio::select! {
+                    r = current.changed() => if r.is_err() { return },
+                    _ = stop.changed() => return,
+                }
+            }
+            r = current.changed() => if r.is_err() { return },
         }
     }
 }

@@ -10,10 +10,12 @@ use tokio::sync::{mpsc, watch};
 use super::policy::{Observation, TrustPolicy};
 use super::store::Store;
 use crate::events::Event;
+use crate::live::Live;
 
+/// `policy` is read once per batch, so a reload's exclusions apply from the next one.
 pub async fn record(
     store: Arc<Store>,
-    policy: TrustPolicy,
+    policy: Arc<Live<TrustPolicy>>,
     mut rx: mpsc::Receiver<Arc<Event>>,
     batch_size: usize,
     flush_interval: Duration,
@@ -24,6 +26,7 @@ pub async fn record(
         crate::events::next_batch(&mut rx, &mut stop, batch_size, flush_interval).await
     {
         let mut batch = Vec::new();
+        let policy = policy.get();
         for ev in &events {
             collect(&policy, ev, &mut batch);
         }
