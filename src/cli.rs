@@ -187,6 +187,16 @@ fn nameserver(text: &str) -> Result<std::net::SocketAddr, String> {
 #[derive(Subcommand)]
 pub enum OnboardingCmd {
     Status,
+    /// Mail the SPF instructions (current record, problems, the record to publish, how
+    /// to verify) to whoever runs DNS, through the relay's own queue.
+    Share {
+        /// The recipient.
+        #[arg(long)]
+        to: String,
+        /// A domain to include (repeat for more); default: every configured domain.
+        #[arg(long = "domain")]
+        domains: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -260,6 +270,14 @@ impl Api {
     }
 
     fn call(&self, method: &str, path: &str) -> Result<(u16, Value)> {
+        self.request(method, path, None)
+    }
+
+    fn post_json(&self, path: &str, body: &Value) -> Result<(u16, Value)> {
+        self.request("POST", path, Some(body))
+    }
+
+    fn request(&self, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value)> {
         let url = format!("{}{path}", self.base);
         let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
         let with_auth = |r: ureq::RequestBuilder<ureq::typestate::WithoutBody>| match &auth {
@@ -269,7 +287,18 @@ impl Api {
         let resp = match method {
             "GET" => with_auth(self.agent.get(&url)).call(),
             "DELETE" => with_auth(self.agent.delete(&url)).call(),
-            // POST carries no body here; ureq types it apart, so the token goes on by hand.
+            // ureq types a request with a body apart, so the token goes on by hand.
+            _ if body.is_some() => {
+                let r = self
+                    .agent
+                    .post(&url)
+                    .header("Content-Type", "application/json");
+                let r = match &auth {
+                    Some(a) => r.header("Authorization", a),
+                    None => r,
+                };
+                r.send(body.map(Value::to_string).unwrap_or_default())
+            }
             _ => match &auth {
                 Some(a) => self
                     .agent
@@ -425,6 +454,28 @@ pub fn onboarding(action: OnboardingCmd, remote: Remote) -> Result<()> {
                 } else {
                     "onboarding not complete"
                 }
+            );
+        }
+        OnboardingCmd::Share { to, domains } => {
+            let body = serde_json::json!({ "to": to, "domains": domains });
+            let (_, v) = api.post_json("/api/v1/onboarding/share", &body)?;
+            if remote.json {
+                print_json(&v);
+                return Ok(());
+            }
+            let listed = v["domains"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default();
+            println!(
+                "SPF instructions for {listed} queued for {} as {}",
+                v["to"].as_str().unwrap_or(""),
+                v["queue_id"].as_str().unwrap_or("")
             );
         }
     }

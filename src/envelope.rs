@@ -203,6 +203,10 @@ pub struct Envelope {
     /// Set on delivery status notifications this relay generated itself.
     #[serde(default)]
     pub generated_dsn: bool,
+    /// Composed by the relay for an operator (the onboarding Share mail): nobody wrote
+    /// it, so its recipients never become trusted senders.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub system: bool,
 }
 
 impl Envelope {
@@ -234,6 +238,7 @@ impl Envelope {
             message_id: None,
             flags: ContentFlags::default(),
             generated_dsn: false,
+            system: false,
         }
     }
 

@@ -111,6 +111,8 @@ pub struct DeliveryReport {
     pub sender: String,
     pub flags: ContentFlags,
     pub generated_dsn: bool,
+    /// The relay's own mail (see `Envelope::system`).
+    pub system: bool,
     pub route: String,
     /// The upstream that gave the replies (host:port), or "" when none was reached.
     pub host: String,
@@ -349,6 +351,7 @@ mod tests {
                 sender: String::new(),
                 flags: ContentFlags::default(),
                 generated_dsn: false,
+                system: false,
                 route: String::new(),
                 host: String::new(),
                 at: 0,

@@ -528,6 +528,7 @@ mod tests {
                 sender: "a@example.test".into(),
                 flags: Default::default(),
                 generated_dsn: false,
+                system: false,
                 route: "eu".into(),
                 host: "127.0.0.1:2526".into(),
                 at: now,

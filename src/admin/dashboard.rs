@@ -16,7 +16,7 @@ use crate::spf::walk::Node;
 use crate::spf::Severity;
 use crate::trusted::export::rfc3339;
 
-fn html_escape(s: &str) -> String {
+pub(crate) fn html_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
@@ -166,6 +166,7 @@ pub async fn page(State(st): State<Admin>) -> Response {
         }
         b.push_str("</details></div>");
     }
+    share_form(&mut b, &cfg.access.domains);
     if let Ok(s) = onboarding::summary_for(&st, Duration::from_secs(86_400)).await {
         let _ = write!(
             b,
@@ -301,6 +302,21 @@ fn outbound_details(b: &mut String, ips: &onboarding::OutboundIps) {
     } else {
         b.push_str("<form method=\"post\" action=\"/api/v1/onboarding/outbound-ips/confirm\"><input type=\"hidden\" name=\"confirm\" value=\"1\"><button type=\"submit\" id=\"confirm-ips\">Confirm these ranges</button></form>");
     }
+}
+
+/// The vendor page's "Share": the SPF instructions mailed to whoever runs DNS.
+fn share_form(b: &mut String, domains: &[String]) {
+    let _ = write!(
+        b,
+        "<h2 id=\"share\">Share the SPF instructions</h2><p>Mails each domain's current \
+         record, what is wrong with it, the record to publish and how to verify it, from \
+         postmaster@ through this relay.</p><form method=\"post\" \
+         action=\"/api/v1/onboarding/share\" id=\"share-form\"><label>To <input \
+         type=\"email\" name=\"to\" required></label> <label>Domains <input name=\"domains\" \
+         placeholder=\"all: {}\"></label> <button type=\"submit\" id=\"share-spf\">Share\
+         </button></form>",
+        html_escape(&domains.join(" "))
+    );
 }
 
 fn spf_details(b: &mut String, r: &crate::spf::validate::Report) {

@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod onboarding;
 pub mod queue_api;
 pub mod reload_api;
+pub mod share;
 pub mod trusted_api;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -108,6 +109,7 @@ pub fn router(state: Admin) -> Router {
             post(onboarding::verify_connector),
         )
         .route("/api/v1/onboarding/summary", get(onboarding::summary))
+        .route("/api/v1/onboarding/share", post(share::share))
         .route(
             "/api/v1/onboarding/instructions",
             get(onboarding::instructions),

@@ -183,6 +183,7 @@ pub fn build(
             eight_bit,
         },
         generated_dsn: true,
+        system: false,
     };
     (envelope, out)
 }

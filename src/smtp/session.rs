@@ -597,6 +597,7 @@ impl Session {
             message_id: seen.message_id,
             flags: seen.flags,
             generated_dsn: false,
+            system: false,
         };
         Completed::Submit(Box::new(Submission {
             envelope,

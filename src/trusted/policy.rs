@@ -43,9 +43,14 @@ impl TrustPolicy {
     }
 
     pub fn observations(&self, r: &DeliveryReport) -> Vec<Observation> {
-        // Bounces (null sender), our own DSNs and automatic replies never make anyone
-        // trusted: nobody wrote to that address.
-        if r.sender.is_empty() || r.generated_dsn || r.flags.auto_reply || r.flags.report {
+        // Bounces (null sender), our own DSNs and mail, and automatic replies never make
+        // anyone trusted: nobody wrote to that address.
+        if r.sender.is_empty()
+            || r.generated_dsn
+            || r.system
+            || r.flags.auto_reply
+            || r.flags.report
+        {
             return Vec::new();
         }
         let Some(sender) = normalize(&r.sender) else {
@@ -115,6 +120,7 @@ mod tests {
             sender: sender.into(),
             flags: ContentFlags::default(),
             generated_dsn: false,
+            system: false,
             route: "eu".into(),
             host: "h:25".into(),
             at: 1000,

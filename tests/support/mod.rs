@@ -356,6 +356,31 @@ pub fn http_text(method: &str, url: &str, token: Option<&str>) -> (u16, String) 
     (status, resp.body_mut().read_to_string().unwrap_or_default())
 }
 
+/// A POST with a body of the given content type; the answer as text.
+pub fn post_body(url: &str, content_type: &str, body: &str) -> (u16, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into();
+    let mut resp = agent
+        .post(url)
+        .header("Content-Type", content_type)
+        .send(body)
+        .unwrap_or_else(|e| panic!("POST {url}: {e}"));
+    let status = resp.status().as_u16();
+    (status, resp.body_mut().read_to_string().unwrap_or_default())
+}
+
+/// A JSON POST; the answer parsed as JSON (or as a string when it is not).
+pub fn post_json(url: &str, body: &Value) -> (u16, Value) {
+    let (status, text) = post_body(url, "application/json", &body.to_string());
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
 // ---------------------------------------------------------------- a raw SMTP client
 
 #[derive(Debug, Clone)]
