@@ -291,3 +291,76 @@ fn a_certificate_swapped_on_disk_is_served_after_reload() {
     assert_eq!(status, 422, "{v}");
     assert!(served_subject(&relay).contains("CN = rogue"));
 }
+
+fn trusted_recorded(relay: &Relay) -> f64 {
+    metric(relay, "smartrelay_trusted_deliveries_recorded_total ").unwrap_or(0.0)
+}
+
+/// `log.level` and the trusted-list exclusions take effect on reload: the `accepted`
+/// line stops at `warn` and comes back at `info`, and a sender excluded by the new file
+/// teaches the list nothing while one not excluded still does.
+#[test]
+fn log_level_and_trusted_exclusions_follow_a_reload() {
+    let dir = tmpdir("reload-log-trusted");
+    let up = Upstream::start(&dir, &[]);
+    let cfg = Cfg::new(&dir, &up.addr());
+    let relay = Relay::start(&cfg);
+    let send = |from: &str, to: &str| {
+        let mut c = Smtp::connect(relay.smtp);
+        c.greet();
+        queued_id(&c.mail(from, &[to], "Subject: t\r\n\r\nx"))
+    };
+    let accepted_logged = |id: &str| {
+        relay.log_json().iter().any(|l| {
+            l["queue_id"] == id
+                && l["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("accepted"))
+        })
+    };
+    let first = send("alice@example.test", "bob@partner.test");
+    assert!(wait_until(Duration::from_secs(20), || accepted_logged(
+        &first
+    )));
+
+    cfg.clone()
+        .set("log", "level", "\"warn\"")
+        .set("trusted", "exclude_senders", "[\"carol@example.test\"]")
+        .write();
+    let (status, v) = relay.post("/api/v1/reload");
+    assert_eq!(status, 200, "{v}");
+    let applied = strings(&v["applied"]);
+    assert!(applied.contains(&"log.level".to_string()), "{applied:?}");
+    assert!(
+        applied.contains(&"trusted.exclude_senders".to_string()),
+        "{applied:?}"
+    );
+    let second = send("carol@example.test", "dave@partner.test");
+    send("erin@example.test", "frank@partner.test");
+    // Both delivered and seen by the recorder: the accepted line came long before.
+    assert!(wait_until(Duration::from_secs(20), || trusted_recorded(
+        &relay
+    ) >= 3.0));
+    assert!(!accepted_logged(&second), "no info lines at warn");
+    let (_, list) = relay.get("/api/v1/trusted-senders");
+    let mut addresses: Vec<String> = list["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["address"].as_str().unwrap().to_string())
+        .collect();
+    addresses.sort();
+    assert_eq!(
+        addresses,
+        ["bob@partner.test", "frank@partner.test"],
+        "{list}"
+    );
+
+    cfg.write();
+    let (status, v) = relay.post("/api/v1/reload");
+    assert_eq!(status, 200, "{v}");
+    let third = send("alice@example.test", "grace@partner.test");
+    assert!(wait_until(Duration::from_secs(20), || accepted_logged(
+        &third
+    )));
+}
