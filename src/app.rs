@@ -26,7 +26,7 @@ use crate::queue::{Queue, QueueSettings};
 use crate::reload::{self, Effect, LogLevelSetter, Origin, Outcome, ReloadError, Reloads};
 use crate::route::SpfRouter;
 use crate::smtp::conn::{Phase, Shared};
-use crate::smtp::listener::{Access, Gate, Listener, Rules};
+use crate::smtp::listener::{Access, Gate, Listener, ProxyTrust, Rules};
 use crate::smtp::session::SessionConfig;
 use crate::smtp::tls::{acceptor, TlsError};
 use crate::spf::dns::{HickoryDns, ResolverError};
@@ -137,6 +137,10 @@ impl Parts {
                 sources,
             },
             tls,
+            proxy: ProxyTrust {
+                trusted: cfg.server.proxy_protocol.trusted.clone(),
+                timeout: cfg.server.proxy_protocol.timeout.0,
+            },
         })
     }
 }

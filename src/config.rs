@@ -126,6 +126,34 @@ pub struct ServerConfig {
     pub bare_line_endings: BareLineEndings,
     /// How long running sessions get to finish after SIGTERM before they are closed with 421.
     pub shutdown_timeout: Dur,
+    pub proxy_protocol: ProxyProtocolConfig,
+}
+
+/// `[server.proxy_protocol]`: load balancers whose PROXY header (v1 or v2) names the
+/// real client. A connection from one of them must start with the header.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyProtocolConfig {
+    #[serde(deserialize_with = "ranges")]
+    pub trusted: Vec<IpNet>,
+    /// For the header to arrive.
+    pub timeout: Dur,
+}
+
+impl Default for ProxyProtocolConfig {
+    fn default() -> Self {
+        ProxyProtocolConfig {
+            trusted: Vec::new(),
+            timeout: Dur(Duration::from_secs(5)),
+        }
+    }
+}
+
+fn ranges<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|t| parse_range(t).map_err(serde::de::Error::custom))
+        .collect()
 }
 
 impl Default for ServerConfig {
@@ -147,6 +175,7 @@ impl Default for ServerConfig {
             max_errors: 10,
             bare_line_endings: BareLineEndings::Normalize,
             shutdown_timeout: Dur(Duration::from_secs(30)),
+            proxy_protocol: ProxyProtocolConfig::default(),
         }
     }
 }
@@ -681,6 +710,7 @@ fn validate_server(s: &ServerConfig) -> Result<(), (&'static str, String)> {
         ));
     }
     for (key, d) in [
+        ("server.proxy_protocol.timeout", s.proxy_protocol.timeout),
         ("server.command_timeout", s.command_timeout),
         ("server.data_timeout", s.data_timeout),
         ("server.session_timeout", s.session_timeout),

@@ -40,6 +40,7 @@ const APPLIED: &[&str] = &[
     "server.max_line_length",
     "server.max_errors",
     "server.bare_line_endings",
+    "server.proxy_protocol",
 ];
 
 pub fn effect(key: &str) -> Effect {

@@ -54,6 +54,11 @@ fn spf_eval() {
 }
 
 #[test]
+fn proxy() {
+    replay("proxy", targets::proxy);
+}
+
+#[test]
 fn spool() {
     replay("spool", targets::spool);
 }

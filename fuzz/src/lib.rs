@@ -15,6 +15,29 @@ use smartrelay::smtp::session::{Action, Completed, Session, SessionConfig, Sourc
 use smartrelay::spf::{macros, record as spf_record};
 use smartrelay::tenant::headers;
 
+/// PROXY headers (v1 and v2) as a trusted balancer's connection starts: framing reads
+/// exactly one header and never asks for an octet past its end, whatever follows.
+pub fn proxy(data: &[u8]) {
+    use smartrelay::smtp::proxy::{needed, parse};
+    let mut len = 0;
+    loop {
+        let Some(prefix) = data.get(..len) else { return };
+        match needed(prefix) {
+            Ok(0) => break,
+            Ok(more) => len += more,
+            Err(_) => return,
+        }
+    }
+    let Some(header) = data.get(..len) else { return };
+    // Every shorter prefix asked for no more than the header holds.
+    for k in 0..len {
+        if let Some(Ok(more)) = data.get(..k).map(needed) {
+            assert!(more > 0 && k + more <= len, "asked past the header at {k}");
+        }
+    }
+    let _ = parse(header);
+}
+
 /// Command lines: a parsed command encodes to a line that parses back to it.
 pub fn command(data: &[u8]) {
     if let Ok(cmd) = command::parse(data) {

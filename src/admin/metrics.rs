@@ -93,6 +93,14 @@ fn describe() {
     );
     describe_gauge!("smartrelay_sessions_active", "SMTP sessions in progress");
     describe_counter!(
+        "smartrelay_proxy_header_failures_total",
+        "Connections from a server.proxy_protocol.trusted balancer closed without a valid PROXY header (reason: timeout, invalid, closed)"
+    );
+    describe_counter!(
+        "smartrelay_proxy_health_checks_total",
+        "PROXY v2 LOCAL (and v1 UNKNOWN) connections: balancer health checks, never counted as sources"
+    );
+    describe_counter!(
         "smartrelay_config_reload_failures_total",
         "Reloads (SIGHUP, POST /api/v1/reload) refused because the file was not valid; the previous configuration stays in force"
     );

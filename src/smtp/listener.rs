@@ -15,6 +15,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
 use super::conn::{drive, Conn, Exit, Phase, Shared};
+use super::proxy::{self, ProxyError, Source};
 use super::session::{Session, SourceKind};
 use super::tls::describe;
 use crate::envelope::now_ms;
@@ -184,6 +185,14 @@ pub struct Rules<I, P> {
     pub access: Access,
     /// For STARTTLS on plain listeners and for implicit TLS listeners.
     pub tls: Option<TlsAcceptor>,
+    /// Load balancers whose PROXY header is believed.
+    pub proxy: ProxyTrust,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ProxyTrust {
+    pub trusted: Vec<IpNet>,
+    pub timeout: Duration,
 }
 
 pub struct Listener<I, P> {
@@ -225,14 +234,55 @@ impl<I: Intake, P: SenderPolicy> Listener<I, P> {
 
     fn on_connect(
         self: Arc<Self>,
-        stream: TcpStream,
+        mut stream: TcpStream,
         peer: SocketAddr,
         implicit_tls: bool,
         phase: watch::Receiver<Phase>,
     ) {
         // An IPv4 client on a dual-stack socket shows up as ::ffff:a.b.c.d.
-        let ip = peer.ip().to_canonical();
+        let peer_ip = peer.ip().to_canonical();
         let rules = self.rules.get();
+        if !rules.proxy.trusted.iter().any(|n| n.contains(&peer_ip)) {
+            self.admit(rules, stream, peer_ip, implicit_tls, phase);
+            return;
+        }
+        // A balancer: the client is whoever its header names, read before anything else.
+        let sessions = self.sessions.clone();
+        sessions.spawn(async move {
+            match proxy::read_header(&mut stream, rules.proxy.timeout).await {
+                Ok(Source::Client(client)) => {
+                    let ip = client.ip().to_canonical();
+                    self.admit(rules, stream, ip, implicit_tls, phase);
+                }
+                Ok(Source::Local) => {
+                    metrics::counter!("smartrelay_proxy_health_checks_total").increment(1);
+                    let greeting = format!("220 {} ESMTP smartrelay\r\n", rules.shared.cfg.hostname);
+                    brief_dialogue(stream, &greeting, health_reply).await;
+                }
+                Err(e) => {
+                    let reason = match e {
+                        ProxyError::Timeout(_) => "timeout",
+                        ProxyError::Closed => "closed",
+                        ProxyError::Invalid(_) => "invalid",
+                    };
+                    metrics::counter!("smartrelay_proxy_header_failures_total", "reason" => reason)
+                        .increment(1);
+                    tracing::warn!(balancer = %peer_ip, error = %e, "connection from a trusted balancer closed: no valid PROXY header");
+                }
+            }
+        });
+    }
+
+    /// The gate's checks for the client (the peer, or the one a PROXY header named),
+    /// then the session task.
+    fn admit(
+        self: Arc<Self>,
+        rules: Arc<Rules<I, P>>,
+        stream: TcpStream,
+        ip: IpAddr,
+        implicit_tls: bool,
+        phase: watch::Receiver<Phase>,
+    ) {
         let kind = match rules.access.entry(ip) {
             Entry::Admit(kind) => kind,
             Entry::NotYet => {
@@ -353,8 +403,50 @@ async fn handshake(
 
 /// RFC 5321 §3.1: after a 554 greeting the server waits for QUIT and answers 503 to
 /// everything else. Bounded in time and commands so refused clients cost little.
-async fn refuse_politely(mut stream: TcpStream, ip: IpAddr, hostname: &str) {
+async fn refuse_politely(stream: TcpStream, ip: IpAddr, hostname: &str) {
     let greeting = format!("554 5.7.1 {hostname} {ip} is not allowed to use this relay\r\n");
+    brief_dialogue(stream, &greeting, |line| {
+        if is_command(line, b"QUIT") {
+            (b"221 2.0.0 Bye\r\n", true)
+        } else {
+            (
+                b"503 5.7.1 Not allowed: this address may not relay, send QUIT\r\n",
+                false,
+            )
+        }
+    })
+    .await;
+}
+
+/// A balancer's health check (PROXY v2 `LOCAL`): a greeting, EHLO/HELO and NOOP
+/// answered, QUIT; no session, no source recorded.
+fn health_reply(line: &[u8]) -> (&'static [u8], bool) {
+    if is_command(line, b"QUIT") {
+        (b"221 2.0.0 Bye\r\n", true)
+    } else if is_command(line, b"EHLO") || is_command(line, b"HELO") {
+        (b"250 ok\r\n", false)
+    } else if is_command(line, b"NOOP") || is_command(line, b"RSET") {
+        (b"250 2.0.0 OK\r\n", false)
+    } else {
+        (
+            b"503 5.5.1 Health check connection: EHLO, NOOP or QUIT only\r\n",
+            false,
+        )
+    }
+}
+
+fn is_command(line: &[u8], verb: &[u8]) -> bool {
+    line.get(..verb.len())
+        .is_some_and(|v| v.eq_ignore_ascii_case(verb))
+}
+
+/// A greeting, then a few lines each answered by `reply` until it says to close;
+/// at most 10 commands in 10 seconds.
+async fn brief_dialogue(
+    mut stream: TcpStream,
+    greeting: &str,
+    reply: impl Fn(&[u8]) -> (&'static [u8], bool),
+) {
     if stream.write_all(greeting.as_bytes()).await.is_err() {
         return;
     }
@@ -367,17 +459,12 @@ async fn refuse_politely(mut stream: TcpStream, ip: IpAddr, hostname: &str) {
             Ok(Ok(n)) if n > 0 => n,
             _ => return,
         };
-        pending.extend_from_slice(&buf[..n]);
+        pending.extend_from_slice(buf.get(..n).unwrap_or_default());
         while let Some(k) = memchr::memchr(b'\n', &pending) {
             let line: Vec<u8> = pending.drain(..=k).collect();
             commands += 1;
-            let quit = line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"QUIT");
-            let reply: &[u8] = if quit {
-                b"221 2.0.0 Bye\r\n"
-            } else {
-                b"503 5.7.1 Not allowed: this address may not relay, send QUIT\r\n"
-            };
-            if stream.write_all(reply).await.is_err() || quit {
+            let (answer, close) = reply(&line);
+            if stream.write_all(answer).await.is_err() || close {
                 return;
             }
         }
