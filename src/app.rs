@@ -13,7 +13,8 @@ use tokio::sync::watch;
 use crate::admin::access_api::SHARED_RANGES_KEY;
 use crate::admin::activity::{Activity, ActivityError};
 use crate::admin::{self, Admin, AdminState};
-use crate::config::Config;
+use crate::config::{Config, StoreKind};
+use crate::store::Postgres;
 use crate::deliver::connection::ClientSettings;
 use crate::deliver::pool::PoolSettings;
 use crate::deliver::Deliverer;
@@ -52,6 +53,8 @@ pub enum StartError {
     Activity(#[from] ActivityError),
     #[error(transparent)]
     Trusted(#[from] StoreError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -193,12 +196,30 @@ pub async fn run(
                 source: std::io::Error::other(e.to_string()),
             })??;
     let spool = Arc::new(spool);
-    let activity = Arc::new(Activity::open(&cfg.admin.database)?);
-    let trusted_store = if cfg.trusted.enabled {
-        Some(Arc::new(trusted::Store::open(&cfg.trusted.database)?))
-    } else {
-        None
+    // Shared state: embedded files, or the cluster's PostgreSQL. A database that is
+    // down at start does not stop the relay taking mail: the schema is applied when it
+    // answers, and until then recording waits (bounded) and /readyz says so.
+    let shared_store = match cfg.store.kind {
+        StoreKind::Sqlite => None,
+        StoreKind::Postgres => Some(Postgres::new(&cfg.store)?),
     };
+    let activity = Arc::new(match &shared_store {
+        None => Activity::open(&cfg.admin.database)?,
+        Some(pg) => Activity::shared(pg.clone()),
+    });
+    let trusted_store = match (&shared_store, cfg.trusted.enabled) {
+        (_, false) => None,
+        (None, true) => Some(trusted::Store::open(&cfg.trusted.database)?),
+        (Some(pg), true) => Some(trusted::Store::Postgres(trusted::pg::PgStore::new(
+            pg.clone(),
+        ))),
+    };
+    if let Some(pg) = &shared_store {
+        if let Err(e) = pg.migrate().await {
+            tracing::error!(error = %e, "PostgreSQL store not reachable at start; mail is taken, shared state waits for it");
+            spawn_migration_retry(&tasks, pg.clone());
+        }
+    }
 
     let mut smtp_listeners: Vec<(TcpListener, bool)> = Vec::new();
     for addr in &cfg.server.listen {
@@ -276,8 +297,7 @@ pub async fn run(
     let mut trust = None;
     let trusted_task = match (&trusted_store, trusted_rx) {
         (Some(store), Some(rx)) => {
-            let counting = store.clone();
-            if let Ok(Ok(n)) = tokio::task::spawn_blocking(move || counting.count()).await {
+            if let Ok(n) = store.count().await {
                 metrics::gauge!("smartrelay_trusted_entries").set(n as f64);
             }
             let policy = Arc::new(Live::new(trust_policy(&cfg)));
@@ -294,6 +314,7 @@ pub async fn run(
                 rx,
                 cfg.trusted.batch_size,
                 cfg.trusted.flush_interval.0,
+                cfg.trusted.buffer_limit,
                 stop_rx.clone(),
             )))
         }
@@ -365,6 +386,7 @@ pub async fn run(
         deliverer: deliverer.clone(),
         activity: activity.clone(),
         trusted: trusted_store.clone(),
+        shared_store: shared_store.clone(),
         metrics,
         shared_sources: sources.clone(),
         listening: false.into(),
@@ -636,24 +658,43 @@ fn notify_systemd(tasks: &Tasks) {
     }
 }
 
-fn spawn_pruner(tasks: &Tasks, store: Arc<trusted::Store>, retention: Duration, every: Duration) {
+fn spawn_pruner(tasks: &Tasks, store: trusted::Store, retention: Duration, every: Duration) {
     tasks.every(every.max(Duration::from_secs(1)), move || {
         let s = store.clone();
         async move {
-            let result = tokio::task::spawn_blocking(move || {
-                let removed = s.prune(retention, crate::envelope::now_ms())?;
-                Ok::<_, StoreError>((removed, s.count()?))
-            })
+            let result = async {
+                let removed = s.prune(retention, crate::envelope::now_ms()).await?;
+                Ok::<_, StoreError>((removed, s.count().await?))
+            }
             .await;
             match result {
-                Ok(Ok((removed, total))) => {
+                Ok((removed, total)) => {
                     metrics::gauge!("smartrelay_trusted_entries").set(total as f64);
                     if removed > 0 {
                         tracing::info!(removed, "trusted-sender entries expired");
                     }
                 }
-                Ok(Err(e)) => tracing::warn!(error = %e, "trusted-sender pruning failed"),
                 Err(e) => tracing::warn!(error = %e, "trusted-sender pruning failed"),
+            }
+        }
+    });
+}
+
+/// Until the shared database has answered once, its schema is applied every 5 s.
+fn spawn_migration_retry(tasks: &Tasks, pg: Postgres) {
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    tasks.every(Duration::from_secs(5), move || {
+        let (pg, done) = (pg.clone(), done.clone());
+        async move {
+            if done.load(Ordering::Relaxed) {
+                return;
+            }
+            match pg.migrate().await {
+                Ok(()) => {
+                    done.store(true, Ordering::Relaxed);
+                    tracing::info!("PostgreSQL store reachable: schema applied");
+                }
+                Err(e) => tracing::warn!(error = %e, "PostgreSQL store still not reachable"),
             }
         }
     });

@@ -650,9 +650,17 @@ async fn spf_check(
     Ok(report.valid)
 }
 
-pub fn trusted(action: TrustedCmd, config: &Path) -> Result<()> {
+/// On the store the configuration names: the SQLite file, or the cluster's PostgreSQL.
+pub async fn trusted(action: TrustedCmd, config: &Path) -> Result<()> {
     let cfg = load_config(config)?;
-    let store = Store::open(&cfg.trusted.database)?;
+    let store = match cfg.store.kind {
+        smartrelay::config::StoreKind::Sqlite => Store::open(&cfg.trusted.database)?,
+        smartrelay::config::StoreKind::Postgres => {
+            let pg = smartrelay::store::Postgres::new(&cfg.store)?;
+            pg.migrate().await?;
+            Store::Postgres(smartrelay::trusted::pg::PgStore::new(pg))
+        }
+    };
     match action {
         TrustedCmd::Export { format, since } => {
             let since = since
@@ -669,12 +677,14 @@ pub fn trusted(action: TrustedCmd, config: &Path) -> Result<()> {
                 ExportFormat::Json => write!(out, "[")?,
             }
             loop {
-                let page = store.list(&Filter {
-                    since,
-                    limit: 10_000,
-                    cursor: cursor.take(),
-                    ..Filter::default()
-                })?;
+                let page = store
+                    .list(Filter {
+                        since,
+                        limit: 10_000,
+                        cursor: cursor.take(),
+                        ..Filter::default()
+                    })
+                    .await?;
                 for e in &page.entries {
                     match format {
                         ExportFormat::Csv => out.write_all(csv_row(e).as_bytes())?,
@@ -702,15 +712,16 @@ pub fn trusted(action: TrustedCmd, config: &Path) -> Result<()> {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read {}", file.display()))?;
             let addresses = read_addresses(&text);
-            let added = store.import(&addresses, now_ms())?;
-            println!("{added} address(es) added ({} read)", addresses.len());
+            let read = addresses.len();
+            let added = store.import(addresses, now_ms()).await?;
+            println!("{added} address(es) added ({read} read)");
         }
         TrustedCmd::Prune { retention } => {
             let keep = match retention {
                 Some(r) => Dur::parse(&r).map_err(anyhow::Error::msg)?.0,
                 None => cfg.trusted.retention.0,
             };
-            let removed = store.prune(keep, now_ms())?;
+            let removed = store.prune(keep, now_ms()).await?;
             println!(
                 "{removed} entr{} removed",
                 if removed == 1 { "y" } else { "ies" }

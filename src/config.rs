@@ -500,6 +500,9 @@ pub struct TrustedConfig {
     /// Recording batches: at most this many events, or this long, per transaction.
     pub batch_size: usize,
     pub flush_interval: Dur,
+    /// Observations held while the store cannot be written (a PostgreSQL outage);
+    /// beyond this the oldest are dropped and counted.
+    pub buffer_limit: usize,
 }
 
 impl Default for TrustedConfig {
@@ -514,7 +517,42 @@ impl Default for TrustedConfig {
             prune_interval: Dur(Duration::from_secs(3600)),
             batch_size: 512,
             flush_interval: Dur(Duration::from_secs(1)),
+            buffer_limit: 100_000,
         }
+    }
+}
+
+/// Where the shared state lives: the trusted-sender list, onboarding confirmations,
+/// observed sources, flow counters and persisted shared ranges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// Embedded files (`admin.database`, `trusted.database`): one node.
+    #[default]
+    Sqlite,
+    /// One database shared by every node.
+    Postgres,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub kind: StoreKind,
+    /// `postgres://user@host:port/db`; the password from `PGPASSWORD` when the URL has
+    /// none.
+    pub url: Option<String>,
+    /// An environment variable holding the whole URL (secrets stay out of the file).
+    pub url_env: Option<String>,
+}
+
+impl StoreConfig {
+    /// The URL in force: `url_env`'s value when set, else `url`.
+    pub fn resolved_url(&self) -> Option<String> {
+        self.url_env
+            .as_deref()
+            .and_then(|v| std::env::var(v).ok())
+            .filter(|u| !u.is_empty())
+            .or_else(|| self.url.clone())
     }
 }
 
@@ -562,6 +600,8 @@ struct RawConfig {
     #[serde(default)]
     trusted: TrustedConfig,
     #[serde(default)]
+    store: StoreConfig,
+    #[serde(default)]
     log: LogConfig,
 }
 
@@ -578,6 +618,7 @@ pub struct Config {
     pub dns: DnsConfig,
     pub admin: AdminConfig,
     pub trusted: TrustedConfig,
+    pub store: StoreConfig,
     pub log: LogConfig,
 }
 
@@ -639,6 +680,23 @@ impl Config {
                 format!("`{}` is not a level or filter", raw.log.level),
             ));
         }
+        if raw.store.kind == StoreKind::Postgres {
+            match raw.store.resolved_url() {
+                None => {
+                    return Err(invalid(
+                        "store.url",
+                        "kind = \"postgres\" needs url (or url_env naming a set variable)".into(),
+                    ))
+                }
+                Some(u) if u.parse::<tokio_postgres::Config>().is_err() => {
+                    return Err(invalid(
+                        "store.url",
+                        "not a PostgreSQL connection URL (postgres://user@host:port/db)".into(),
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
         Ok(Config {
             path: path.to_owned(),
             server: raw.server,
@@ -650,6 +708,7 @@ impl Config {
             dns: raw.dns,
             admin: raw.admin,
             trusted: raw.trusted,
+            store: raw.store,
             log: raw.log,
         })
     }

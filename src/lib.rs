@@ -3,7 +3,8 @@
 //! Stages in the order a message passes through them: `smtp` (ingress), `queue`
 //! (durable spool and scheduler), `route` (SPF-aware choice of smart hosts), `deliver`
 //! (upstream client pool), with `tenant` beside ingress (proof that mail from a shared
-//! platform is the organization's); then `spf` (record parser and validator), `trusted` (the
+//! platform is the organization's); then `spf` (record parser and validator), `store` (SQLite or
+//! PostgreSQL, below the next two), `trusted` (the
 //! trusted-sender list) and `admin` (HTTP API, dashboard, metrics). Types several stages
 //! share sit below them all: `envelope`, `regions`, `events`, `pipeline`, `live` (what a
 //! reload replaces).
@@ -24,5 +25,6 @@ pub mod queue;
 pub mod route;
 pub mod smtp;
 pub mod spf;
+pub mod store;
 pub mod tenant;
 pub mod trusted;

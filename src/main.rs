@@ -73,7 +73,8 @@ fn dispatch(args: Cli) -> Result<ExitCode> {
         }
         Command::Spf { action } => runtime()?.block_on(cli::spf(action)),
         Command::Trusted { action, config } => {
-            cli::trusted(action, &config).map(|_| ExitCode::SUCCESS)
+            runtime()?.block_on(cli::trusted(action, &config))?;
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -106,6 +106,7 @@ pub fn effective(running: &Config, new: Config) -> Config {
     c.queue = running.queue.clone();
     c.delivery = running.delivery.clone();
     c.dns = running.dns.clone();
+    c.store = running.store.clone();
     c.admin.listen = running.admin.listen;
     c.admin.database = running.admin.database.clone();
     c.admin.retention = running.admin.retention;

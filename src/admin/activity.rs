@@ -1,6 +1,7 @@
 //! What the relay has seen, for onboarding: source addresses (allowed and refused), the
 //! outbound flow in hourly buckets, and the administrator's confirmations. Recorded from
-//! the event stream in batches into SQLite (`admin.database`).
+//! the event stream in batches into SQLite (`admin.database`), or into the cluster's
+//! PostgreSQL (`[store] kind = "postgres"`), where every node's view is the same.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -14,6 +15,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::envelope::{now_ms, Millis};
 use crate::events::{Event, Outcome, RefusalReason, TenantProof};
+use crate::store::Postgres;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ActivityError {
@@ -21,10 +23,23 @@ pub enum ActivityError {
     Sql(#[from] rusqlite::Error),
     #[error("state database task failed: {0}")]
     Task(String),
+    #[error(transparent)]
+    Shared(#[from] crate::store::StoreError),
+}
+
+impl From<tokio_postgres::Error> for ActivityError {
+    fn from(e: tokio_postgres::Error) -> ActivityError {
+        ActivityError::Shared(e.into())
+    }
 }
 
 pub struct Activity {
-    conn: Mutex<Connection>,
+    backend: Backend,
+}
+
+enum Backend {
+    Sqlite(Mutex<Connection>),
+    Postgres(Postgres),
 }
 
 const SCHEMA_VERSION: i64 = 1;
@@ -119,22 +134,41 @@ impl Activity {
             conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
         Ok(Activity {
-            conn: Mutex::new(conn),
+            backend: Backend::Sqlite(Mutex::new(conn)),
         })
     }
 
-    fn with<T: Send + 'static>(
+    /// The cluster's shared database (migrated by the caller).
+    pub fn shared(pg: Postgres) -> Activity {
+        Activity {
+            backend: Backend::Postgres(pg),
+        }
+    }
+
+    /// Runs `f` on the SQLite connection on the blocking pool; `pg` on PostgreSQL.
+    async fn run<T: Send + 'static, F, Fut>(
         self: &Arc<Self>,
         f: impl FnOnce(&mut Connection) -> Result<T, rusqlite::Error> + Send + 'static,
-    ) -> impl std::future::Future<Output = Result<T, ActivityError>> {
-        let this = self.clone();
-        async move {
-            tokio::task::spawn_blocking(move || {
-                let mut conn = this.conn.lock().unwrap_or_else(|e| e.into_inner());
-                f(&mut conn).map_err(ActivityError::from)
-            })
-            .await
-            .map_err(|e| ActivityError::Task(e.to_string()))?
+        pg: F,
+    ) -> Result<T, ActivityError>
+    where
+        F: FnOnce(deadpool_postgres::Object) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ActivityError>>,
+    {
+        match &self.backend {
+            Backend::Sqlite(_) => {
+                let this = self.clone();
+                tokio::task::spawn_blocking(move || {
+                    let Backend::Sqlite(conn) = &this.backend else {
+                        unreachable!("matched above")
+                    };
+                    let mut conn = conn.lock().unwrap_or_else(|e| e.into_inner());
+                    f(&mut conn).map_err(ActivityError::from)
+                })
+                .await
+                .map_err(|e| ActivityError::Task(e.to_string()))?
+            }
+            Backend::Postgres(p) => pg(p.client().await?).await,
         }
     }
 
@@ -146,17 +180,24 @@ impl Activity {
     ) {
         let wait = Duration::from_millis(500);
         while let Some(events) = crate::events::next_batch(&mut rx, &mut stop, 512, wait).await {
-            if let Err(e) = self.with(move |c| write_batch(c, &events)).await {
+            let batch = Arc::new(aggregate(&events));
+            let for_pg = batch.clone();
+            let written = self
+                .run(
+                    move |c| write_sqlite(c, &batch),
+                    |mut c| async move { write_pg(&mut c, &for_pg).await },
+                )
+                .await;
+            if let Err(e) = written {
                 tracing::warn!(error = %e, "activity batch not recorded");
             }
         }
     }
 
     pub async fn sources(self: &Arc<Self>) -> Result<Vec<Source>, ActivityError> {
-        self.with(|c| {
-            let mut st = c.prepare(
-                "SELECT ip, connections, refused, messages, first_seen, last_seen FROM sources ORDER BY last_seen DESC LIMIT 1000",
-            )?;
+        const SQL: &str = "SELECT ip, connections, refused, messages, first_seen, last_seen FROM sources ORDER BY last_seen DESC LIMIT 1000";
+        self.run(|c| {
+            let mut st = c.prepare(SQL)?;
             let rows = st.query_map([], |r| {
                 Ok(Source {
                     ip: r.get(0)?,
@@ -168,6 +209,19 @@ impl Activity {
                 })
             })?;
             rows.collect()
+        }, |c| async move {
+            Ok(c.query(SQL, &[])
+                .await?
+                .iter()
+                .map(|r| Source {
+                    ip: r.get(0),
+                    connections: r.get::<_, i64>(1) as u64,
+                    refused: r.get::<_, i64>(2) as u64,
+                    messages: r.get::<_, i64>(3) as u64,
+                    first_seen: r.get::<_, i64>(4) as u64,
+                    last_seen: r.get::<_, i64>(5) as u64,
+                })
+                .collect())
         })
         .await
     }
@@ -177,15 +231,27 @@ impl Activity {
         let since = now_ms().saturating_sub(window.as_millis() as u64);
         let since_hour = (since / 3_600_000) as i64;
         let rows: Vec<(String, String, u64)> = self
-            .with(move |c| {
-                let mut st = c.prepare(
-                    "SELECT metric, key, SUM(count) FROM flow WHERE hour >= ?1 GROUP BY metric, key",
-                )?;
-                let rows = st.query_map([since_hour], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
-                })?;
-                rows.collect()
-            })
+            .run(
+                move |c| {
+                    let mut st = c.prepare(
+                        "SELECT metric, key, SUM(count) FROM flow WHERE hour >= ?1 GROUP BY metric, key",
+                    )?;
+                    let rows = st.query_map([since_hour], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
+                    })?;
+                    rows.collect()
+                },
+                |c| async move {
+                    Ok(c.query(
+                        "SELECT metric, key, SUM(count)::BIGINT FROM flow WHERE hour >= $1 GROUP BY metric, key",
+                        &[&since_hour],
+                    )
+                    .await?
+                    .iter()
+                    .map(|r| (r.get(0), r.get(1), r.get::<_, i64>(2) as u64))
+                    .collect())
+                },
+            )
             .await?;
         Ok(summarize(rows, hours, since))
     }
@@ -195,10 +261,17 @@ impl Activity {
         key: &'static str,
     ) -> Result<Option<T>, ActivityError> {
         let raw: Option<String> = self
-            .with(move |c| {
-                c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
-                    .optional()
-            })
+            .run(
+                move |c| {
+                    c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+                        .optional()
+                },
+                |c| async move {
+                    Ok(c.query_opt("SELECT value FROM meta WHERE key = $1", &[&key])
+                        .await?
+                        .map(|r| r.get(0)))
+                },
+            )
             .await?;
         Ok(raw.and_then(|s| serde_json::from_str(&s).ok()))
     }
@@ -209,13 +282,24 @@ impl Activity {
         value: &T,
     ) -> Result<(), ActivityError> {
         let json = serde_json::to_string(value).unwrap_or_else(|_| "null".into());
-        self.with(move |c| {
-            c.execute(
-                "INSERT INTO meta(key, value) VALUES(?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                params![key, json],
-            )
-            .map(|_| ())
-        })
+        let for_pg = json.clone();
+        self.run(
+            move |c| {
+                c.execute(
+                    "INSERT INTO meta(key, value) VALUES(?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    params![key, json],
+                )
+                .map(|_| ())
+            },
+            |c| async move {
+                c.execute(
+                    "INSERT INTO meta(key, value) VALUES($1, $2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    &[&key, &for_pg],
+                )
+                .await?;
+                Ok(())
+            },
+        )
         .await
     }
 
@@ -226,15 +310,27 @@ impl Activity {
     ) -> Result<Vec<(String, String, u64)>, ActivityError> {
         let since_hour = (now_ms().saturating_sub(window.as_millis() as u64) / 3_600_000) as i64;
         let rows: Vec<(String, u64)> = self
-            .with(move |c| {
-                let mut st = c.prepare(
-                    "SELECT key, SUM(count) FROM flow WHERE hour >= ?1 AND metric = ?2 GROUP BY key",
-                )?;
-                let rows = st.query_map(params![since_hour, TENANT_METRIC], |r| {
-                    Ok((r.get(0)?, r.get::<_, i64>(1)? as u64))
-                })?;
-                rows.collect()
-            })
+            .run(
+                move |c| {
+                    let mut st = c.prepare(
+                        "SELECT key, SUM(count) FROM flow WHERE hour >= ?1 AND metric = ?2 GROUP BY key",
+                    )?;
+                    let rows = st.query_map(params![since_hour, TENANT_METRIC], |r| {
+                        Ok((r.get(0)?, r.get::<_, i64>(1)? as u64))
+                    })?;
+                    rows.collect()
+                },
+                |c| async move {
+                    Ok(c.query(
+                        "SELECT key, SUM(count)::BIGINT FROM flow WHERE hour >= $1 AND metric = $2 GROUP BY key",
+                        &[&since_hour, &TENANT_METRIC],
+                    )
+                    .await?
+                    .iter()
+                    .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))
+                    .collect())
+                },
+            )
             .await?;
         Ok(rows
             .into_iter()
@@ -261,19 +357,126 @@ impl Activity {
     ) -> Result<usize, ActivityError> {
         let cutoff_ms = now.saturating_sub(u64::try_from(keep.as_millis()).unwrap_or(u64::MAX));
         let cutoff_hour = (cutoff_ms / 3_600_000) as i64;
-        self.with(move |c| {
-            let flow = c.execute("DELETE FROM flow WHERE hour < ?1", [cutoff_hour])?;
-            let sources = c.execute(
-                "DELETE FROM sources WHERE last_seen < ?1",
-                [cutoff_ms as i64],
-            )?;
-            Ok(flow + sources)
-        })
+        let cutoff = cutoff_ms as i64;
+        self.run(
+            move |c| {
+                let flow = c.execute("DELETE FROM flow WHERE hour < ?1", [cutoff_hour])?;
+                let sources = c.execute("DELETE FROM sources WHERE last_seen < ?1", [cutoff])?;
+                Ok(flow + sources)
+            },
+            |c| async move {
+                let flow = c
+                    .execute("DELETE FROM flow WHERE hour < $1", &[&cutoff_hour])
+                    .await?;
+                let sources = c
+                    .execute("DELETE FROM sources WHERE last_seen < $1", &[&cutoff])
+                    .await?;
+                Ok((flow + sources) as usize)
+            },
+        )
         .await
     }
 }
 
-fn write_batch(c: &mut Connection, events: &[Arc<Event>]) -> Result<(), rusqlite::Error> {
+/// One batch of events folded into the rows it changes.
+#[derive(Debug, Default)]
+struct Batch {
+    /// ip → (connections, refused, messages, first seen, last seen)
+    sources: BTreeMap<String, (i64, i64, i64, i64, i64)>,
+    /// (hour, metric, key) → count
+    flow: BTreeMap<(i64, &'static str, String), i64>,
+    /// The last tenant refusal, as JSON.
+    tenant_refusal: Option<String>,
+}
+
+fn aggregate(events: &[Arc<Event>]) -> Batch {
+    let mut b = Batch::default();
+    let mut source = |ip: &IpAddr, at: Millis, conns: i64, refs: i64, msgs: i64| {
+        let at = at as i64;
+        let e = b.sources.entry(ip_key(ip)).or_insert((0, 0, 0, at, at));
+        e.0 += conns;
+        e.1 += refs;
+        e.2 += msgs;
+        e.3 = e.3.min(at);
+        e.4 = e.4.max(at);
+    };
+    let mut flow: BTreeMap<(i64, &'static str, String), i64> = BTreeMap::new();
+    let mut bump = |at: Millis, metric: &'static str, key: String| {
+        *flow.entry(((at / 3_600_000) as i64, metric, key)).or_default() += 1;
+    };
+    let mut tenant_refusal = None;
+    for ev in events {
+        match ev.as_ref() {
+            Event::Connection { ip, at, refused } => {
+                let (conns, refs) = if refused.is_some() { (0, 1) } else { (1, 0) };
+                source(ip, *at, conns, refs, 0);
+                if let Some(reason) = refused {
+                    bump(*at, "refused", reason_key(*reason).into());
+                    bump(*at, "refused_by_source", ip_key(ip));
+                }
+            }
+            Event::Accepted {
+                ip,
+                sender_domain,
+                at,
+                ..
+            } => {
+                source(ip, *at, 0, 0, 1);
+                bump(*at, "accepted", String::new());
+                bump(*at, "accepted_by_source", ip_key(ip));
+                let domain = if sender_domain.is_empty() {
+                    "<>".to_string()
+                } else {
+                    sender_domain.clone()
+                };
+                bump(*at, "accepted_by_domain", domain);
+            }
+            Event::Routed { spf, at, .. } => bump(*at, "spf", spf.label().into()),
+            Event::TenantCheck {
+                range,
+                proof,
+                ip,
+                sender,
+                at,
+            } => {
+                bump(*at, TENANT_METRIC, format!("{range}:{}", proof.label()));
+                if *proof == TenantProof::None {
+                    let last = TenantRefusal {
+                        range: range.clone(),
+                        ip: ip_key(ip),
+                        sender: sender.clone(),
+                        at: *at,
+                    };
+                    tenant_refusal = serde_json::to_string(&last).ok();
+                }
+            }
+            Event::Delivery(r) => {
+                for res in &r.results {
+                    let metric = res.outcome.label();
+                    bump(r.at, metric, String::new());
+                    let route = if r.route.is_empty() {
+                        "(none)".to_string()
+                    } else {
+                        r.route.clone()
+                    };
+                    let host = if r.host.is_empty() {
+                        "(none)".to_string()
+                    } else {
+                        r.host.clone()
+                    };
+                    bump(r.at, route_metric(res.outcome), route);
+                    bump(r.at, host_metric(res.outcome), host);
+                    bump(r.at, "reply", normalize_reply(&res.reply.to_string()));
+                }
+            }
+        }
+    }
+    b.flow = flow;
+    b.tenant_refusal = tenant_refusal;
+    b
+}
+
+fn write_sqlite(c: &mut Connection, b: &Batch) -> Result<(), rusqlite::Error> {
     let tx = c.transaction()?;
     {
         let mut flow = tx.prepare_cached(
@@ -281,92 +484,92 @@ fn write_batch(c: &mut Connection, events: &[Arc<Event>]) -> Result<(), rusqlite
              ON CONFLICT(hour, metric, key) DO UPDATE SET count = count + excluded.count",
         )?;
         let mut src = tx.prepare_cached(
-            "INSERT INTO sources(ip, connections, refused, messages, first_seen, last_seen) VALUES(?1, ?2, ?3, ?4, ?5, ?5)
+            "INSERT INTO sources(ip, connections, refused, messages, first_seen, last_seen) VALUES(?1, ?2, ?3, ?4, ?5, ?6)
              ON CONFLICT(ip) DO UPDATE SET connections = connections + excluded.connections,
                 refused = refused + excluded.refused, messages = messages + excluded.messages,
+                first_seen = MIN(first_seen, excluded.first_seen),
                 last_seen = MAX(last_seen, excluded.last_seen)",
         )?;
-        // Aggregate in memory first: one row write per (hour, metric, key).
-        let mut counts: BTreeMap<(i64, &'static str, String), i64> = BTreeMap::new();
-        let mut bump = |at: Millis, metric: &'static str, key: String| {
-            *counts
-                .entry(((at / 3_600_000) as i64, metric, key))
-                .or_default() += 1;
-        };
-        for ev in events {
-            match ev.as_ref() {
-                Event::Connection { ip, at, refused } => {
-                    let (conns, refs) = if refused.is_some() { (0, 1) } else { (1, 0) };
-                    src.execute(params![ip_key(ip), conns, refs, 0, *at as i64])?;
-                    if let Some(reason) = refused {
-                        bump(*at, "refused", reason_key(*reason).into());
-                        bump(*at, "refused_by_source", ip_key(ip));
-                    }
-                }
-                Event::Accepted {
-                    ip,
-                    sender_domain,
-                    at,
-                    ..
-                } => {
-                    src.execute(params![ip_key(ip), 0, 0, 1, *at as i64])?;
-                    bump(*at, "accepted", String::new());
-                    bump(*at, "accepted_by_source", ip_key(ip));
-                    let domain = if sender_domain.is_empty() {
-                        "<>".to_string()
-                    } else {
-                        sender_domain.clone()
-                    };
-                    bump(*at, "accepted_by_domain", domain);
-                }
-                Event::Routed { spf, at, .. } => bump(*at, "spf", spf.label().into()),
-                Event::TenantCheck {
-                    range,
-                    proof,
-                    ip,
-                    sender,
-                    at,
-                } => {
-                    bump(*at, TENANT_METRIC, format!("{range}:{}", proof.label()));
-                    if *proof == TenantProof::None {
-                        let last = TenantRefusal {
-                            range: range.clone(),
-                            ip: ip_key(ip),
-                            sender: sender.clone(),
-                            at: *at,
-                        };
-                        tx.execute(
-                            "INSERT INTO meta(key, value) VALUES(?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                            params![TENANT_REFUSAL_KEY, serde_json::to_string(&last).unwrap_or_default()],
-                        )?;
-                    }
-                }
-                Event::Delivery(r) => {
-                    for res in &r.results {
-                        let metric = res.outcome.label();
-                        bump(r.at, metric, String::new());
-                        let route = if r.route.is_empty() {
-                            "(none)".to_string()
-                        } else {
-                            r.route.clone()
-                        };
-                        let host = if r.host.is_empty() {
-                            "(none)".to_string()
-                        } else {
-                            r.host.clone()
-                        };
-                        bump(r.at, route_metric(res.outcome), route);
-                        bump(r.at, host_metric(res.outcome), host);
-                        bump(r.at, "reply", normalize_reply(&res.reply.to_string()));
-                    }
-                }
-            }
+        for (ip, (conns, refs, msgs, first, last)) in &b.sources {
+            src.execute(params![ip, conns, refs, msgs, first, last])?;
         }
-        for ((hour, metric, key), n) in counts {
+        for ((hour, metric, key), n) in &b.flow {
             flow.execute(params![hour, metric, key, n])?;
+        }
+        if let Some(json) = &b.tenant_refusal {
+            tx.execute(
+                "INSERT INTO meta(key, value) VALUES(?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                params![TENANT_REFUSAL_KEY, json],
+            )?;
         }
     }
     tx.commit()
+}
+
+/// Rows per statement: well under PostgreSQL's 65,535 parameters.
+const PG_CHUNK: usize = 1000;
+
+/// Multi-row upserts that add counts, so nodes writing at once never conflict.
+async fn write_pg(c: &mut deadpool_postgres::Object, b: &Batch) -> Result<(), ActivityError> {
+    use tokio_postgres::types::ToSql;
+    let tx = c.transaction().await?;
+    let sources: Vec<_> = b.sources.iter().collect();
+    for chunk in sources.chunks(PG_CHUNK) {
+        let mut sql = String::from(
+            "INSERT INTO sources(ip, connections, refused, messages, first_seen, last_seen) VALUES ",
+        );
+        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
+        for (i, (ip, (conns, refs, msgs, first, last))) in chunk.iter().enumerate() {
+            let k = i * 6;
+            if i > 0 {
+                sql.push(',');
+            }
+            sql.push_str(&format!(
+                "(${}, ${}, ${}, ${}, ${}, ${})",
+                k + 1,
+                k + 2,
+                k + 3,
+                k + 4,
+                k + 5,
+                k + 6
+            ));
+            params.extend([*ip as &(dyn ToSql + Sync), conns, refs, msgs, first, last]);
+        }
+        sql.push_str(
+            " ON CONFLICT(ip) DO UPDATE SET connections = sources.connections + excluded.connections,
+               refused = sources.refused + excluded.refused, messages = sources.messages + excluded.messages,
+               first_seen = LEAST(sources.first_seen, excluded.first_seen),
+               last_seen = GREATEST(sources.last_seen, excluded.last_seen)",
+        );
+        tx.execute(&sql, &params).await?;
+    }
+    let flow: Vec<_> = b.flow.iter().collect();
+    for chunk in flow.chunks(PG_CHUNK) {
+        let mut sql = String::from("INSERT INTO flow(hour, metric, key, count) VALUES ");
+        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
+        let metrics: Vec<String> = chunk.iter().map(|((_, m, _), _)| m.to_string()).collect();
+        for (i, ((hour, _, key), n)) in chunk.iter().enumerate() {
+            let k = i * 4;
+            if i > 0 {
+                sql.push(',');
+            }
+            sql.push_str(&format!("(${}, ${}, ${}, ${})", k + 1, k + 2, k + 3, k + 4));
+            params.extend([hour as &(dyn ToSql + Sync), &metrics[i], key, *n]);
+        }
+        sql.push_str(
+            " ON CONFLICT(hour, metric, key) DO UPDATE SET count = flow.count + excluded.count",
+        );
+        tx.execute(&sql, &params).await?;
+    }
+    if let Some(json) = &b.tenant_refusal {
+        tx.execute(
+            "INSERT INTO meta(key, value) VALUES($1, $2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            &[&TENANT_REFUSAL_KEY, json],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
 }
 
 fn ip_key(ip: &IpAddr) -> String {

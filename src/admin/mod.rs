@@ -43,7 +43,9 @@ pub struct AdminState {
     pub spf: Arc<SpfService<HickoryDns>>,
     pub deliverer: Arc<Deliverer>,
     pub activity: Arc<Activity>,
-    pub trusted: Option<Arc<crate::trusted::Store>>,
+    pub trusted: Option<crate::trusted::Store>,
+    /// The shared database, when `store.kind = "postgres"`: `/readyz` pings it.
+    pub shared_store: Option<crate::store::Postgres>,
     pub metrics: PrometheusHandle,
     pub shared_sources: Arc<Live<crate::tenant::sources::SharedSources>>,
     /// Set once every SMTP listener is bound.
@@ -204,12 +206,13 @@ async fn readyz(State(st): State<Admin>) -> Response {
     if let Err(e) = st.activity.sources().await {
         failing.push(format!("state database: {e}"));
     }
-    if let Some(t) = &st.trusted {
-        let t = t.clone();
-        match tokio::task::spawn_blocking(move || t.count()).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => failing.push(format!("trusted database: {e}")),
-            Err(e) => failing.push(format!("trusted database: {e}")),
+    if let Some(pg) = &st.shared_store {
+        if let Err(e) = pg.ping().await {
+            failing.push(format!("store: {e}"));
+        }
+    } else if let Some(t) = &st.trusted {
+        if let Err(e) = t.count().await {
+            failing.push(format!("trusted database: {e}"));
         }
     }
     if failing.is_empty() {

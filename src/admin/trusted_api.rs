@@ -1,10 +1,9 @@
 //! `/api/v1/trusted-senders`: the learned list, paged and filtered, as JSON or CSV, and
 //! the learning progress.
 
-use std::sync::Arc;
 
 use axum::extract::{Query, State};
-use axum::http::header;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
@@ -12,7 +11,7 @@ use serde::Deserialize;
 use super::{Admin, ApiError};
 use crate::envelope::now_ms;
 use crate::trusted::export::{csv_row, parse_since, CSV_HEADER};
-use crate::trusted::store::{Filter, Stats};
+use crate::trusted::store::{Filter, Stats, StoreError};
 use crate::trusted::Store;
 
 #[derive(Deserialize, Default)]
@@ -26,7 +25,7 @@ pub struct ListQuery {
     cursor: Option<String>,
 }
 
-fn store(st: &Admin) -> Result<Arc<Store>, ApiError> {
+fn store(st: &Admin) -> Result<Store, ApiError> {
     st.trusted.clone().ok_or_else(|| {
         ApiError::not_found("the trusted-sender list is disabled (trusted.enabled = false)")
     })
@@ -51,10 +50,10 @@ pub async fn list(
         limit: q.limit.unwrap_or(1000),
         cursor: q.cursor.filter(|s| !s.is_empty()),
     };
-    let page = tokio::task::spawn_blocking(move || store.list(&filter))
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let page = store.list(filter).await.map_err(|e| match e {
+        StoreError::Invalid(m) => ApiError::bad_request(m),
+        other => ApiError(StatusCode::SERVICE_UNAVAILABLE, other.to_string()),
+    })?;
     match q.format.as_deref().unwrap_or("json") {
         "json" => Ok(Json(page).into_response()),
         "csv" => {
@@ -78,10 +77,10 @@ pub async fn list(
 pub async fn stats_of(st: &Admin) -> Result<Stats, ApiError> {
     let store = store(st)?;
     let days = st.config().trusted.learning_days;
-    tokio::task::spawn_blocking(move || store.stats(now_ms(), days))
+    store
+        .stats(now_ms(), days)
         .await
-        .map_err(ApiError::internal)?
-        .map_err(ApiError::internal)
+        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))
 }
 
 pub async fn stats(State(st): State<Admin>) -> Result<impl IntoResponse, ApiError> {

@@ -2,6 +2,7 @@
 //! (one transaction per `batch_size` or `flush_interval`), and what is pending is written
 //! when the event stream closes at shutdown.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,14 +14,18 @@ use crate::events::Event;
 use crate::live::Live;
 
 /// `policy` is read once per batch, so a reload's exclusions apply from the next one.
+/// When the store cannot be written (a PostgreSQL outage) the observations wait, up to
+/// `buffer_limit`, and go with the next batch; mail never waits on them.
 pub async fn record(
-    store: Arc<Store>,
+    store: Store,
     policy: Arc<Live<TrustPolicy>>,
     mut rx: mpsc::Receiver<Arc<Event>>,
     batch_size: usize,
     flush_interval: Duration,
+    buffer_limit: usize,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut pending: VecDeque<Observation> = VecDeque::new();
     // At shutdown the last batch still comes through, so it is written before the end.
     while let Some(events) =
         crate::events::next_batch(&mut rx, &mut stop, batch_size, flush_interval).await
@@ -30,7 +35,15 @@ pub async fn record(
         for ev in &events {
             collect(&policy, ev, &mut batch);
         }
-        flush(&store, &mut batch).await;
+        pending.extend(batch);
+        let over = pending.len().saturating_sub(buffer_limit);
+        if over > 0 {
+            pending.drain(..over);
+            metrics::counter!("smartrelay_trusted_observations_dropped_total")
+                .increment(over as u64);
+            tracing::warn!(dropped = over, "trusted-sender store unavailable too long: oldest observations dropped");
+        }
+        flush(&store, &mut pending).await;
         // Once this moves, every delivery up to here is in the list (or excluded by
         // policy): what a test or an operator waits for instead of a sleep.
         metrics::counter!("smartrelay_trusted_deliveries_recorded_total")
@@ -44,22 +57,23 @@ fn collect(policy: &TrustPolicy, ev: &Event, batch: &mut Vec<Observation>) {
     }
 }
 
-async fn flush(store: &Arc<Store>, batch: &mut Vec<Observation>) {
-    if batch.is_empty() {
+async fn flush(store: &Store, pending: &mut VecDeque<Observation>) {
+    if pending.is_empty() {
         return;
     }
-    let items = std::mem::take(batch);
-    let s = store.clone();
+    let items: Vec<Observation> = pending.iter().cloned().collect();
     let n = items.len();
-    match tokio::task::spawn_blocking(move || s.record(&items)).await {
-        Ok(Ok(added)) => {
+    match store.record(items).await {
+        Ok(added) => {
+            pending.clear();
+            metrics::gauge!("smartrelay_trusted_buffered_observations").set(0.0);
             metrics::counter!("smartrelay_trusted_new_entries_total").increment(added);
             // The gauge is set from the table at start and after each prune.
             metrics::gauge!("smartrelay_trusted_entries").increment(added as f64);
         }
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, observations = n, "trusted-sender batch not recorded")
+        Err(e) => {
+            metrics::gauge!("smartrelay_trusted_buffered_observations").set(n as f64);
+            tracing::error!(error = %e, observations = n, "trusted-sender batch not recorded; kept for the next attempt")
         }
-        Err(e) => tracing::error!(error = %e, "trusted-sender writer failed"),
     }
 }

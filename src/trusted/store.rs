@@ -11,12 +11,13 @@
 //! Times are Unix milliseconds.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
+use super::pg::PgStore;
 use super::policy::Observation;
 use crate::envelope::Millis;
 
@@ -29,9 +30,13 @@ pub enum StoreError {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    Shared(#[from] crate::store::StoreError),
+    #[error("trusted-sender store task failed: {0}")]
+    Task(String),
 }
 
-const DAY_MS: Millis = 86_400_000;
+pub(super) const DAY_MS: Millis = 86_400_000;
 
 /// Migrations, applied in order at open; `PRAGMA user_version` says how many ran.
 const MIGRATIONS: &[&str] = &[
@@ -106,13 +111,91 @@ pub struct Stats {
     pub added_per_day: Vec<DayCount>,
 }
 
-pub struct Store {
+/// The list where it is kept: the node's SQLite file, or the cluster's PostgreSQL.
+/// Every call is async; SQLite's run on the blocking pool.
+#[derive(Clone)]
+pub enum Store {
+    Sqlite(Arc<SqliteStore>),
+    Postgres(PgStore),
+}
+
+impl Store {
+    /// The embedded file.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Ok(Store::Sqlite(Arc::new(SqliteStore::open(path)?)))
+    }
+
+    async fn blocking<T: Send + 'static>(
+        s: &Arc<SqliteStore>,
+        f: impl FnOnce(&SqliteStore) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let s = s.clone();
+        tokio::task::spawn_blocking(move || f(&s))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    /// Records a batch; returns how many addresses are new.
+    pub async fn record(&self, batch: Vec<Observation>) -> Result<u64, StoreError> {
+        match self {
+            Store::Sqlite(s) => Store::blocking(s, move |s| s.record(&batch)).await,
+            Store::Postgres(p) => p.record(&batch).await,
+        }
+    }
+
+    pub async fn prune(&self, retention: Duration, now: Millis) -> Result<u64, StoreError> {
+        match self {
+            Store::Sqlite(s) => Store::blocking(s, move |s| s.prune(retention, now)).await,
+            Store::Postgres(p) => p.prune(retention, now).await,
+        }
+    }
+
+    pub async fn count(&self) -> Result<u64, StoreError> {
+        match self {
+            Store::Sqlite(s) => Store::blocking(s, |s| s.count()).await,
+            Store::Postgres(p) => p.count().await,
+        }
+    }
+
+    pub async fn list(&self, f: Filter) -> Result<Page, StoreError> {
+        match self {
+            Store::Sqlite(s) => Store::blocking(s, move |s| s.list(&f)).await,
+            Store::Postgres(p) => {
+                let sender = f.sender.as_deref().and_then(super::policy::normalize);
+                if f.sender.is_some() && sender.is_none() {
+                    return Err(StoreError::Invalid("sender must be an address".into()));
+                }
+                let domain = f
+                    .domain
+                    .as_deref()
+                    .and_then(super::policy::normalize_domain);
+                p.list(&f, sender, domain).await
+            }
+        }
+    }
+
+    pub async fn stats(&self, now: Millis, learning_days: u32) -> Result<Stats, StoreError> {
+        match self {
+            Store::Sqlite(s) => Store::blocking(s, move |s| s.stats(now, learning_days)).await,
+            Store::Postgres(p) => p.stats(now, learning_days).await,
+        }
+    }
+
+    pub async fn import(&self, addresses: Vec<String>, now: Millis) -> Result<u64, StoreError> {
+        match self {
+            Store::Sqlite(s) => Store::blocking(s, move |s| s.import(&addresses, now)).await,
+            Store::Postgres(p) => p.import(&addresses, now).await,
+        }
+    }
+}
+
+pub struct SqliteStore {
     path: PathBuf,
     conn: Mutex<Connection>,
 }
 
-impl Store {
-    pub fn open(path: &Path) -> Result<Store, StoreError> {
+impl SqliteStore {
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
         if let Some(dir) = path.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
@@ -144,7 +227,7 @@ impl Store {
                 .map_err(err)?;
             tx.commit().map_err(err)?;
         }
-        Ok(Store {
+        Ok(SqliteStore {
             path: path.to_owned(),
             conn: Mutex::new(conn),
         })
@@ -385,7 +468,7 @@ impl Store {
 }
 
 /// "2026-11-29" for a day number since the epoch.
-fn day_string(day: u64) -> String {
+pub(super) fn day_string(day: u64) -> String {
     let dt = mail_parser::DateTime::from_timestamp((day * 86_400) as i64);
     format!("{:04}-{:02}-{:02}", dt.year, dt.month, dt.day)
 }
@@ -394,7 +477,7 @@ fn day_string(day: u64) -> String {
 mod tests {
     use super::*;
 
-    fn store(name: &str) -> Store {
+    fn store(name: &str) -> SqliteStore {
         let p = std::env::temp_dir().join(format!(
             "smartrelay-trusted-{name}-{}.sqlite3",
             std::process::id()
@@ -402,7 +485,7 @@ mod tests {
         for ext in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{ext}", p.display()));
         }
-        Store::open(&p).unwrap()
+        SqliteStore::open(&p).unwrap()
     }
 
     fn obs(sender: &str, rcpt: &str, at: Millis) -> Observation {
