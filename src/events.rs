@@ -277,13 +277,32 @@ pub async fn next_batch(
     max: usize,
     wait: std::time::Duration,
 ) -> Option<Vec<Arc<Event>>> {
+    next_batch_or_wake(rx, stop, max, wait, None).await
+}
+
+/// As [`next_batch`], but an empty batch comes back at `wake` when no event arrived
+/// by then (a recorder with work of its own to retry).
+pub async fn next_batch_or_wake(
+    rx: &mut mpsc::Receiver<Arc<Event>>,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+    max: usize,
+    wait: std::time::Duration,
+    wake: Option<tokio::time::Instant>,
+) -> Option<Vec<Arc<Event>>> {
     let mut batch = Vec::new();
+    let woken = async {
+        match wake {
+            Some(t) => tokio::time::sleep_until(t).await,
+            None => std::future::pending().await,
+        }
+    };
     let first = if *stop.borrow() {
         None
     } else {
         tokio::select! {
             ev = rx.recv() => ev,
             _ = stop.changed() => None,
+            _ = woken => return Some(batch),
         }
     };
     let Some(first) = first else {

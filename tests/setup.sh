@@ -2,7 +2,7 @@
 # Installs, on Debian, what the tests talk to when it is missing: Postfix's smtp-sink
 # and smtp-source (package postfix), swaks, Python's aiosmtpd and prometheus_client,
 # python3-dkim and python3-nacl, strace, sqlite3, openssl, headless Chromium, prlimit and script (util-linux, bsdutils),
-# systemd-analyze and promtool.
+# systemd-analyze and promtool, PostgreSQL 15 and HAProxy.
 set -euo pipefail
 
 need=()
@@ -20,6 +20,10 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v prlimit >/dev/null 2>&1 || need+=(util-linux)
 command -v script >/dev/null 2>&1 || need+=(bsdutils)
 command -v gcc >/dev/null 2>&1 || need+=(gcc libc6-dev)
+# The scale-out tests: a throwaway PostgreSQL cluster (initdb) and HAProxy in front of
+# two nodes.
+[ -x /usr/lib/postgresql/15/bin/initdb ] || need+=(postgresql)
+command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
 # The operations tests: systemd-analyze verify on the unit.
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 # promtool (alert rule tests, metrics lint) comes with the Prometheus server package;

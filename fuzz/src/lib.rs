@@ -21,14 +21,18 @@ pub fn proxy(data: &[u8]) {
     use smartrelay::smtp::proxy::{needed, parse};
     let mut len = 0;
     loop {
-        let Some(prefix) = data.get(..len) else { return };
+        let Some(prefix) = data.get(..len) else {
+            return;
+        };
         match needed(prefix) {
             Ok(0) => break,
             Ok(more) => len += more,
             Err(_) => return,
         }
     }
-    let Some(header) = data.get(..len) else { return };
+    let Some(header) = data.get(..len) else {
+        return;
+    };
     // Every shorter prefix asked for no more than the header holds.
     for k in 0..len {
         if let Some(Ok(more)) = data.get(..k).map(needed) {

@@ -196,33 +196,36 @@ impl Activity {
 
     pub async fn sources(self: &Arc<Self>) -> Result<Vec<Source>, ActivityError> {
         const SQL: &str = "SELECT ip, connections, refused, messages, first_seen, last_seen FROM sources ORDER BY last_seen DESC LIMIT 1000";
-        self.run(|c| {
-            let mut st = c.prepare(SQL)?;
-            let rows = st.query_map([], |r| {
-                Ok(Source {
-                    ip: r.get(0)?,
-                    connections: r.get::<_, i64>(1)? as u64,
-                    refused: r.get::<_, i64>(2)? as u64,
-                    messages: r.get::<_, i64>(3)? as u64,
-                    first_seen: r.get::<_, i64>(4)? as u64,
-                    last_seen: r.get::<_, i64>(5)? as u64,
-                })
-            })?;
-            rows.collect()
-        }, |c| async move {
-            Ok(c.query(SQL, &[])
-                .await?
-                .iter()
-                .map(|r| Source {
-                    ip: r.get(0),
-                    connections: r.get::<_, i64>(1) as u64,
-                    refused: r.get::<_, i64>(2) as u64,
-                    messages: r.get::<_, i64>(3) as u64,
-                    first_seen: r.get::<_, i64>(4) as u64,
-                    last_seen: r.get::<_, i64>(5) as u64,
-                })
-                .collect())
-        })
+        self.run(
+            |c| {
+                let mut st = c.prepare(SQL)?;
+                let rows = st.query_map([], |r| {
+                    Ok(Source {
+                        ip: r.get(0)?,
+                        connections: r.get::<_, i64>(1)? as u64,
+                        refused: r.get::<_, i64>(2)? as u64,
+                        messages: r.get::<_, i64>(3)? as u64,
+                        first_seen: r.get::<_, i64>(4)? as u64,
+                        last_seen: r.get::<_, i64>(5)? as u64,
+                    })
+                })?;
+                rows.collect()
+            },
+            |c| async move {
+                Ok(c.query(SQL, &[])
+                    .await?
+                    .iter()
+                    .map(|r| Source {
+                        ip: r.get(0),
+                        connections: r.get::<_, i64>(1) as u64,
+                        refused: r.get::<_, i64>(2) as u64,
+                        messages: r.get::<_, i64>(3) as u64,
+                        first_seen: r.get::<_, i64>(4) as u64,
+                        last_seen: r.get::<_, i64>(5) as u64,
+                    })
+                    .collect())
+            },
+        )
         .await
     }
 
@@ -267,9 +270,11 @@ impl Activity {
                         .optional()
                 },
                 |c| async move {
-                    Ok(c.query_opt("SELECT value FROM meta WHERE key = $1", &[&key])
-                        .await?
-                        .map(|r| r.get(0)))
+                    Ok(
+                        c.query_opt("SELECT value FROM meta WHERE key = $1", &[&key])
+                            .await?
+                            .map(|r| r.get(0)),
+                    )
                 },
             )
             .await?;
@@ -402,7 +407,9 @@ fn aggregate(events: &[Arc<Event>]) -> Batch {
     };
     let mut flow: BTreeMap<(i64, &'static str, String), i64> = BTreeMap::new();
     let mut bump = |at: Millis, metric: &'static str, key: String| {
-        *flow.entry(((at / 3_600_000) as i64, metric, key)).or_default() += 1;
+        *flow
+            .entry(((at / 3_600_000) as i64, metric, key))
+            .or_default() += 1;
     };
     let mut tenant_refusal = None;
     for ev in events {

@@ -1,7 +1,6 @@
 //! `/api/v1/trusted-senders`: the learned list, paged and filtered, as JSON or CSV, and
 //! the learning progress.
 
-
 use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};

@@ -86,7 +86,8 @@ impl Postgres {
                 pg.password(p);
             }
         }
-        pg.connect_timeout(Duration::from_secs(5));
+        // Short: while the database is down, each attempt costs the recorder this long.
+        pg.connect_timeout(Duration::from_secs(2));
         pg.application_name("smartrelay");
         let manager = Manager::from_config(
             pg,
@@ -97,9 +98,9 @@ impl Postgres {
         );
         let pool = Pool::builder(manager)
             .max_size(8)
-            .wait_timeout(Some(Duration::from_secs(5)))
-            .create_timeout(Some(Duration::from_secs(5)))
-            .recycle_timeout(Some(Duration::from_secs(5)))
+            .wait_timeout(Some(Duration::from_secs(2)))
+            .create_timeout(Some(Duration::from_secs(2)))
+            .recycle_timeout(Some(Duration::from_secs(2)))
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| StoreError::Pool(e.to_string()))?;
@@ -115,7 +116,8 @@ impl Postgres {
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let mut c = self.client().await?;
         let tx = c.transaction().await?;
-        tx.execute("SELECT pg_advisory_xact_lock(7130501)", &[]).await?;
+        tx.execute("SELECT pg_advisory_xact_lock(7130501)", &[])
+            .await?;
         tx.batch_execute("CREATE TABLE IF NOT EXISTS smartrelay_schema(version BIGINT NOT NULL)")
             .await?;
         let row = tx

@@ -258,9 +258,8 @@ impl PgStore {
             )
             .await
             .map_err(pg)?;
-        let first_delivery: Option<Millis> = row
-            .get::<_, Option<String>>(3)
-            .and_then(|v| v.parse().ok());
+        let first_delivery: Option<Millis> =
+            row.get::<_, Option<String>>(3).and_then(|v| v.parse().ok());
         let days_observed = first_delivery.map_or(0, |f| now.saturating_sub(f) / DAY_MS);
         let added_per_day = c
             .query(

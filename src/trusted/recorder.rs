@@ -26,10 +26,18 @@ pub async fn record(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut pending: VecDeque<Observation> = VecDeque::new();
+    // After a failed write the store is left alone for a while: events keep being
+    // drained into `pending`, so the bus never backs up into deliveries.
+    let mut retry_at: Option<tokio::time::Instant> = None;
     // At shutdown the last batch still comes through, so it is written before the end.
-    while let Some(events) =
-        crate::events::next_batch(&mut rx, &mut stop, batch_size, flush_interval).await
-    {
+    loop {
+        let wake = retry_at.filter(|_| !pending.is_empty());
+        let Some(events) =
+            crate::events::next_batch_or_wake(&mut rx, &mut stop, batch_size, flush_interval, wake)
+                .await
+        else {
+            break;
+        };
         let mut batch = Vec::new();
         let policy = policy.get();
         for ev in &events {
@@ -41,14 +49,26 @@ pub async fn record(
             pending.drain(..over);
             metrics::counter!("smartrelay_trusted_observations_dropped_total")
                 .increment(over as u64);
-            tracing::warn!(dropped = over, "trusted-sender store unavailable too long: oldest observations dropped");
+            tracing::warn!(
+                dropped = over,
+                "trusted-sender store unavailable too long: oldest observations dropped"
+            );
         }
-        flush(&store, &mut pending).await;
+        let now = tokio::time::Instant::now();
+        if retry_at.is_none_or(|t| now >= t) {
+            retry_at = if flush(&store, &mut pending).await {
+                None
+            } else {
+                Some(now + RETRY_AFTER)
+            };
+        }
         // Once this moves, every delivery up to here is in the list (or excluded by
         // policy): what a test or an operator waits for instead of a sleep.
         metrics::counter!("smartrelay_trusted_deliveries_recorded_total")
             .increment(events.len() as u64);
     }
+    // Stopping: one last try for what waited on the store.
+    flush(&store, &mut pending).await;
 }
 
 fn collect(policy: &TrustPolicy, ev: &Event, batch: &mut Vec<Observation>) {
@@ -57,9 +77,13 @@ fn collect(policy: &TrustPolicy, ev: &Event, batch: &mut Vec<Observation>) {
     }
 }
 
-async fn flush(store: &Store, pending: &mut VecDeque<Observation>) {
+/// How long a store that failed a write is left alone.
+const RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// Whether the store took what was pending.
+async fn flush(store: &Store, pending: &mut VecDeque<Observation>) -> bool {
     if pending.is_empty() {
-        return;
+        return true;
     }
     let items: Vec<Observation> = pending.iter().cloned().collect();
     let n = items.len();
@@ -70,10 +94,12 @@ async fn flush(store: &Store, pending: &mut VecDeque<Observation>) {
             metrics::counter!("smartrelay_trusted_new_entries_total").increment(added);
             // The gauge is set from the table at start and after each prune.
             metrics::gauge!("smartrelay_trusted_entries").increment(added as f64);
+            true
         }
         Err(e) => {
             metrics::gauge!("smartrelay_trusted_buffered_observations").set(n as f64);
-            tracing::error!(error = %e, observations = n, "trusted-sender batch not recorded; kept for the next attempt")
+            tracing::error!(error = %e, observations = n, "trusted-sender batch not recorded; kept for the next attempt");
+            false
         }
     }
 }

@@ -26,7 +26,9 @@ class Handler:
         self.data_reply = data_reply
         self.seen = set()
         self.lock = threading.Lock()
-        self.count = 0
+        # Restarted on the same OUT (a smart host back from an outage): numbering goes
+        # on after what the earlier run wrote, so nothing is overwritten.
+        self.count = len([n for n in os.listdir(out) if n.endswith(".eml")])
 
     def log(self, entry):
         with self.lock, open(os.path.join(self.out, "log.jsonl"), "a") as f:

@@ -1,0 +1,257 @@
+//! The parts of a multi-node deployment, on loopback: a throwaway PostgreSQL cluster
+//! (Debian's `postgresql`, `initdb` in a temporary directory, run as a non-root user on
+//! a free port) and HAProxy (Debian's `haproxy`, TCP mode, `send-proxy-v2`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::{free_port, wait_until};
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// A PostgreSQL command, as the `postgres` user when the tests run as root (initdb and
+/// the server refuse root).
+fn pg_command(bin: &str) -> Command {
+    let path = format!("{PG_BIN}/{bin}");
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", &path]);
+        c
+    } else {
+        Command::new(path)
+    }
+}
+
+pub struct Pg {
+    pub dir: PathBuf,
+    pub port: u16,
+}
+
+impl Pg {
+    /// A fresh cluster with a `smartrelay` role (trust authentication on loopback) and
+    /// database.
+    pub fn start(name: &str) -> Pg {
+        // Outside the build tree: the postgres user must be able to reach it.
+        let dir = std::env::temp_dir().join(format!("smartrelay-pg-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        if is_root() {
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "chown the PostgreSQL directory");
+        }
+        let out = pg_command("initdb")
+            .args(["-D", &dir.join("data").display().to_string()])
+            .args([
+                "-U",
+                "smartrelay",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ])
+            .output()
+            .expect("initdb (Debian package postgresql)");
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pg = Pg {
+            dir,
+            port: free_port(),
+        };
+        pg.start_server();
+        let out = pg_command("createdb")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &pg.port.to_string(),
+                "-U",
+                "smartrelay",
+            ])
+            .arg("smartrelay")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "createdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        pg
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://smartrelay@127.0.0.1:{}/smartrelay", self.port)
+    }
+
+    fn start_server(&self) {
+        let opts = format!(
+            "-k {} -p {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.dir.display(),
+            self.port
+        );
+        let out = pg_command("pg_ctl")
+            .args(["-D", &self.dir.join("data").display().to_string()])
+            .args([
+                "-o",
+                &opts,
+                "-l",
+                &self.dir.join("log").display().to_string(),
+            ])
+            .args(["-w", "start"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn stop(&self) {
+        let _ = pg_command("pg_ctl")
+            .args(["-D", &self.dir.join("data").display().to_string()])
+            .args(["-m", "fast", "-w", "stop"])
+            .output();
+    }
+
+    pub fn restart(&self) {
+        self.start_server();
+    }
+
+    /// One value from a query, through `psql`.
+    pub fn query(&self, sql: &str) -> String {
+        let out = pg_command("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "smartrelay",
+            ])
+            .args(["-d", "smartrelay", "-At", "-c", sql])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "psql {sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// HAProxy in TCP mode in front of relay nodes, sending PROXY v2 (and v2 LOCAL on its
+/// SMTP health checks).
+pub struct Haproxy {
+    child: Child,
+    pub port: u16,
+    pub config: PathBuf,
+}
+
+impl Haproxy {
+    pub fn start(dir: &Path, nodes: &[std::net::SocketAddr]) -> Haproxy {
+        let port = free_port();
+        let template = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/config/haproxy/haproxy.cfg"
+        ))
+        .unwrap();
+        // The example's addresses, replaced by this test's ports; everything else as
+        // shipped.
+        let mut servers = String::new();
+        for (i, n) in nodes.iter().enumerate() {
+            servers.push_str(&format!(
+                "    server node{} {n} send-proxy-v2 check check-send-proxy inter 500ms fall 2 rise 1\n",
+                i + 1
+            ));
+        }
+        let mut cfg = String::new();
+        let mut skipping = false;
+        for line in template.lines() {
+            if line.trim_start().starts_with("bind ") && line.contains(":25") {
+                cfg.push_str(&format!("    bind 127.0.0.1:{port}\n"));
+                continue;
+            }
+            if line.trim_start().starts_with("maxconn ") {
+                // Whatever open-files limit the test machine has.
+                cfg.push_str("    maxconn 256\n");
+                continue;
+            }
+            if line.trim_start().starts_with("server ") {
+                if !skipping {
+                    cfg.push_str(&servers);
+                    skipping = true;
+                }
+                continue;
+            }
+            cfg.push_str(line);
+            cfg.push('\n');
+        }
+        let config = dir.join("haproxy.cfg");
+        std::fs::write(&config, cfg).unwrap();
+        let check = Command::new("haproxy")
+            .arg("-c")
+            .arg("-f")
+            .arg(&config)
+            .output()
+            .expect("haproxy (Debian package)");
+        assert!(
+            check.status.success(),
+            "haproxy -c: {}{}",
+            String::from_utf8_lossy(&check.stdout),
+            String::from_utf8_lossy(&check.stderr)
+        );
+        let child = Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        assert!(wait_until(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        }));
+        Haproxy {
+            child,
+            port,
+            config,
+        }
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
