@@ -353,6 +353,7 @@ pub fn queue(action: QueueCmd, remote: Remote) -> Result<()> {
     match action {
         QueueCmd::List => {
             let msgs = v["messages"].as_array().cloned().unwrap_or_default();
+            println!("queue of {}", v["node"].as_str().unwrap_or("this node"));
             println!(
                 "{:<20}  {:<32}  {:>5}  {:>8}  {:<20}  last reply",
                 "ID", "SENDER", "RCPTS", "ATTEMPTS", "NEXT ATTEMPT"
@@ -380,7 +381,7 @@ pub fn queue(action: QueueCmd, remote: Remote) -> Result<()> {
                     next
                 );
             }
-            println!("{} message(s)", msgs.len());
+            println!("{} message(s) on this node", msgs.len());
         }
         QueueCmd::Flush => println!("{} message(s) scheduled for delivery now", v["rescheduled"]),
         QueueCmd::Remove { id } => println!("{id} removed"),

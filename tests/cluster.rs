@@ -139,6 +139,8 @@ fn two_nodes_behind_haproxy_share_state_and_deliver_exactly_once() {
     }
     assert!(wait_until(T, || !a.queue().is_empty() && !b.queue().is_empty()));
     let queued_on_a = a.queue().len();
+    // The queue API is one node's, and says which.
+    assert_eq!(a.get("/api/v1/queue").1["node"], "a.relay.test");
     a.kill9();
     for i in 0..10 {
         assert_eq!(send(lb.addr(), 2020 + i, 1, 1), 1, "B takes what A cannot");

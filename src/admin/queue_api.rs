@@ -22,9 +22,11 @@ fn queue_error(e: QueueError) -> ApiError {
     }
 }
 
+/// The spool is per node: the answer names the node (`server.hostname`) it lists.
 pub async fn list(State(st): State<Admin>) -> impl IntoResponse {
     let messages = st.queue.list();
-    Json(json!({ "count": messages.len(), "messages": messages }))
+    let node = st.config().server.hostname.clone();
+    Json(json!({ "node": node, "count": messages.len(), "messages": messages }))
 }
 
 pub async fn show(

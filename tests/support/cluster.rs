@@ -34,12 +34,18 @@ fn pg_command(bin: &str) -> Command {
 pub struct Pg {
     pub dir: PathBuf,
     pub port: u16,
+    fsync: bool,
 }
 
 impl Pg {
     /// A fresh cluster with a `smartrelay` role (trust authentication on loopback) and
     /// database.
+    /// Without fsync: tests check behaviour, not durability of the database itself.
     pub fn start(name: &str) -> Pg {
+        Pg::start_with(name, false)
+    }
+
+    pub fn start_with(name: &str, fsync: bool) -> Pg {
         // Outside the build tree: the postgres user must be able to reach it.
         let dir = std::env::temp_dir().join(format!("smartrelay-pg-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -73,6 +79,7 @@ impl Pg {
         let pg = Pg {
             dir,
             port: free_port(),
+            fsync,
         };
         pg.start_server();
         let out = pg_command("createdb")
@@ -101,9 +108,10 @@ impl Pg {
 
     fn start_server(&self) {
         let opts = format!(
-            "-k {} -p {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "-k {} -p {} -c listen_addresses=127.0.0.1 -c fsync={}",
             self.dir.display(),
-            self.port
+            self.port,
+            if self.fsync { "on" } else { "off" }
         );
         let out = pg_command("pg_ctl")
             .args(["-D", &self.dir.join("data").display().to_string()])
