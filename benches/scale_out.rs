@@ -84,7 +84,11 @@ fn node(dir: &std::path::Path, name: &str, sink: &str, pg: &Pg) -> Relay {
     let d = dir.join(name);
     std::fs::create_dir_all(&d).expect("node dir");
     let cfg = Cfg::new(&d, sink)
-        .set("server", "listen", &format!("[\"127.0.0.1:{}\"]", free_port()))
+        .set(
+            "server",
+            "listen",
+            &format!("[\"127.0.0.1:{}\"]", free_port()),
+        )
         .set("server", "hostname", &format!("\"{name}.relay.test\""))
         .set("server.proxy_protocol", "trusted", "[\"127.0.0.1/32\"]")
         .set("store", "kind", "\"postgres\"")

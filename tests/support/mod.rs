@@ -618,7 +618,11 @@ pub struct Sink {
 
 impl Sink {
     pub fn start(dir: &Path, extra: &[&str]) -> Sink {
-        let port = free_port();
+        Sink::start_on(dir, free_port(), extra)
+    }
+
+    /// On a given port (a smart host back from an outage on its old address).
+    pub fn start_on(dir: &Path, port: u16, extra: &[&str]) -> Sink {
         let dump = dir.join(format!("sink-{port}"));
         std::fs::create_dir_all(&dump).unwrap();
         // smtp-sink drops privileges to `nobody` when run as root.
