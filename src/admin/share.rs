@@ -235,7 +235,7 @@ pub async fn share(State(st): State<Admin>, req: Request) -> Result<Response, Ap
     let ask = if is_form {
         let Form(f) = Form::<ShareForm>::from_request(req, &())
             .await
-            .map_err(|e| ApiError::bad_request(e.body_text()))?;
+            .map_err(|e| ApiError(e.status(), e.body_text()))?;
         ShareRequest {
             to: f.to,
             domains: f
@@ -246,9 +246,10 @@ pub async fn share(State(st): State<Admin>, req: Request) -> Result<Response, Ap
                 .collect(),
         }
     } else {
+        // Its status: 400 for bad JSON, 413 past the body limit, 415 for another type.
         let Json(r) = Json::<ShareRequest>::from_request(req, &())
             .await
-            .map_err(|e| ApiError::bad_request(e.body_text()))?;
+            .map_err(|e| ApiError(e.status(), e.body_text()))?;
         r
     };
     let shared = queue_share(&st, ask).await?;
