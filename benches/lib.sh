@@ -1,0 +1,145 @@
+# Shared by benches/e2e.sh and benches/compare.sh: the processes of a run and their
+# clean-up, smtp-sink with its counter, smartrelay and a throwaway Postfix on loopback
+# ports, and the load run. The caller sets ROOT, BIN, WORK, LOGS, and N, S, L for
+# run_load.
+# shellcheck shell=bash
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done
+  pkill -f "$LOGS" 2>/dev/null || true
+  for d in "$WORK"/postfix-*; do [ -d "$d" ] && postfix -c "$d/etc" stop >/dev/null 2>&1; done || true
+  sleep 0.5
+  rm -rf "$WORK" "$LOGS"
+}
+trap cleanup EXIT
+trap "exit 130" INT TERM
+
+[ -x "$BIN" ] || (cd "$ROOT" && cargo build --release --quiet)
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+now() { date +%s.%N; }
+wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 not up" >&2; exit 1; }
+
+# smtp-sink's counter only goes to a terminal: run it under script(1) and read the log.
+start_sink() {
+  local port=$1 log=$2
+  script -qfc "smtp-sink -u nobody -c 127.0.0.1:$port 1000" "$log" >/dev/null 2>&1 &
+  PIDS+=($!)
+  wait_port "$port"
+}
+sink_count() { { tr '\r' '\n' <"$1" | grep -o 'mesg=[0-9]*' | tail -1 | cut -d= -f2; } 2>/dev/null || true; }
+wait_sink() {
+  local log=$1 want=$2
+  while :; do
+    local c; c=$(sink_count "$log"); c=${c:-0}
+    [ "$c" -ge "$want" ] && return 0
+    sleep 0.05
+  done
+}
+
+# Runs one load; prints "accept_rate e2e_rate".
+run_load() {
+  local port=$1 sinklog=$2 base
+  base=$(sink_count "$sinklog"); base=${base:-0}
+  local t0 t1 t2
+  t0=$(now)
+  smtp-source -s "$S" -m "$N" -l "$L" -d -f bench@example.test -t rcpt@partner.test "127.0.0.1:$port"
+  t1=$(now)
+  wait_sink "$sinklog" $((base + N))
+  t2=$(now)
+  python3 -c "print('%.0f %.0f' % ($N/($t1-$t0), $N/($t2-$t0)))"
+}
+
+start_relay() {
+  local name=$1 sinkport=$2 trusted=$3 dir=$WORK/$1
+  mkdir -p "$dir"
+  local port admin; port=$(free_port); admin=$(free_port)
+  cat >"$dir/smartrelay.toml" <<EOF
+[server]
+hostname = "relay.bench"
+listen = ["127.0.0.1:$port"]
+max_connections = 4000
+max_connections_per_ip = 4000
+[access]
+allowed_ranges = ["127.0.0.0/8"]
+domains = ["example.test"]
+[queue]
+dir = "$dir/spool"
+[routing]
+spf_aware = false
+[dns]
+# Loopback only: the onboarding refresh's SPF lookups must not leave the machine.
+nameservers = ["127.0.0.1:1"]
+[routing.regions.eu]
+hosts = ["127.0.0.1:$sinkport"]
+tls = "none"
+[admin]
+listen = "127.0.0.1:$admin"
+database = "$dir/state.sqlite3"
+[trusted]
+enabled = $trusted
+database = "$dir/trusted.sqlite3"
+[log]
+level = "warn"
+EOF
+  "$BIN" run --config "$dir/smartrelay.toml" >/dev/null 2>"$LOGS/$name.relay.log" &
+  local pid=$!
+  wait_port "$port" >/dev/null
+  echo "$pid $port $admin"
+}
+
+start_postfix() {
+  local sinkport=$1 pf=$WORK/$2 port
+  port=$(free_port)
+  mkdir -p "$pf/etc" "$pf/queue" "$pf/data"
+  cat >"$pf/etc/main.cf" <<EOF
+compatibility_level = 3.6
+queue_directory = $pf/queue
+data_directory = $pf/data
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = postfix.bench
+mydestination =
+inet_interfaces = loopback-only
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+relayhost = [127.0.0.1]:$sinkport
+smtpd_relay_restrictions = permit_mynetworks, reject
+alias_maps =
+alias_database =
+local_recipient_maps =
+maillog_file = $LOGS/$2.maillog
+maillog_file_prefixes = $LOGS
+EOF
+  cat >"$pf/etc/master.cf" <<EOF
+127.0.0.1:$port inet n - n - - smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+local     unix  -       n       n       -       -       local
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+EOF
+  chown postfix "$pf/data"
+  postfix -c "$pf/etc" check >/dev/null 2>&1 || true
+  script -qc "postfix -c $pf/etc start" /dev/null >"$WORK/postfix-start.log" 2>&1 || { cat "$WORK/postfix-start.log" >&2; exit 1; }
+  wait_port "$port"
+  echo "$port"
+}
+
+rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+
