@@ -20,7 +20,8 @@ chmod 755 "$LOGS"
 OUT=$ROOT/benches/results/compare.md
 CSV=$WORK/results.csv
 command -v smtp-source >/dev/null || { echo "smtp-source missing: apt-get install postfix" >&2; exit 1; }
-python3 -c "import matplotlib" 2>/dev/null || { echo "python3-matplotlib missing" >&2; exit 1; }
+PY=${PYTHON:-/usr/bin/python3}
+"$PY" -c "import matplotlib" 2>/dev/null || { echo "python3-matplotlib missing" >&2; exit 1; }
 # shellcheck source=benches/lib.sh
 . "$ROOT/benches/lib.sh"
 (cd "$ROOT" && cargo bench --quiet --bench loadgen --no-run >/dev/null 2>&1)
@@ -94,7 +95,7 @@ PIDS+=("$pid")
 lat_row smartrelay "127.0.0.1:$port" "$(half_rate smartrelay)"
 kill "$pid"; wait "$pid" 2>/dev/null || true
 
-python3 - "$CSV" "$LAT" "$OUT" "$ROOT/benches/results/compare.png" "$(nproc)" "$(postconf -d -h mail_version)" <<'PY'
+"$PY" - "$CSV" "$LAT" "$OUT" "$ROOT/benches/results/compare.png" "$(nproc)" "$(postconf -d -h mail_version)" <<'PY'
 import csv, sys, datetime
 rows = list(csv.DictReader(open(sys.argv[1])))
 lat = list(csv.DictReader(open(sys.argv[2])))
