@@ -43,7 +43,10 @@ fn observations(n: usize) -> Vec<Observation> {
 async fn record_rate(store: &Store, obs: &[Observation]) -> f64 {
     let started = Instant::now();
     for batch in obs.chunks(512) {
-        store.record(batch.to_vec()).await.expect("record");
+        store
+            .record(std::sync::Arc::new(batch.to_vec()))
+            .await
+            .expect("record");
     }
     obs.len() as f64 / started.elapsed().as_secs_f64()
 }

@@ -93,6 +93,14 @@ fn describe() {
     );
     describe_gauge!("smartrelay_sessions_active", "SMTP sessions in progress");
     describe_counter!(
+        "smartrelay_trusted_observations_dropped_total",
+        "Trusted-list observations dropped because the store was unavailable longer than trusted.buffer_limit allows"
+    );
+    describe_gauge!(
+        "smartrelay_trusted_buffered_observations",
+        "Trusted-list observations waiting for the store (a PostgreSQL outage)"
+    );
+    describe_counter!(
         "smartrelay_proxy_header_failures_total",
         "Connections from a server.proxy_protocol.trusted balancer closed without a valid PROXY header (reason: timeout, invalid, closed)"
     );

@@ -2,7 +2,6 @@
 //! (one transaction per `batch_size` or `flush_interval`), and what is pending is written
 //! when the event stream closes at shutdown.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +24,7 @@ pub async fn record(
     buffer_limit: usize,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut pending: VecDeque<Observation> = VecDeque::new();
+    let mut pending: Vec<Observation> = Vec::new();
     // After a failed write the store is left alone for a while: events keep being
     // drained into `pending`, so the bus never backs up into deliveries.
     let mut retry_at: Option<tokio::time::Instant> = None;
@@ -81,15 +80,14 @@ fn collect(policy: &TrustPolicy, ev: &Event, batch: &mut Vec<Observation>) {
 const RETRY_AFTER: Duration = Duration::from_secs(5);
 
 /// Whether the store took what was pending.
-async fn flush(store: &Store, pending: &mut VecDeque<Observation>) -> bool {
+async fn flush(store: &Store, pending: &mut Vec<Observation>) -> bool {
     if pending.is_empty() {
         return true;
     }
-    let items: Vec<Observation> = pending.iter().cloned().collect();
+    let items = Arc::new(std::mem::take(pending));
     let n = items.len();
-    match store.record(items).await {
+    match store.record(items.clone()).await {
         Ok(added) => {
-            pending.clear();
             metrics::gauge!("smartrelay_trusted_buffered_observations").set(0.0);
             metrics::counter!("smartrelay_trusted_new_entries_total").increment(added);
             // The gauge is set from the table at start and after each prune.
@@ -97,6 +95,8 @@ async fn flush(store: &Store, pending: &mut VecDeque<Observation>) -> bool {
             true
         }
         Err(e) => {
+            // Back in line, in order, for the next attempt (no copy once the store let go).
+            *pending = Arc::try_unwrap(items).unwrap_or_else(|shared| (*shared).clone());
             metrics::gauge!("smartrelay_trusted_buffered_observations").set(n as f64);
             tracing::error!(error = %e, observations = n, "trusted-sender batch not recorded; kept for the next attempt");
             false

@@ -136,7 +136,7 @@ impl Store {
     }
 
     /// Records a batch; returns how many addresses are new.
-    pub async fn record(&self, batch: Vec<Observation>) -> Result<u64, StoreError> {
+    pub async fn record(&self, batch: Arc<Vec<Observation>>) -> Result<u64, StoreError> {
         match self {
             Store::Sqlite(s) => Store::blocking(s, move |s| s.record(&batch)).await,
             Store::Postgres(p) => p.record(&batch).await,
