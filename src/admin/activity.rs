@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::envelope::{now_ms, Millis};
 use crate::events::{Event, Outcome, RefusalReason, TenantProof};
-use crate::store::Postgres;
+use crate::store::{values_list, Postgres, ROWS_PER_STATEMENT as PG_CHUNK};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ActivityError {
@@ -513,33 +513,18 @@ fn write_sqlite(c: &mut Connection, b: &Batch) -> Result<(), rusqlite::Error> {
     tx.commit()
 }
 
-/// Rows per statement: well under PostgreSQL's 65,535 parameters.
-const PG_CHUNK: usize = 1000;
-
 /// Multi-row upserts that add counts, so nodes writing at once never conflict.
 async fn write_pg(c: &mut deadpool_postgres::Object, b: &Batch) -> Result<(), ActivityError> {
     use tokio_postgres::types::ToSql;
     let tx = c.transaction().await?;
     let sources: Vec<_> = b.sources.iter().collect();
     for chunk in sources.chunks(PG_CHUNK) {
-        let mut sql = String::from(
-            "INSERT INTO sources(ip, connections, refused, messages, first_seen, last_seen) VALUES ",
+        let mut sql = format!(
+            "INSERT INTO sources(ip, connections, refused, messages, first_seen, last_seen) VALUES {}",
+            values_list(chunk.len(), 6)
         );
         let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
-        for (i, (ip, (conns, refs, msgs, first, last))) in chunk.iter().enumerate() {
-            let k = i * 6;
-            if i > 0 {
-                sql.push(',');
-            }
-            sql.push_str(&format!(
-                "(${}, ${}, ${}, ${}, ${}, ${})",
-                k + 1,
-                k + 2,
-                k + 3,
-                k + 4,
-                k + 5,
-                k + 6
-            ));
+        for (ip, (conns, refs, msgs, first, last)) in chunk {
             params.extend([*ip as &(dyn ToSql + Sync), conns, refs, msgs, first, last]);
         }
         sql.push_str(
@@ -552,16 +537,13 @@ async fn write_pg(c: &mut deadpool_postgres::Object, b: &Batch) -> Result<(), Ac
     }
     let flow: Vec<_> = b.flow.iter().collect();
     for chunk in flow.chunks(PG_CHUNK) {
-        let mut sql = String::from("INSERT INTO flow(hour, metric, key, count) VALUES ");
+        let mut sql = format!(
+            "INSERT INTO flow(hour, metric, key, count) VALUES {}",
+            values_list(chunk.len(), 4)
+        );
         let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
-        let metrics: Vec<String> = chunk.iter().map(|((_, m, _), _)| m.to_string()).collect();
-        for (i, ((hour, _, key), n)) in chunk.iter().enumerate() {
-            let k = i * 4;
-            if i > 0 {
-                sql.push(',');
-            }
-            sql.push_str(&format!("(${}, ${}, ${}, ${})", k + 1, k + 2, k + 3, k + 4));
-            params.extend([hour as &(dyn ToSql + Sync), &metrics[i], key, *n]);
+        for ((hour, metric, key), n) in chunk {
+            params.extend([hour as &(dyn ToSql + Sync), metric, key, *n]);
         }
         sql.push_str(
             " ON CONFLICT(hour, metric, key) DO UPDATE SET count = flow.count + excluded.count",

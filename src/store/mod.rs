@@ -65,6 +65,21 @@ const MIGRATIONS: &[&str] = &["
         count BIGINT NOT NULL, PRIMARY KEY(hour, metric, key));
 "];
 
+/// Rows per multi-row statement: well under PostgreSQL's 65,535 parameters.
+pub const ROWS_PER_STATEMENT: usize = 1000;
+
+/// `($1, $2, $3), ($4, $5, $6)` for `rows` rows of `cols` parameters: the VALUES of a
+/// multi-row INSERT.
+pub fn values_list(rows: usize, cols: usize) -> String {
+    (0..rows)
+        .map(|r| {
+            let cells: Vec<String> = (1..=cols).map(|c| format!("${}", r * cols + c)).collect();
+            format!("({})", cells.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// A pool of connections to the shared database.
 #[derive(Clone)]
 pub struct Postgres {
@@ -160,5 +175,14 @@ impl Postgres {
         tokio::time::timeout(Duration::from_secs(2), check)
             .await
             .map_err(|_| StoreError::Pool("no answer within 2s".into()))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn values_list_numbers_every_parameter_once() {
+        assert_eq!(super::values_list(2, 3), "($1, $2, $3),($4, $5, $6)");
+        assert_eq!(super::values_list(0, 3), "");
     }
 }

@@ -9,10 +9,8 @@ use std::time::Duration;
 use super::policy::Observation;
 use super::store::{DayCount, Entry, Filter, Page, Stats, StoreError, DAY_MS};
 use crate::envelope::Millis;
-use crate::store::Postgres;
-
-/// Rows per INSERT: well under PostgreSQL's 65,535 parameters.
-const CHUNK: usize = 1000;
+use crate::store::{values_list, Postgres, ROWS_PER_STATEMENT as CHUNK};
+use tokio_postgres::types::ToSql;
 
 #[derive(Clone)]
 pub struct PgStore {
@@ -68,25 +66,14 @@ impl PgStore {
         let mut added_per_day: BTreeMap<i64, i64> = BTreeMap::new();
         let rows: Vec<_> = rcpts.iter().collect();
         for chunk in rows.chunks(CHUNK) {
-            let mut sql = String::from(
-                "INSERT INTO recipients(address, domain, count, first_seen, last_seen) VALUES ",
+            let mut sql = format!(
+                "INSERT INTO recipients(address, domain, count, first_seen, last_seen) VALUES {}",
+                values_list(chunk.len(), 5)
             );
-            let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = Vec::new();
-            for (i, (addr, (domain, agg))) in chunk.iter().enumerate() {
-                let b = i * 5;
-                if i > 0 {
-                    sql.push(',');
-                }
-                sql.push_str(&format!(
-                    "(${}, ${}, ${}, ${}, ${})",
-                    b + 1,
-                    b + 2,
-                    b + 3,
-                    b + 4,
-                    b + 5
-                ));
+            let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
+            for (addr, (domain, agg)) in chunk {
                 params.extend([
-                    *addr as &(dyn tokio_postgres::types::ToSql + Sync),
+                    *addr as &(dyn ToSql + Sync),
                     domain,
                     &agg.count,
                     &agg.first,
@@ -110,25 +97,14 @@ impl PgStore {
         }
         let rows: Vec<_> = pairs.iter().collect();
         for chunk in rows.chunks(CHUNK) {
-            let mut sql = String::from(
-                "INSERT INTO pairs(sender, recipient, count, first_seen, last_seen) VALUES ",
+            let mut sql = format!(
+                "INSERT INTO pairs(sender, recipient, count, first_seen, last_seen) VALUES {}",
+                values_list(chunk.len(), 5)
             );
-            let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = Vec::new();
-            for (i, ((sender, rcpt), agg)) in chunk.iter().enumerate() {
-                let b = i * 5;
-                if i > 0 {
-                    sql.push(',');
-                }
-                sql.push_str(&format!(
-                    "(${}, ${}, ${}, ${}, ${})",
-                    b + 1,
-                    b + 2,
-                    b + 3,
-                    b + 4,
-                    b + 5
-                ));
+            let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
+            for ((sender, rcpt), agg) in chunk {
                 params.extend([
-                    sender as &(dyn tokio_postgres::types::ToSql + Sync),
+                    sender as &(dyn ToSql + Sync),
                     rcpt,
                     &agg.count,
                     &agg.first,
@@ -223,7 +199,7 @@ impl PgStore {
             )
             .await
             .map_err(pg)?;
-        let mut entries: Vec<Entry> = rows
+        let entries: Vec<Entry> = rows
             .iter()
             .map(|r| Entry {
                 address: r.get(0),
@@ -235,16 +211,7 @@ impl PgStore {
                 origin: r.get(6),
             })
             .collect();
-        let next_cursor = if entries.len() > limit {
-            entries.truncate(limit);
-            entries.last().map(|e| e.address.clone())
-        } else {
-            None
-        };
-        Ok(Page {
-            entries,
-            next_cursor,
-        })
+        Ok(Page::cut(entries, limit))
     }
 
     pub async fn stats(&self, now: Millis, learning_days: u32) -> Result<Stats, StoreError> {

@@ -92,6 +92,23 @@ pub struct Page {
     pub next_cursor: Option<String>,
 }
 
+impl Page {
+    /// `entries` was read with one row more than `limit`: that extra row says whether
+    /// a next page exists, and the last kept address is where it starts.
+    pub(super) fn cut(mut entries: Vec<Entry>, limit: usize) -> Page {
+        let next_cursor = if entries.len() > limit {
+            entries.truncate(limit);
+            entries.last().map(|e| e.address.clone())
+        } else {
+            None
+        };
+        Page {
+            entries,
+            next_cursor,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct DayCount {
     pub day: String,
@@ -382,17 +399,8 @@ impl SqliteStore {
                 },
             )
             .map_err(self.err())?;
-        let mut entries: Vec<Entry> = rows.collect::<Result<_, _>>().map_err(self.err())?;
-        let next_cursor = if entries.len() > limit {
-            entries.truncate(limit);
-            entries.last().map(|e| e.address.clone())
-        } else {
-            None
-        };
-        Ok(Page {
-            entries,
-            next_cursor,
-        })
+        let entries: Vec<Entry> = rows.collect::<Result<_, _>>().map_err(self.err())?;
+        Ok(Page::cut(entries, limit))
     }
 
     pub fn stats(&self, now: Millis, learning_days: u32) -> Result<Stats, StoreError> {
