@@ -22,13 +22,6 @@ use smartrelay::trusted::Store;
 use support::cluster::{Haproxy, Pg};
 use support::*;
 
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn observations(n: usize) -> Vec<Observation> {
     (0..n)
         .map(|i| Observation {
@@ -100,9 +93,9 @@ fn node(dir: &std::path::Path, name: &str, sink: &str, pg: &Pg) -> Relay {
 }
 
 fn main() {
-    let n_obs = env("OBSERVATIONS", 100_000);
-    let messages = env("MESSAGES", 6000);
-    let sessions = env("SESSIONS", 20);
+    let n_obs = env_count("OBSERVATIONS", 100_000);
+    let messages = env_count("MESSAGES", 6000);
+    let sessions = env_count("SESSIONS", 20);
     let dir = tmpdir("bench-scale-out");
     // Durable, like the SQLite side (synchronous=FULL): fsync on.
     let pg = Pg::start_with("bench", true);

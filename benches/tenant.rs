@@ -18,13 +18,6 @@ use support::dkim::{Algo, Key};
 use support::dns::Dns;
 use support::*;
 
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 /// A 5 KiB message (header and body), CRLF line endings, without the final dot.
 fn message() -> Vec<u8> {
     let mut m = b"From: alice@example.test\r\nTo: bob@partner.test\r\nSubject: quarterly figures\r\nDate: Tue, 01 Dec 2026 10:00:00 +0000\r\nMessage-ID: <bench@example.test>\r\n\r\n".to_vec();
@@ -74,9 +67,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    let total = env("MESSAGES", 4000);
-    let sessions = env("SESSIONS", 20);
-    let rounds = env("ROUNDS", 3);
+    let total = env_count("MESSAGES", 4000);
+    let sessions = env_count("SESSIONS", 20);
+    let rounds = env_count("ROUNDS", 3);
     let dir = tmpdir("bench-tenant");
     let key = Key::generate(&dir.join("keys"), "rsa", Algo::RsaSha256);
     let dns = Dns::start(&[("example.test", &key.record("sel1"))]);

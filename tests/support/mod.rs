@@ -23,6 +23,14 @@ pub fn bin() -> &'static str {
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
+/// A count from the environment (benchmark sizes: `MESSAGES=…`), or `default`.
+pub fn env_count(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// A fresh directory under the system temp dir, unique per test.
 pub fn tmpdir(name: &str) -> PathBuf {
     let n = COUNTER.fetch_add(1, Ordering::SeqCst);
