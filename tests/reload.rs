@@ -26,6 +26,15 @@ fn sha256_hex(path: &std::path::Path) -> String {
     String::from_utf8(out.stdout).unwrap()[..64].to_string()
 }
 
+/// What systemd's `ExecReload` does.
+fn hup(relay: &Relay) {
+    let sent = Command::new("kill")
+        .args(["-HUP", &relay.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
 fn strings(v: &serde_json::Value) -> Vec<String> {
     v.as_array()
         .unwrap_or_else(|| panic!("not an array: {v}"))
@@ -168,11 +177,7 @@ fn a_broken_file_keeps_the_old_configuration() {
         stderr.contains("422") && stderr.contains("access.allowed_ranges"),
         "{stderr}"
     );
-    let hup = Command::new("kill")
-        .args(["-HUP", &relay.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(hup.success());
+    hup(&relay);
     assert!(relay.wait_log(Duration::from_secs(20), |l| {
         l["message"] == "configuration not reloaded; running on the previous one"
             && l["origin"] == "SIGHUP"
@@ -212,11 +217,7 @@ fn sighup_reloads_and_restart_only_keys_are_reported() {
         .set("server", "max_recipients", "1")
         .set("server", "listen", &format!("[\"127.0.0.1:{other_port}\"]"))
         .write();
-    let hup = Command::new("kill")
-        .args(["-HUP", &relay.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(hup.success());
+    hup(&relay);
     assert!(relay.wait_log(Duration::from_secs(20), |l| {
         l["message"] == "configuration reloaded" && l["origin"] == "SIGHUP"
     }));
