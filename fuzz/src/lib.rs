@@ -328,7 +328,32 @@ pub fn spool(data: &[u8]) {
         }
     }
     assert_eq!(covered, segment.len());
-    smartrelay::queue::file::fuzz_recover(&segment);
+    recover(&segment);
+}
+
+/// Recovers a spool whose only segment holds `segment` (as the first segment a relay
+/// writes is named), then reads back every message it recovered.
+fn recover(segment: &[u8]) {
+    use smartrelay::queue::file::FileSpool;
+    use smartrelay::queue::spool::Spool;
+    let dir = std::env::temp_dir().join(format!("smartrelay-fuzz-spool-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let log = dir.join("log");
+    let first = log.join(format!("{:016X}.seg", 1));
+    if std::fs::create_dir_all(&log).is_err() || std::fs::write(first, segment).is_err() {
+        return;
+    }
+    if let Ok(spool) = FileSpool::open(&dir) {
+        let mut ids = Vec::new();
+        let _ = spool.recover(&mut |r| {
+            ids.push(r.envelope.id);
+            true
+        });
+        for id in ids {
+            let _ = spool.load(&id);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The configuration loader: any text is a config or an error naming what is wrong.
