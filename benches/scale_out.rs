@@ -111,8 +111,11 @@ fn main() {
             url_env: None,
         };
         let shared = smartrelay::store::Postgres::new(&cfg).expect("pool");
-        shared.migrate().await.expect("migrate");
-        let postgres = Store::Postgres(smartrelay::trusted::pg::PgStore::new(shared));
+        shared
+            .migrate(smartrelay::store::schema::ALL)
+            .await
+            .expect("migrate");
+        let postgres = Store::shared(shared);
         // Alternate so neither side gets the warmer disk.
         let s1 = record_rate(&sqlite, &obs).await;
         let p1 = record_rate(&postgres, &obs).await;

@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admin::access_api::SHARED_RANGES_KEY;
-use crate::admin::activity::{Activity, ActivityError};
+use crate::admin::activity::Activity;
 use crate::admin::{self, Admin, AdminState};
 use crate::config::{Config, StoreKind};
 use crate::deliver::connection::ClientSettings;
@@ -36,7 +36,7 @@ use crate::tasks::{CancellationToken, Tasks};
 use crate::tenant::dkim::DkimVerifier;
 use crate::tenant::sources::{self, Resolved, SharedSources};
 use crate::tenant::TenantBinder;
-use crate::trusted::store::StoreError;
+use crate::trusted::TrustedError;
 use crate::trusted::{self, TrustPolicy};
 use hickory_resolver::TokioResolver;
 use tokio_util::task::TaskTracker;
@@ -50,9 +50,7 @@ pub enum StartError {
     #[error(transparent)]
     Spool(#[from] SpoolError),
     #[error(transparent)]
-    Activity(#[from] ActivityError),
-    #[error(transparent)]
-    Trusted(#[from] StoreError),
+    Trusted(#[from] TrustedError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
     #[error("cannot listen on {addr}: {source}")]
@@ -210,12 +208,10 @@ pub async fn run(
     let trusted_store = match (&shared_store, cfg.trusted.enabled) {
         (_, false) => None,
         (None, true) => Some(trusted::Store::open(&cfg.trusted.database)?),
-        (Some(pg), true) => Some(trusted::Store::Postgres(trusted::pg::PgStore::new(
-            pg.clone(),
-        ))),
+        (Some(pg), true) => Some(trusted::Store::shared(pg.clone())),
     };
     if let Some(pg) = &shared_store {
-        if let Err(e) = pg.migrate().await {
+        if let Err(e) = pg.migrate(crate::store::schema::ALL).await {
             tracing::error!(error = %e, "PostgreSQL store not reachable at start; mail is taken, shared state waits for it");
             spawn_migration_retry(&tasks, pg.clone());
         }
@@ -664,7 +660,7 @@ fn spawn_pruner(tasks: &Tasks, store: trusted::Store, retention: Duration, every
         async move {
             let result = async {
                 let removed = s.prune(retention, crate::envelope::now_ms()).await?;
-                Ok::<_, StoreError>((removed, s.count().await?))
+                Ok::<_, TrustedError>((removed, s.count().await?))
             }
             .await;
             match result {
@@ -689,7 +685,7 @@ fn spawn_migration_retry(tasks: &Tasks, pg: Postgres) {
             if done.load(Ordering::Relaxed) {
                 return;
             }
-            match pg.migrate().await {
+            match pg.migrate(crate::store::schema::ALL).await {
                 Ok(()) => {
                     done.store(true, Ordering::Relaxed);
                     tracing::info!("PostgreSQL store reachable: schema applied");

@@ -14,7 +14,7 @@ use smartrelay::envelope::now_ms;
 use smartrelay::spf::dns::HickoryDns;
 use smartrelay::spf::{Severity, SpfService};
 use smartrelay::trusted::export::{csv_row, parse_since, read_addresses, rfc3339, CSV_HEADER};
-use smartrelay::trusted::store::{Filter, Store};
+use smartrelay::trusted::{Filter, Store};
 
 const DEFAULT_CONFIG: &str = "config/smartrelay.toml";
 
@@ -658,8 +658,8 @@ pub async fn trusted(action: TrustedCmd, config: &Path) -> Result<()> {
         smartrelay::config::StoreKind::Sqlite => Store::open(&cfg.trusted.database)?,
         smartrelay::config::StoreKind::Postgres => {
             let pg = smartrelay::store::Postgres::new(&cfg.store)?;
-            pg.migrate().await?;
-            Store::Postgres(smartrelay::trusted::pg::PgStore::new(pg))
+            pg.migrate(smartrelay::store::schema::ALL).await?;
+            Store::shared(pg)
         }
     };
     match action {

@@ -10,8 +10,8 @@ use serde::Deserialize;
 use super::{Admin, ApiError};
 use crate::envelope::now_ms;
 use crate::trusted::export::{csv_row, parse_since, CSV_HEADER};
-use crate::trusted::store::{Filter, Stats, StoreError};
 use crate::trusted::Store;
+use crate::trusted::{Filter, Stats, TrustedError};
 
 #[derive(Deserialize, Default)]
 pub struct ListQuery {
@@ -50,7 +50,7 @@ pub async fn list(
         cursor: q.cursor.filter(|s| !s.is_empty()),
     };
     let page = store.list(filter).await.map_err(|e| match e {
-        StoreError::Invalid(m) => ApiError::bad_request(m),
+        TrustedError::Invalid(m) => ApiError::bad_request(m),
         other => ApiError(StatusCode::SERVICE_UNAVAILABLE, other.to_string()),
     })?;
     match q.format.as_deref().unwrap_or("json") {

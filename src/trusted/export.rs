@@ -3,7 +3,7 @@
 //! CSV columns: `address,domain,count,first_seen,last_seen,senders,origin`, times in
 //! RFC 3339 UTC.
 
-use super::store::Entry;
+use super::model::TrustedRecipient;
 use crate::envelope::Millis;
 
 pub const CSV_HEADER: &str = "address,domain,count,first_seen,last_seen,senders,origin";
@@ -43,7 +43,7 @@ fn csv_field(s: &str) -> String {
     }
 }
 
-pub fn csv_row(e: &Entry) -> String {
+pub fn csv_row(e: &TrustedRecipient) -> String {
     format!(
         "{},{},{},{},{},{},{}\r\n",
         csv_field(&e.address),
@@ -52,7 +52,7 @@ pub fn csv_row(e: &Entry) -> String {
         rfc3339(e.first_seen),
         rfc3339(e.last_seen),
         e.senders,
-        e.origin
+        e.origin.label()
     )
 }
 
@@ -94,14 +94,14 @@ mod tests {
 
     #[test]
     fn csv_round_trip_of_addresses() {
-        let e = Entry {
+        let e = TrustedRecipient {
             address: "\"a,b\"@x.test".into(),
             domain: "x.test".into(),
             count: 2,
             first_seen: 0,
             last_seen: 86_400_000,
             senders: 1,
-            origin: "learned".into(),
+            origin: super::super::model::Origin::Learned,
         };
         let text = format!(
             "{CSV_HEADER}\r\n{}plain@y.test,y.test,1\r\n# comment\r\n",

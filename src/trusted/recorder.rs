@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 use super::policy::{Observation, TrustPolicy};
-use super::store::Store;
+use super::Store;
 use crate::events::Event;
 use crate::live::Live;
 

@@ -1,48 +1,74 @@
 //! What the relay has seen, for onboarding: source addresses (allowed and refused), the
 //! outbound flow in hourly buckets, and the administrator's confirmations. Recorded from
-//! the event stream in batches into SQLite (`admin.database`), or into the cluster's
-//! PostgreSQL (`[store] kind = "postgres"`), where every node's view is the same.
+//! the event stream in batches, by a [`Backend`]: the node's SQLite file
+//! (`admin.database`, `sqlite`) or the cluster's PostgreSQL (`pg`), where every node's
+//! view is the same.
+
+mod pg;
+mod sqlite;
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::net::IpAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
 use crate::envelope::{now_ms, Millis};
 use crate::events::{Event, Outcome, RefusalReason, TenantProof};
-use crate::store::{values_list, Postgres, ROWS_PER_STATEMENT as PG_CHUNK};
+use crate::store::{Postgres, StoreError};
 
-#[derive(Debug, thiserror::Error)]
-pub enum ActivityError {
-    #[error("state database: {0}")]
-    Sql(#[from] rusqlite::Error),
-    #[error("state database task failed: {0}")]
-    Task(String),
-    #[error(transparent)]
-    Shared(#[from] crate::store::StoreError),
-}
-
-impl From<tokio_postgres::Error> for ActivityError {
-    fn from(e: tokio_postgres::Error) -> ActivityError {
-        ActivityError::Shared(e.into())
-    }
+/// What keeps the state.
+pub trait Backend: Send + Sync + 'static {
+    /// One batch of events, folded, in one transaction.
+    fn write(&self, batch: Arc<Batch>) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// The 1,000 sources seen last.
+    fn sources(&self) -> impl Future<Output = Result<Vec<Source>, StoreError>> + Send;
+    /// Flow counters since `since_hour`, summed per (metric, key); one metric or all.
+    fn flow(
+        &self,
+        since_hour: i64,
+        metric: Option<&'static str>,
+    ) -> impl Future<Output = Result<Vec<(String, String, u64)>, StoreError>> + Send;
+    fn meta(
+        &self,
+        key: &'static str,
+    ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
+    fn set_meta(
+        &self,
+        key: &'static str,
+        json: String,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Drops flow buckets before `cutoff_hour` and sources not seen since `cutoff`;
+    /// returns the rows removed.
+    fn prune(
+        &self,
+        cutoff_hour: i64,
+        cutoff: i64,
+    ) -> impl Future<Output = Result<usize, StoreError>> + Send;
 }
 
 pub struct Activity {
-    backend: Backend,
+    kept: Kept,
 }
 
-enum Backend {
-    Sqlite(Mutex<Connection>),
-    Postgres(Postgres),
+enum Kept {
+    Sqlite(sqlite::SqliteActivity),
+    Postgres(pg::PgActivity),
 }
 
-const SCHEMA_VERSION: i64 = 1;
+/// Calls the backend in use.
+macro_rules! kept {
+    ($self:expr, $b:ident => $call:expr) => {
+        match &$self.kept {
+            Kept::Sqlite($b) => $call.await,
+            Kept::Postgres($b) => $call.await,
+        }
+    };
+}
 
 /// A source address as seen on the SMTP port.
 #[derive(Debug, Clone, Serialize)]
@@ -107,68 +133,16 @@ pub struct Summary {
 }
 
 impl Activity {
-    pub fn open(path: &Path) -> Result<Activity, ActivityError> {
-        if let Some(dir) = path.parent() {
-            let _ = std::fs::create_dir_all(dir);
-        }
-        let conn = Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        // Statistics: a power cut may cost the last second of counts, never mail.
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.busy_timeout(Duration::from_secs(5))?;
-        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        if version < 1 {
-            conn.execute_batch(
-                "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
-                 CREATE TABLE IF NOT EXISTS sources(
-                    ip TEXT PRIMARY KEY,
-                    connections INTEGER NOT NULL DEFAULT 0,
-                    refused INTEGER NOT NULL DEFAULT 0,
-                    messages INTEGER NOT NULL DEFAULT 0,
-                    first_seen INTEGER NOT NULL,
-                    last_seen INTEGER NOT NULL);
-                 CREATE TABLE IF NOT EXISTS flow(
-                    hour INTEGER NOT NULL, metric TEXT NOT NULL, key TEXT NOT NULL,
-                    count INTEGER NOT NULL, PRIMARY KEY(hour, metric, key)) WITHOUT ROWID;",
-            )?;
-            conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-        }
+    pub fn open(path: &Path) -> Result<Activity, StoreError> {
         Ok(Activity {
-            backend: Backend::Sqlite(Mutex::new(conn)),
+            kept: Kept::Sqlite(sqlite::SqliteActivity::open(path)?),
         })
     }
 
     /// The cluster's shared database (migrated by the caller).
     pub fn shared(pg: Postgres) -> Activity {
         Activity {
-            backend: Backend::Postgres(pg),
-        }
-    }
-
-    /// Runs `f` on the SQLite connection on the blocking pool; `pg` on PostgreSQL.
-    async fn run<T: Send + 'static, F, Fut>(
-        self: &Arc<Self>,
-        f: impl FnOnce(&mut Connection) -> Result<T, rusqlite::Error> + Send + 'static,
-        pg: F,
-    ) -> Result<T, ActivityError>
-    where
-        F: FnOnce(deadpool_postgres::Object) -> Fut,
-        Fut: std::future::Future<Output = Result<T, ActivityError>>,
-    {
-        match &self.backend {
-            Backend::Sqlite(_) => {
-                let this = self.clone();
-                tokio::task::spawn_blocking(move || {
-                    let Backend::Sqlite(conn) = &this.backend else {
-                        unreachable!("matched above")
-                    };
-                    let mut conn = conn.lock().unwrap_or_else(|e| e.into_inner());
-                    f(&mut conn).map_err(ActivityError::from)
-                })
-                .await
-                .map_err(|e| ActivityError::Task(e.to_string()))?
-            }
-            Backend::Postgres(p) => pg(p.client().await?).await,
+            kept: Kept::Postgres(pg::PgActivity::new(pg)),
         }
     }
 
@@ -181,211 +155,74 @@ impl Activity {
         let wait = Duration::from_millis(500);
         while let Some(events) = crate::events::next_batch(&mut rx, &mut stop, 512, wait).await {
             let batch = Arc::new(aggregate(&events));
-            let for_pg = batch.clone();
-            let written = self
-                .run(
-                    move |c| write_sqlite(c, &batch),
-                    |mut c| async move { write_pg(&mut c, &for_pg).await },
-                )
-                .await;
-            if let Err(e) = written {
+            if let Err(e) = kept!(self, b => b.write(batch)) {
                 tracing::warn!(error = %e, "activity batch not recorded");
             }
         }
     }
 
-    pub async fn sources(self: &Arc<Self>) -> Result<Vec<Source>, ActivityError> {
-        const SQL: &str = "SELECT ip, connections, refused, messages, first_seen, last_seen FROM sources ORDER BY last_seen DESC LIMIT 1000";
-        self.run(
-            |c| {
-                let mut st = c.prepare(SQL)?;
-                let rows = st.query_map([], |r| {
-                    Ok(Source {
-                        ip: r.get(0)?,
-                        connections: r.get::<_, i64>(1)? as u64,
-                        refused: r.get::<_, i64>(2)? as u64,
-                        messages: r.get::<_, i64>(3)? as u64,
-                        first_seen: r.get::<_, i64>(4)? as u64,
-                        last_seen: r.get::<_, i64>(5)? as u64,
-                    })
-                })?;
-                rows.collect()
-            },
-            |c| async move {
-                Ok(c.query(SQL, &[])
-                    .await?
-                    .iter()
-                    .map(|r| Source {
-                        ip: r.get(0),
-                        connections: r.get::<_, i64>(1) as u64,
-                        refused: r.get::<_, i64>(2) as u64,
-                        messages: r.get::<_, i64>(3) as u64,
-                        first_seen: r.get::<_, i64>(4) as u64,
-                        last_seen: r.get::<_, i64>(5) as u64,
-                    })
-                    .collect())
-            },
-        )
-        .await
+    pub async fn sources(&self) -> Result<Vec<Source>, StoreError> {
+        kept!(self, b => b.sources())
     }
 
-    pub async fn summary(self: &Arc<Self>, window: Duration) -> Result<Summary, ActivityError> {
+    pub async fn summary(&self, window: Duration) -> Result<Summary, StoreError> {
         let hours = window.as_secs().div_ceil(3600).max(1);
         let since = now_ms().saturating_sub(window.as_millis() as u64);
         let since_hour = (since / 3_600_000) as i64;
-        let rows: Vec<(String, String, u64)> = self
-            .run(
-                move |c| {
-                    let mut st = c.prepare(
-                        "SELECT metric, key, SUM(count) FROM flow WHERE hour >= ?1 GROUP BY metric, key",
-                    )?;
-                    let rows = st.query_map([since_hour], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
-                    })?;
-                    rows.collect()
-                },
-                |c| async move {
-                    Ok(c.query(
-                        "SELECT metric, key, SUM(count)::BIGINT FROM flow WHERE hour >= $1 GROUP BY metric, key",
-                        &[&since_hour],
-                    )
-                    .await?
-                    .iter()
-                    .map(|r| (r.get(0), r.get(1), r.get::<_, i64>(2) as u64))
-                    .collect())
-                },
-            )
-            .await?;
+        let rows = kept!(self, b => b.flow(since_hour, None))?;
         Ok(summarize(rows, hours, since))
     }
 
-    pub async fn meta<T: for<'de> Deserialize<'de> + Send + 'static>(
-        self: &Arc<Self>,
+    pub async fn meta<T: for<'de> Deserialize<'de>>(
+        &self,
         key: &'static str,
-    ) -> Result<Option<T>, ActivityError> {
-        let raw: Option<String> = self
-            .run(
-                move |c| {
-                    c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
-                        .optional()
-                },
-                |c| async move {
-                    Ok(
-                        c.query_opt("SELECT value FROM meta WHERE key = $1", &[&key])
-                            .await?
-                            .map(|r| r.get(0)),
-                    )
-                },
-            )
-            .await?;
+    ) -> Result<Option<T>, StoreError> {
+        let raw = kept!(self, b => b.meta(key))?;
         Ok(raw.and_then(|s| serde_json::from_str(&s).ok()))
     }
 
     pub async fn set_meta<T: Serialize>(
-        self: &Arc<Self>,
+        &self,
         key: &'static str,
         value: &T,
-    ) -> Result<(), ActivityError> {
+    ) -> Result<(), StoreError> {
         let json = serde_json::to_string(value).unwrap_or_else(|_| "null".into());
-        let for_pg = json.clone();
-        self.run(
-            move |c| {
-                c.execute(
-                    "INSERT INTO meta(key, value) VALUES(?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                    params![key, json],
-                )
-                .map(|_| ())
-            },
-            |c| async move {
-                c.execute(
-                    "INSERT INTO meta(key, value) VALUES($1, $2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                    &[&key, &for_pg],
-                )
-                .await?;
-                Ok(())
-            },
-        )
-        .await
+        kept!(self, b => b.set_meta(key, json))
     }
 
     /// Tenant checks over the window, as (range, proof label, count).
     pub async fn tenant_checks(
-        self: &Arc<Self>,
+        &self,
         window: Duration,
-    ) -> Result<Vec<(String, String, u64)>, ActivityError> {
+    ) -> Result<Vec<(String, String, u64)>, StoreError> {
         let since_hour = (now_ms().saturating_sub(window.as_millis() as u64) / 3_600_000) as i64;
-        let rows: Vec<(String, u64)> = self
-            .run(
-                move |c| {
-                    let mut st = c.prepare(
-                        "SELECT key, SUM(count) FROM flow WHERE hour >= ?1 AND metric = ?2 GROUP BY key",
-                    )?;
-                    let rows = st.query_map(params![since_hour, TENANT_METRIC], |r| {
-                        Ok((r.get(0)?, r.get::<_, i64>(1)? as u64))
-                    })?;
-                    rows.collect()
-                },
-                |c| async move {
-                    Ok(c.query(
-                        "SELECT key, SUM(count)::BIGINT FROM flow WHERE hour >= $1 AND metric = $2 GROUP BY key",
-                        &[&since_hour, &TENANT_METRIC],
-                    )
-                    .await?
-                    .iter()
-                    .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))
-                    .collect())
-                },
-            )
-            .await?;
+        let rows = kept!(self, b => b.flow(since_hour, Some(TENANT_METRIC)))?;
         Ok(rows
             .into_iter()
-            .filter_map(|(key, n)| {
+            .filter_map(|(_, key, n)| {
                 let (range, proof) = key.rsplit_once(':')?;
                 Some((range.to_string(), proof.to_string(), n))
             })
             .collect())
     }
 
-    pub async fn last_tenant_refusal(
-        self: &Arc<Self>,
-    ) -> Result<Option<TenantRefusal>, ActivityError> {
+    pub async fn last_tenant_refusal(&self) -> Result<Option<TenantRefusal>, StoreError> {
         self.meta(TENANT_REFUSAL_KEY).await
     }
 
     /// Drops what is older than `keep` (`admin.retention`) at `now`: hourly flow
     /// buckets, and sources not seen since (a scanner refused once is not kept for
     /// good). Returns the rows removed.
-    pub async fn prune(
-        self: &Arc<Self>,
-        keep: Duration,
-        now: Millis,
-    ) -> Result<usize, ActivityError> {
+    pub async fn prune(&self, keep: Duration, now: Millis) -> Result<usize, StoreError> {
         let cutoff_ms = now.saturating_sub(u64::try_from(keep.as_millis()).unwrap_or(u64::MAX));
         let cutoff_hour = (cutoff_ms / 3_600_000) as i64;
-        let cutoff = cutoff_ms as i64;
-        self.run(
-            move |c| {
-                let flow = c.execute("DELETE FROM flow WHERE hour < ?1", [cutoff_hour])?;
-                let sources = c.execute("DELETE FROM sources WHERE last_seen < ?1", [cutoff])?;
-                Ok(flow + sources)
-            },
-            |c| async move {
-                let flow = c
-                    .execute("DELETE FROM flow WHERE hour < $1", &[&cutoff_hour])
-                    .await?;
-                let sources = c
-                    .execute("DELETE FROM sources WHERE last_seen < $1", &[&cutoff])
-                    .await?;
-                Ok((flow + sources) as usize)
-            },
-        )
-        .await
+        kept!(self, b => b.prune(cutoff_hour, cutoff_ms as i64))
     }
 }
 
 /// One batch of events folded into the rows it changes.
 #[derive(Debug, Default)]
-struct Batch {
+pub struct Batch {
     /// ip → (connections, refused, messages, first seen, last seen)
     sources: BTreeMap<String, (i64, i64, i64, i64, i64)>,
     /// (hour, metric, key) → count
@@ -481,84 +318,6 @@ fn aggregate(events: &[Arc<Event>]) -> Batch {
     b.flow = flow;
     b.tenant_refusal = tenant_refusal;
     b
-}
-
-fn write_sqlite(c: &mut Connection, b: &Batch) -> Result<(), rusqlite::Error> {
-    let tx = c.transaction()?;
-    {
-        let mut flow = tx.prepare_cached(
-            "INSERT INTO flow(hour, metric, key, count) VALUES(?1, ?2, ?3, ?4)
-             ON CONFLICT(hour, metric, key) DO UPDATE SET count = count + excluded.count",
-        )?;
-        let mut src = tx.prepare_cached(
-            "INSERT INTO sources(ip, connections, refused, messages, first_seen, last_seen) VALUES(?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT(ip) DO UPDATE SET connections = connections + excluded.connections,
-                refused = refused + excluded.refused, messages = messages + excluded.messages,
-                first_seen = MIN(first_seen, excluded.first_seen),
-                last_seen = MAX(last_seen, excluded.last_seen)",
-        )?;
-        for (ip, (conns, refs, msgs, first, last)) in &b.sources {
-            src.execute(params![ip, conns, refs, msgs, first, last])?;
-        }
-        for ((hour, metric, key), n) in &b.flow {
-            flow.execute(params![hour, metric, key, n])?;
-        }
-        if let Some(json) = &b.tenant_refusal {
-            tx.execute(
-                "INSERT INTO meta(key, value) VALUES(?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                params![TENANT_REFUSAL_KEY, json],
-            )?;
-        }
-    }
-    tx.commit()
-}
-
-/// Multi-row upserts that add counts, so nodes writing at once never conflict.
-async fn write_pg(c: &mut deadpool_postgres::Object, b: &Batch) -> Result<(), ActivityError> {
-    use tokio_postgres::types::ToSql;
-    let tx = c.transaction().await?;
-    let sources: Vec<_> = b.sources.iter().collect();
-    for chunk in sources.chunks(PG_CHUNK) {
-        let mut sql = format!(
-            "INSERT INTO sources(ip, connections, refused, messages, first_seen, last_seen) VALUES {}",
-            values_list(chunk.len(), 6)
-        );
-        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
-        for (ip, (conns, refs, msgs, first, last)) in chunk {
-            params.extend([*ip as &(dyn ToSql + Sync), conns, refs, msgs, first, last]);
-        }
-        sql.push_str(
-            " ON CONFLICT(ip) DO UPDATE SET connections = sources.connections + excluded.connections,
-               refused = sources.refused + excluded.refused, messages = sources.messages + excluded.messages,
-               first_seen = LEAST(sources.first_seen, excluded.first_seen),
-               last_seen = GREATEST(sources.last_seen, excluded.last_seen)",
-        );
-        tx.execute(&sql, &params).await?;
-    }
-    let flow: Vec<_> = b.flow.iter().collect();
-    for chunk in flow.chunks(PG_CHUNK) {
-        let mut sql = format!(
-            "INSERT INTO flow(hour, metric, key, count) VALUES {}",
-            values_list(chunk.len(), 4)
-        );
-        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
-        for ((hour, metric, key), n) in chunk {
-            params.extend([hour as &(dyn ToSql + Sync), metric, key, *n]);
-        }
-        sql.push_str(
-            " ON CONFLICT(hour, metric, key) DO UPDATE SET count = flow.count + excluded.count",
-        );
-        tx.execute(&sql, &params).await?;
-    }
-    if let Some(json) = &b.tenant_refusal {
-        tx.execute(
-            "INSERT INTO meta(key, value) VALUES($1, $2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            &[&TENANT_REFUSAL_KEY, json],
-        )
-        .await?;
-    }
-    tx.commit().await?;
-    Ok(())
 }
 
 fn ip_key(ip: &IpAddr) -> String {

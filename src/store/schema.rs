@@ -1,0 +1,138 @@
+//! Every table of the shared state, in both dialects side by side: what one node keeps
+//! in its SQLite files and what a cluster keeps in PostgreSQL are the same tables under
+//! the same names, so an operator reads them the same way and the two cannot drift
+//! apart unnoticed (the tests below apply both).
+//!
+//! A schema is a list of migrations, applied in order and recorded per schema in
+//! `schema_versions` (SQLite) or `smartrelay_schema_versions` (PostgreSQL). Files and
+//! databases made before that table existed are recognized by their first table.
+
+/// One step of a schema, in both dialects.
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    pub sqlite: &'static str,
+    pub postgres: &'static str,
+}
+
+/// The tables one owner (a room) keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct Schema {
+    /// The row in the versions table.
+    pub name: &'static str,
+    /// A table the first migration creates: found without a version row, the schema
+    /// is at version 1 (made by a relay before versions were kept per schema).
+    pub probe: &'static str,
+    pub migrations: &'static [Migration],
+}
+
+/// The trusted-sender list (`trusted.database`). PostgreSQL shares one database with
+/// the relay state, whose `meta` table is another; so the list's own is `trusted_meta`.
+pub const TRUSTED: Schema = Schema {
+    name: "trusted",
+    probe: "recipients",
+    migrations: &[Migration {
+        sqlite: "CREATE TABLE recipients(
+            address TEXT PRIMARY KEY,
+            domain TEXT NOT NULL,
+            count INTEGER NOT NULL,
+            first_seen INTEGER NOT NULL,
+            last_seen INTEGER NOT NULL,
+            origin TEXT NOT NULL DEFAULT 'learned') WITHOUT ROWID;
+         CREATE INDEX recipients_domain ON recipients(domain);
+         CREATE INDEX recipients_last_seen ON recipients(last_seen);
+         CREATE TABLE pairs(
+            sender TEXT NOT NULL,
+            recipient TEXT NOT NULL,
+            count INTEGER NOT NULL,
+            first_seen INTEGER NOT NULL,
+            last_seen INTEGER NOT NULL,
+            PRIMARY KEY(sender, recipient)) WITHOUT ROWID;
+         CREATE INDEX pairs_recipient ON pairs(recipient);
+         CREATE INDEX pairs_last_seen ON pairs(last_seen);
+         CREATE TABLE daily(day INTEGER PRIMARY KEY, added INTEGER NOT NULL, deliveries INTEGER NOT NULL);
+         CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+        postgres: "CREATE TABLE recipients(
+            address TEXT PRIMARY KEY,
+            domain TEXT NOT NULL,
+            count BIGINT NOT NULL,
+            first_seen BIGINT NOT NULL,
+            last_seen BIGINT NOT NULL,
+            origin TEXT NOT NULL DEFAULT 'learned');
+         CREATE INDEX recipients_domain ON recipients(domain);
+         CREATE INDEX recipients_last_seen ON recipients(last_seen);
+         CREATE TABLE pairs(
+            sender TEXT NOT NULL,
+            recipient TEXT NOT NULL,
+            count BIGINT NOT NULL,
+            first_seen BIGINT NOT NULL,
+            last_seen BIGINT NOT NULL,
+            PRIMARY KEY(sender, recipient));
+         CREATE INDEX pairs_recipient ON pairs(recipient);
+         CREATE INDEX pairs_last_seen ON pairs(last_seen);
+         CREATE TABLE daily(day BIGINT PRIMARY KEY, added BIGINT NOT NULL, deliveries BIGINT NOT NULL);
+         CREATE TABLE trusted_meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+    }],
+};
+
+/// The relay's own state (`admin.database`): observed sources, hourly flow counters,
+/// and small JSON values (confirmations, persisted shared ranges).
+pub const STATE: Schema = Schema {
+    name: "state",
+    probe: "sources",
+    migrations: &[Migration {
+        sqlite: "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+         CREATE TABLE IF NOT EXISTS sources(
+            ip TEXT PRIMARY KEY,
+            connections INTEGER NOT NULL DEFAULT 0,
+            refused INTEGER NOT NULL DEFAULT 0,
+            messages INTEGER NOT NULL DEFAULT 0,
+            first_seen INTEGER NOT NULL,
+            last_seen INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS flow(
+            hour INTEGER NOT NULL, metric TEXT NOT NULL, key TEXT NOT NULL,
+            count INTEGER NOT NULL, PRIMARY KEY(hour, metric, key)) WITHOUT ROWID;",
+        postgres: "CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+         CREATE TABLE sources(
+            ip TEXT PRIMARY KEY,
+            connections BIGINT NOT NULL DEFAULT 0,
+            refused BIGINT NOT NULL DEFAULT 0,
+            messages BIGINT NOT NULL DEFAULT 0,
+            first_seen BIGINT NOT NULL,
+            last_seen BIGINT NOT NULL);
+         CREATE TABLE flow(
+            hour BIGINT NOT NULL, metric TEXT NOT NULL, key TEXT NOT NULL,
+            count BIGINT NOT NULL, PRIMARY KEY(hour, metric, key));",
+    }],
+};
+
+/// Every schema PostgreSQL holds, in the order they are migrated.
+pub const ALL: &[&Schema] = &[&TRUSTED, &STATE];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each schema's SQLite dialect applies, migration by migration, to a real file.
+    #[test]
+    fn every_sqlite_dialect_applies() {
+        let dir = std::env::temp_dir().join(format!("smartrelay-schema-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for schema in ALL {
+            let path = dir.join(format!("{}.sqlite3", schema.name));
+            let db = crate::store::sqlite::Db::open(&path, &[schema], true).unwrap();
+            let tables: i64 = db
+                .lock()
+                .query_row(
+                    "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                    [schema.probe],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            assert_eq!(tables, 1, "{}", schema.name);
+            drop(db);
+            // Opening again applies nothing twice.
+            crate::store::sqlite::Db::open(&path, &[schema], true).unwrap();
+        }
+    }
+}
