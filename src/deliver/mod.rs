@@ -22,7 +22,7 @@ use tls::Connectors;
 
 pub struct Deliverer {
     settings: ClientSettings,
-    pool: Pool,
+    pool: Pool<connection::Connection>,
     connectors: Connectors,
 }
 

@@ -12,11 +12,10 @@ use tokio_util::task::TaskTracker;
 // tokio's clock: the unit tests below run back-off and retirement on the paused clock.
 use tokio::time::Instant;
 
-use super::connection::Connection;
 use crate::regions::{HostPort, RouteTarget};
 
 /// What the pool needs of a session: its age, use and a way to close it. Upstream
-/// `Connection`s in the relay, a recording double in the tests.
+/// `connection::Connection`s in the relay, a recording double in the tests.
 pub trait Pooled: Send + 'static {
     fn created(&self) -> Instant;
     fn last_used(&self) -> Instant;
@@ -44,7 +43,7 @@ struct HostSlot<C> {
 /// Sessions by (route, host).
 type Slots<C> = HashMap<(String, HostPort), Arc<HostSlot<C>>>;
 
-pub struct Pool<C = Connection> {
+pub struct Pool<C> {
     settings: PoolSettings,
     slots: Mutex<Slots<C>>,
     round_robin: Mutex<HashMap<String, Arc<AtomicUsize>>>,
@@ -53,7 +52,7 @@ pub struct Pool<C = Connection> {
 }
 
 /// A session checked out of the pool, with the permit that counts it.
-pub struct Lease<C = Connection> {
+pub struct Lease<C> {
     pub conn: Option<C>,
     pub fresh: bool,
     _permit: OwnedSemaphorePermit,

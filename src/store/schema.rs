@@ -107,32 +107,3 @@ pub const STATE: Schema = Schema {
 
 /// Every schema PostgreSQL holds, in the order they are migrated.
 pub const ALL: &[&Schema] = &[&TRUSTED, &STATE];
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Each schema's SQLite dialect applies, migration by migration, to a real file.
-    #[test]
-    fn every_sqlite_dialect_applies() {
-        let dir = std::env::temp_dir().join(format!("smartrelay-schema-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        for schema in ALL {
-            let path = dir.join(format!("{}.sqlite3", schema.name));
-            let db = crate::store::sqlite::Db::open(&path, &[schema], true).unwrap();
-            let tables: i64 = db
-                .lock()
-                .query_row(
-                    "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
-                    [schema.probe],
-                    |r| r.get(0),
-                )
-                .unwrap();
-            assert_eq!(tables, 1, "{}", schema.name);
-            drop(db);
-            // Opening again applies nothing twice.
-            crate::store::sqlite::Db::open(&path, &[schema], true).unwrap();
-        }
-    }
-}
