@@ -25,7 +25,7 @@ use crate::queue::spool::SpoolError;
 use crate::queue::{Queue, QueueSettings};
 use crate::reload::{self, Effect, LogLevelSetter, Origin, Outcome, ReloadError, Reloads};
 use crate::route::SpfRouter;
-use crate::smtp::conn::{Phase, Shared};
+use crate::smtp::conn::{Context, Phase};
 use crate::smtp::listener::{Access, Gate, Listener, ProxyTrust, Rules};
 use crate::smtp::session::SessionConfig;
 use crate::smtp::tls::{acceptor, TlsError};
@@ -122,7 +122,7 @@ impl Parts {
             cfg.dns.spf_timeout.0,
         ));
         Ok(Rules {
-            shared: Arc::new(Shared {
+            context: Arc::new(Context {
                 cfg: Arc::new(session_config(cfg)),
                 intake: self.queue.clone(),
                 policy: router,

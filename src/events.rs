@@ -113,9 +113,11 @@ pub struct DeliveryReport {
     pub generated_dsn: bool,
     /// The relay's own mail (see `Envelope::system`).
     pub system: bool,
-    pub route: String,
-    /// The upstream that gave the replies (host:port), or "" when none was reached.
-    pub host: String,
+    /// `None` when no route was taken (SPF refused the smart hosts, or the message
+    /// expired).
+    pub route: Option<String>,
+    /// The upstream that gave the replies (host:port); `None` when none was reached.
+    pub host: Option<String>,
     pub at: Millis,
     pub results: Vec<RcptResult>,
 }
@@ -371,8 +373,8 @@ mod tests {
                 flags: ContentFlags::default(),
                 generated_dsn: false,
                 system: false,
-                route: String::new(),
-                host: String::new(),
+                route: None,
+                host: None,
                 at: 0,
                 results: Vec::new(),
             })

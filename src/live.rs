@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::envelope::Envelope;
-use crate::pipeline::{PlanItem, Router, SenderPolicy, SenderVerdict};
+use crate::pipeline::{PlanItem, Router};
 
 pub struct Live<T> {
     current: watch::Sender<Arc<T>>,
@@ -49,13 +49,6 @@ impl<T: Router> Router for Live<T> {
     ) -> impl Future<Output = Vec<PlanItem>> + Send {
         let current = self.get();
         async move { current.plan(envelope, pending).await }
-    }
-}
-
-impl<T: SenderPolicy> SenderPolicy for Live<T> {
-    fn check_sender(&self, domain: &str) -> impl Future<Output = SenderVerdict> + Send {
-        let current = self.get();
-        async move { current.check_sender(domain).await }
     }
 }
 

@@ -112,8 +112,8 @@ pub trait Router: Send + Sync + 'static {
 /// The replies one upstream transaction gave.
 #[derive(Debug, Clone)]
 pub struct LegOutcome {
-    /// host:port that gave the replies; empty when no host could be reached.
-    pub host: String,
+    /// host:port that gave the replies; `None` when no host could be reached.
+    pub host: Option<String>,
     /// One reply per recipient of the leg, in the leg's order.
     pub replies: Vec<(usize, Reply)>,
     pub tls: bool,

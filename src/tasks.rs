@@ -19,11 +19,6 @@ impl Tasks {
         Tasks::default()
     }
 
-    /// Fires when shutdown reaches the background tasks.
-    pub fn stop_token(&self) -> CancellationToken {
-        self.stop.clone()
-    }
-
     /// Runs `fut` until it ends or the stop token fires, whichever is first.
     pub fn spawn<F>(&self, fut: F)
     where

@@ -126,7 +126,7 @@ fn session_config() -> SessionConfig {
 pub fn bdat(data: &[u8]) {
     let ip: IpAddr = "127.0.0.1".parse().expect("literal");
     let mut s = Session::new(Arc::new(session_config()), ip, SourceKind::Dedicated, None);
-    let _ = s.command(b"EHLO client.test", true);
+    let _ = s.command(b"EHLO client.test", Ok(()));
     let mut rest = data;
     let mut kept: Vec<u8> = Vec::new();
     while !rest.is_empty() {
@@ -136,7 +136,7 @@ pub fn bdat(data: &[u8]) {
         };
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         rest = after;
-        match s.command(line, true) {
+        match s.command(line, Ok(())) {
             Action::ReadChunk { size, last, keep } => {
                 let take = usize::try_from(size).unwrap_or(usize::MAX).min(rest.len());
                 let (chunk, after) = rest.split_at(take);

@@ -1,7 +1,10 @@
 //! `/api/v1/access/shared-ranges`: the shared-platform ranges as configured and as last
 //! resolved from SPF, and a refresh on demand (after the platform changed its record).
 
+use std::time::Duration;
+
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::Json;
 
 use super::{Admin, ApiError};
@@ -14,14 +17,16 @@ pub async fn list(State(st): State<Admin>) -> Json<Vec<SourceView>> {
     Json(st.shared_sources.get().view())
 }
 
-/// Resolves every `ranges_from_spf` list now; a failure keeps the last good list.
+/// Has the refresher resolve every `ranges_from_spf` list now (it persists what
+/// changed); a failure keeps the last good list.
 pub async fn refresh(State(st): State<Admin>) -> Result<Json<Vec<SourceView>>, ApiError> {
-    let (_, changed) = st.shared_sources.get().refresh_once(&st.spf).await;
-    if changed {
-        st.activity
-            .set_meta(SHARED_RANGES_KEY, &st.shared_sources.get().resolved())
-            .await
-            .map_err(ApiError::internal)?;
+    let sources = st.shared_sources.get();
+    let within = st.config().dns.spf_timeout.0 + Duration::from_secs(5);
+    if !sources.refresh_now(within).await {
+        return Err(ApiError(
+            StatusCode::GATEWAY_TIMEOUT,
+            "the shared-range refresh did not finish in time".into(),
+        ));
     }
-    Ok(Json(st.shared_sources.get().view()))
+    Ok(Json(sources.view()))
 }

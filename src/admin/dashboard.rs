@@ -407,7 +407,7 @@ fn tree(b: &mut String, n: &Node) {
     let _ = write!(
         b,
         "<ul><li>{} <code>{}</code> ({} lookups{}){}",
-        html_escape(n.via),
+        html_escape(n.via.label()),
         html_escape(&n.domain),
         n.total_lookups,
         n.error

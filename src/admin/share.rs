@@ -39,7 +39,7 @@ struct ShareForm {
 }
 
 #[derive(Debug, Serialize)]
-pub struct Shared {
+pub struct ShareReply {
     pub queue_id: String,
     pub to: String,
     pub domains: Vec<String>,
@@ -268,7 +268,7 @@ pub async fn share(State(st): State<Admin>, req: Request) -> Result<Response, Ap
     Ok((StatusCode::ACCEPTED, Json(shared)).into_response())
 }
 
-async fn queue_share(st: &Admin, ask: ShareRequest) -> Result<Shared, ApiError> {
+async fn queue_share(st: &Admin, ask: ShareRequest) -> Result<ShareReply, ApiError> {
     let to = ask.to.trim().to_string();
     if to.is_empty() {
         return Err(ApiError::bad_request(
@@ -337,7 +337,7 @@ async fn queue_share(st: &Admin, ask: ShareRequest) -> Result<Shared, ApiError> 
         .await
         .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     tracing::info!(queue_id = %id, to = %to, domains = ?domains, "onboarding SPF instructions queued");
-    Ok(Shared {
+    Ok(ShareReply {
         queue_id: id.as_str().to_string(),
         to,
         domains,

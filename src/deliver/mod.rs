@@ -152,7 +152,7 @@ where
             Ok((out, tls)) => {
                 pool.mark_up(&route.name, &host);
                 return LegOutcome {
-                    host: host.to_string(),
+                    host: Some(host.to_string()),
                     replies: out.replies,
                     tls,
                     dsn_passed: out.dsn_passed,
@@ -173,7 +173,7 @@ where
         None => Reply::new(451, "4.4.1", "route has no hosts"),
     };
     LegOutcome {
-        host: String::new(),
+        host: None,
         replies: rcpts.iter().map(|&i| (i, reply.clone())).collect(),
         tls: false,
         dsn_passed: false,
@@ -270,7 +270,7 @@ mod tests {
         // a fails: b takes it, in the same leg.
         let (out, tried) = leg(&p, &r, &["a.test"]).await;
         assert_eq!(tried, ["a.test", "b.test"]);
-        assert_eq!(out.host, "b.test:25");
+        assert_eq!(out.host.as_deref(), Some("b.test:25"));
         assert!(out.replies.iter().all(|(_, rep)| rep.code == 250));
         // While a is in back-off it is tried last, whatever the round-robin says.
         for _ in 0..3 {
@@ -293,7 +293,7 @@ mod tests {
         let r = route(&["a.test", "b.test"]);
         let (out, tried) = leg(&p, &r, &["a.test", "b.test"]).await;
         assert_eq!(tried.len(), 2);
-        assert_eq!(out.host, "");
+        assert_eq!(out.host, None);
         assert_eq!(out.replies.len(), 2);
         for (_, rep) in &out.replies {
             assert_eq!((rep.code, rep.esc.as_deref()), (451, Some("4.4.1")));

@@ -48,7 +48,7 @@ pub struct QueueSettings {
     pub max_size: Option<u64>,
 }
 
-struct Entry {
+struct Queued {
     envelope: Arc<Envelope>,
     state: DeliveryState,
     /// Kept from ingress until the first attempt while the memory budget allows, so
@@ -59,7 +59,7 @@ struct Entry {
 
 #[derive(Default)]
 struct Index {
-    entries: HashMap<QueueId, Entry>,
+    entries: HashMap<QueueId, Queued>,
     /// (next attempt, id); stale pairs are skipped when popped.
     timers: BTreeSet<(Millis, QueueId)>,
     /// Octets of the bodies kept in `entries`.
@@ -80,7 +80,7 @@ impl Index {
         index + self.cached + len <= budget / 2
     }
 
-    fn insert(&mut self, id: QueueId, entry: Entry) {
+    fn insert(&mut self, id: QueueId, entry: Queued) {
         if let Some(d) = &entry.data {
             self.cached += d.len() as u64;
             self.cached_ids.insert(id.clone());
@@ -90,7 +90,7 @@ impl Index {
         }
     }
 
-    fn remove(&mut self, id: &QueueId) -> Option<Entry> {
+    fn remove(&mut self, id: &QueueId) -> Option<Queued> {
         let e = self.entries.remove(id)?;
         if let Some(d) = &e.data {
             self.cached -= d.len() as u64;
@@ -253,7 +253,7 @@ impl<S: Spool> Queue<S> {
         idx.schedule(&id, state.next_attempt);
         idx.insert(
             id,
-            Entry {
+            Queued {
                 envelope: Arc::new(r.envelope),
                 state,
                 data: None,
@@ -331,7 +331,7 @@ impl<S: Spool> Queue<S> {
             }
             idx.insert(
                 id,
-                Entry {
+                Queued {
                     envelope: env,
                     state: DeliveryState::new(rcpts, now),
                     data: keep.then_some(data),
@@ -468,7 +468,7 @@ impl<S: Spool> Queue<S> {
     }
 }
 
-fn view(e: &Entry) -> QueueItem {
+fn view(e: &Queued) -> QueueItem {
     let env = &e.envelope;
     QueueItem {
         id: env.id.clone(),
@@ -524,12 +524,12 @@ impl<S: Spool> Intake for Queue<S> {
 mod tests {
     use super::*;
 
-    fn entry(len: usize) -> (QueueId, Entry) {
+    fn entry(len: usize) -> (QueueId, Queued) {
         let env = Envelope::for_test("a@example.test", &["b@x.test"], len as u64);
         let id = env.id.clone();
         (
             id,
-            Entry {
+            Queued {
                 envelope: Arc::new(env),
                 state: DeliveryState::new(1, 0),
                 data: Some(Bytes::from(vec![b'x'; len])),

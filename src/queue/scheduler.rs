@@ -193,11 +193,16 @@ impl<S: Spool> Queue<S> {
                     })
                     .await;
                 let out = courier.deliver(&route, env, data, &recipients).await;
-                (route.name.clone(), out.host, out.replies, out.dsn_passed)
+                (
+                    Some(route.name.clone()),
+                    out.host,
+                    out.replies,
+                    out.dsn_passed,
+                )
             }
             PlanItem::Refuse { recipients, reply } => (
-                String::new(),
-                String::new(),
+                None,
+                None,
                 recipients.into_iter().map(|i| (i, reply.clone())).collect(),
                 false,
             ),
@@ -220,8 +225,8 @@ impl<S: Spool> Queue<S> {
                 Outcome::Deferred
             };
             st.reply = Some(reply.clone());
-            st.host = (!host.is_empty()).then(|| host.clone());
-            st.route = (!route_name.is_empty()).then(|| route_name.clone());
+            st.host = host.clone();
+            st.route = route_name.clone();
             st.at = Some(at);
             results.push(RcptResult {
                 address: env.recipients[i].address.clone(),
@@ -415,8 +420,8 @@ fn expire(env: &Envelope, state: &mut DeliveryState, now: Millis) -> DeliveryRep
         flags: env.flags,
         generated_dsn: env.generated_dsn,
         system: env.system,
-        route: String::new(),
-        host: String::new(),
+        route: None,
+        host: None,
         at: now,
         results,
     }
@@ -431,8 +436,8 @@ fn log_report(r: &DeliveryReport) {
             Outcome::Bounced => "bounced",
         };
         tracing::info!(
-            queue_id = %r.id, to = %res.address, route = %r.route, relay = %r.host,
-            status, reply = %res.reply, "delivery"
+            queue_id = %r.id, to = %res.address, route = r.route.as_deref().unwrap_or("none"),
+            relay = r.host.as_deref().unwrap_or("none"), status, reply = %res.reply, "delivery"
         );
     }
 }
@@ -440,7 +445,9 @@ fn log_report(r: &DeliveryReport) {
 fn metrics_report(r: &DeliveryReport) {
     for res in &r.results {
         metrics::counter!("smartrelay_delivery_recipients_total",
-            "route" => r.route.clone(), "host" => r.host.clone(), "outcome" => res.outcome.label())
+            "route" => r.route.clone().unwrap_or_else(|| "none".into()),
+            "host" => r.host.clone().unwrap_or_else(|| "none".into()),
+            "outcome" => res.outcome.label())
         .increment(1);
     }
 }

@@ -179,7 +179,7 @@ impl Courier for ScriptedCourier {
             data: data.clone(),
         });
         LegOutcome {
-            host: "scripted.test:25".into(),
+            host: Some("scripted.test:25".into()),
             replies: recipients
                 .iter()
                 .map(|&i| (i, (self.script)(envelope, i, attempt)))

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use super::command::Stage;
 use super::data::DataReceiver;
 use super::reply::{common, WireReply};
-use super::session::{Action, Completed, Session, SessionConfig, Unproven};
+use super::session::{Action, Completed, Refusal, Session, SessionConfig, Unproven};
 use crate::envelope::{now_ms, QueueId};
 use crate::events::{Event, EventBus, TenantProof};
 use crate::pipeline::{Intake, SenderPolicy, Submission};
@@ -31,7 +31,7 @@ pub enum Phase {
 }
 
 /// What every session of a listener shares.
-pub struct Shared<I, P> {
+pub struct Context<I, P> {
     pub cfg: Arc<SessionConfig>,
     pub intake: Arc<I>,
     pub policy: Arc<P>,
@@ -46,10 +46,12 @@ pub struct Shared<I, P> {
 }
 
 /// How a session's run over one stream ended.
-pub enum Exit<S> {
+pub enum Exit {
     Closed,
-    /// The client asked for STARTTLS: here is the plain stream back, input discarded.
-    StartTls(S),
+    /// The client asked for STARTTLS and got its 220; what it sent after the command
+    /// was discarded. The caller takes the stream back with `Conn::into_stream` for the
+    /// handshake.
+    StartTls,
 }
 
 #[derive(Debug)]
@@ -287,9 +289,9 @@ impl Pace {
 pub async fn drive<S, I, P>(
     conn: &mut Conn<S>,
     session: &mut Session,
-    shared: &Shared<I, P>,
+    ctx: &Context<I, P>,
     greet: bool,
-) -> Exit<()>
+) -> Exit
 where
     S: AsyncRead + AsyncWrite + Unpin,
     I: Intake,
@@ -298,7 +300,7 @@ where
     if greet {
         conn.queue_reply(&session.greeting());
     }
-    match run(conn, session, shared).await {
+    match run(conn, session, ctx).await {
         Ok(exit) => exit,
         Err(stop) => {
             match stop {
@@ -319,15 +321,15 @@ where
 async fn run<S, I, P>(
     conn: &mut Conn<S>,
     session: &mut Session,
-    shared: &Shared<I, P>,
-) -> Result<Exit<()>, Stop>
+    ctx: &Context<I, P>,
+) -> Result<Exit, Stop>
 where
     S: AsyncRead + AsyncWrite + Unpin,
     I: Intake,
     P: SenderPolicy,
 {
-    let ct = shared.command_timeout;
-    let dt = shared.data_timeout;
+    let ct = ctx.command_timeout;
+    let dt = ctx.data_timeout;
     loop {
         if !conn.has_complete_line() {
             conn.flush(ct).await?;
@@ -339,19 +341,19 @@ where
         {
             Line::TooLong => session.line_too_long(),
             Line::Complete(a, b) => {
-                let verb = Stage::of(&conn.buf[a..b]).label();
-                let admission = shared.intake.admission();
-                let action = session.command(&conn.buf[a..b], admission.is_ok());
-                count_refusal(verb, &action);
-                if session.take_tls_refusal() {
-                    metrics::counter!("smartrelay_connections_refused_total", "reason" => "tls_required")
-                        .increment(1);
-                }
-                if let (Err(why), Action::Reply(r)) = (admission, &action) {
-                    if r.code == 452 {
+                let stage = Stage::of(&conn.buf[a..b]);
+                let action = session.command(&conn.buf[a..b], ctx.intake.admission());
+                count_refusal(stage, &action);
+                match session.take_refusal() {
+                    Some(Refusal::TlsRequired) => {
+                        metrics::counter!("smartrelay_connections_refused_total", "reason" => "tls_required")
+                            .increment(1);
+                    }
+                    Some(Refusal::Queue(why)) => {
                         metrics::counter!("smartrelay_queue_refusals_total", "reason" => why.label())
                             .increment(1);
                     }
+                    None => {}
                 }
                 action
             }
@@ -368,10 +370,10 @@ where
                 // Whatever the client pipelined after STARTTLS was sent in the clear and
                 // must never be executed inside the TLS session (CVE-2011-0411).
                 conn.pos = conn.buf.len();
-                return Ok(Exit::StartTls(()));
+                return Ok(Exit::StartTls);
             }
             Action::CheckSender(domain) => {
-                let verdict = shared.policy.check_sender(&domain).await;
+                let verdict = ctx.policy.check_sender(&domain).await;
                 let r = session.sender_checked(verdict);
                 if r.code >= 500 {
                     count("mail", &r);
@@ -382,10 +384,10 @@ where
                 conn.queue_reply(&reply);
                 conn.flush(ct).await?;
                 let mut rx = DataReceiver::new(max, session.config().bare_line_endings);
-                let mut pace = Pace::new(shared.min_data_rate, Instant::now());
+                let mut pace = Pace::new(ctx.min_data_rate, Instant::now());
                 conn.read_data(&mut rx, dt, &mut pace).await?;
                 let done = session.data_done(rx.finish(), now_ms());
-                if !complete(conn, session, shared, done).await? {
+                if !complete(conn, session, ctx, done).await? {
                     return Ok(Exit::Closed);
                 }
             }
@@ -401,10 +403,10 @@ where
                     return Ok(Exit::Closed);
                 }
                 let sink = if keep { session.chunk_buffer() } else { None };
-                let mut pace = Pace::new(shared.min_data_rate, Instant::now());
+                let mut pace = Pace::new(ctx.min_data_rate, Instant::now());
                 conn.read_chunk(size, sink, dt, &mut pace).await?;
                 let done = session.chunk_done(size, last, now_ms());
-                if !complete(conn, session, shared, done).await? {
+                if !complete(conn, session, ctx, done).await? {
                     return Ok(Exit::Closed);
                 }
             }
@@ -416,7 +418,7 @@ where
 async fn complete<S, I, P>(
     conn: &mut Conn<S>,
     session: &mut Session,
-    shared: &Shared<I, P>,
+    ctx: &Context<I, P>,
     done: Completed,
 ) -> Result<bool, Stop>
 where
@@ -429,7 +431,7 @@ where
     loop {
         match done {
             Completed::Prove(unproven) => {
-                done = prove(session, shared, *unproven).await;
+                done = prove(session, ctx, *unproven).await;
                 continue;
             }
             Completed::Reply(r) => {
@@ -444,7 +446,7 @@ where
                 conn.queue_reply(&r);
             }
             Completed::Submit(sub) => {
-                let r = submit(session, shared, *sub).await;
+                let r = submit(session, ctx, *sub).await;
                 conn.queue_reply(&r);
             }
         }
@@ -453,7 +455,7 @@ where
 }
 
 /// Hands a message to the queue; the reply says whether it is on disk.
-async fn submit<I, P>(session: &mut Session, shared: &Shared<I, P>, sub: Submission) -> WireReply
+async fn submit<I, P>(session: &mut Session, ctx: &Context<I, P>, sub: Submission) -> WireReply
 where
     I: Intake,
 {
@@ -478,7 +480,7 @@ where
         sub.envelope.client.tls.is_some(),
     );
     let sender = sub.envelope.sender.clone();
-    let result = shared.intake.submit(sub).await;
+    let result = ctx.intake.submit(sub).await;
     let r = session.stored(&id, &result);
     match &result {
         Ok(()) => {
@@ -488,7 +490,7 @@ where
             metrics::histogram!("smartrelay_accept_latency_seconds")
                 .record(started.elapsed().as_secs_f64());
             // Never waits: the 250 waits on the spool commit and nothing else.
-            shared.events.publish_now(event);
+            ctx.events.publish_now(event);
         }
         Err(e) => {
             tracing::error!(queue_id = %id, error = %e, "not queued client=[{ip}] from=<{sender}> nrcpt={nrcpt} size={size}");
@@ -500,14 +502,10 @@ where
 
 /// Runs the tenant check on a message from a shared range: one log line, the metrics,
 /// an event for onboarding, then the session's decision.
-async fn prove<I, P>(
-    session: &mut Session,
-    shared: &Shared<I, P>,
-    unproven: Unproven,
-) -> Completed {
+async fn prove<I, P>(session: &mut Session, ctx: &Context<I, P>, unproven: Unproven) -> Completed {
     let source = unproven.source();
-    let binding = shared.tenant.bind(source, unproven.message()).await;
-    let range = shared.tenant.range(source);
+    let binding = ctx.tenant.bind(source, unproven.message()).await;
+    let range = ctx.tenant.range(source);
     let (name, platform) = range.map_or(("?", "other"), |r| (r.name.as_str(), r.platform.label()));
     let ip = session.client_ip();
     let sender = unproven.sender().to_string();
@@ -534,7 +532,7 @@ async fn prove<I, P>(
         ),
     }
     if !matches!(binding.verdict, Verdict::TryLater(_)) {
-        shared.events.publish_now(Event::TenantCheck {
+        ctx.events.publish_now(Event::TenantCheck {
             range: name.to_string(),
             proof,
             ip,
@@ -545,10 +543,10 @@ async fn prove<I, P>(
     session.proof_checked(unproven, &binding.verdict, binding.stripped, now_ms())
 }
 
-fn count_refusal(stage: &'static str, action: &Action) {
+fn count_refusal(stage: Stage, action: &Action) {
     if let Action::Reply(r) | Action::Close(r) = action {
-        if r.code >= 400 && stage != "other" {
-            count(stage, r);
+        if r.code >= 400 && stage != Stage::Other {
+            count(stage.label(), r);
         }
     }
 }
@@ -610,10 +608,10 @@ mod tests {
     const DATA: Duration = Duration::from_secs(600);
     const SESSION: Duration = Duration::from_secs(3600);
 
-    fn shared(intake: Arc<MemIntake>) -> Shared<MemIntake, AnySender> {
+    fn ctx(intake: Arc<MemIntake>) -> Context<MemIntake, AnySender> {
         let dns =
             HickoryDns::new(&["127.0.0.1:1".parse().unwrap()], Duration::from_secs(1)).unwrap();
-        Shared {
+        Context {
             cfg: Arc::new(SessionConfig {
                 hostname: "relay.test".into(),
                 max_message_size: 1 << 20,
@@ -655,7 +653,7 @@ mod tests {
     ) -> (DuplexStream, Arc<MemIntake>, tokio::task::JoinHandle<()>) {
         let (client, server) = tokio::io::duplex(1 << 16);
         let intake = Arc::new(MemIntake::default());
-        let mut sh = shared(intake.clone());
+        let mut sh = ctx(intake.clone());
         sh.min_data_rate = min_data_rate;
         let task = tokio::spawn(async move {
             let (_phase_tx, phase) = watch::channel(Phase::Running);

@@ -14,7 +14,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
-use super::conn::{drive, Conn, Exit, Phase, Shared};
+use super::conn::{drive, Conn, Context, Exit, Phase};
 use super::proxy::{self, ProxyError, Source};
 use super::session::{Session, SourceKind};
 use super::tls::describe;
@@ -26,7 +26,7 @@ use crate::tenant::sources::{Membership, SharedSources};
 
 /// The gate's answer for a client address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Entry {
+pub enum Standing {
     Admit(SourceKind),
     /// Maybe a shared platform's, not known yet: `421`, try later.
     NotYet,
@@ -42,14 +42,14 @@ pub struct Access {
 impl Access {
     /// A shared range wins over a dedicated one that also holds the address: the
     /// stricter rule applies. `ip` must be canonical.
-    pub fn entry(&self, ip: IpAddr) -> Entry {
+    pub fn standing(&self, ip: IpAddr) -> Standing {
         match self.sources.classify(ip) {
-            Membership::Shared(i) => Entry::Admit(SourceKind::Shared(i)),
+            Membership::Shared(i) => Standing::Admit(SourceKind::Shared(i)),
             _ if self.allowed.iter().any(|net| net.contains(&ip)) => {
-                Entry::Admit(SourceKind::Dedicated)
+                Standing::Admit(SourceKind::Dedicated)
             }
-            Membership::Unresolved => Entry::NotYet,
-            Membership::Outside => Entry::Refuse,
+            Membership::Unresolved => Standing::NotYet,
+            Membership::Outside => Standing::Refuse,
         }
     }
 }
@@ -181,7 +181,7 @@ impl Drop for SessionGuard {
 /// Everything a session is judged by, from its first byte to its last: a reload makes
 /// new rules for the next connection and leaves open sessions with theirs.
 pub struct Rules<I, P> {
-    pub shared: Arc<Shared<I, P>>,
+    pub context: Arc<Context<I, P>>,
     pub access: Access,
     /// For STARTTLS on plain listeners and for implicit TLS listeners.
     pub tls: Option<TlsAcceptor>,
@@ -256,7 +256,7 @@ impl<I: Intake, P: SenderPolicy> Listener<I, P> {
                 }
                 Ok(Source::Local) => {
                     metrics::counter!("smartrelay_proxy_health_checks_total").increment(1);
-                    let greeting = format!("220 {} ESMTP smartrelay\r\n", rules.shared.cfg.hostname);
+                    let greeting = format!("220 {} ESMTP smartrelay\r\n", rules.context.cfg.hostname);
                     brief_dialogue(stream, &greeting, health_reply).await;
                 }
                 Err(e) => {
@@ -283,9 +283,9 @@ impl<I: Intake, P: SenderPolicy> Listener<I, P> {
         implicit_tls: bool,
         phase: watch::Receiver<Phase>,
     ) {
-        let kind = match rules.access.entry(ip) {
-            Entry::Admit(kind) => kind,
-            Entry::NotYet => {
+        let kind = match rules.access.standing(ip) {
+            Standing::Admit(kind) => kind,
+            Standing::NotYet => {
                 tracing::warn!(client = %ip, "connection refused for now: the shared ranges from SPF have never been resolved");
                 refused(&rules, ip, RefusalReason::SharedRangesUnresolved);
                 // One non-blocking write, no task: this can be a whole platform knocking.
@@ -294,12 +294,12 @@ impl<I: Intake, P: SenderPolicy> Listener<I, P> {
                 );
                 return;
             }
-            Entry::Refuse => {
+            Standing::Refuse => {
                 tracing::warn!(client = %ip, "connection refused: address not in access.allowed_ranges");
                 refused(&rules, ip, RefusalReason::IpNotAllowed);
                 match self.gate.slots.clone().try_acquire_owned() {
                     Ok(permit) => {
-                        let hostname = rules.shared.cfg.hostname.clone();
+                        let hostname = rules.context.cfg.hostname.clone();
                         self.sessions.spawn(async move {
                             refuse_politely(stream, ip, &hostname).await;
                             drop(permit);
@@ -323,7 +323,7 @@ impl<I: Intake, P: SenderPolicy> Listener<I, P> {
             return;
         };
         metrics::counter!("smartrelay_connections_accepted_total").increment(1);
-        rules.shared.events.publish_now(Event::Connection {
+        rules.context.events.publish_now(Event::Connection {
             ip,
             at: now_ms(),
             refused: None,
@@ -339,7 +339,7 @@ impl<I: Intake, P: SenderPolicy> Listener<I, P> {
 fn refused<I, P>(rules: &Rules<I, P>, ip: IpAddr, reason: RefusalReason) {
     metrics::counter!("smartrelay_connections_refused_total", "reason" => reason.label())
         .increment(1);
-    rules.shared.events.publish_now(Event::Connection {
+    rules.context.events.publish_now(Event::Connection {
         ip,
         at: now_ms(),
         refused: Some(reason),
@@ -355,31 +355,30 @@ async fn session<I: Intake, P: SenderPolicy>(
     phase: watch::Receiver<Phase>,
     guard: &SessionGuard,
 ) {
-    let shared = &rules.shared;
-    let deadline = tokio::time::Instant::now() + shared.session_timeout;
+    let ctx = &rules.context;
+    let deadline = tokio::time::Instant::now() + ctx.session_timeout;
     if implicit_tls {
         let Some(acceptor) = &rules.tls else { return };
-        let Some(tls) = handshake(acceptor, stream, shared.command_timeout).await else {
+        let Some(tls) = handshake(acceptor, stream, ctx.command_timeout).await else {
             return;
         };
         let desc = describe(tls.get_ref().1);
-        let mut session = Session::new(shared.cfg.clone(), ip, kind, Some(desc));
+        let mut session = Session::new(ctx.cfg.clone(), ip, kind, Some(desc));
         let mut conn = Conn::new(tls, deadline, phase);
-        drive(&mut conn, &mut session, shared, true).await;
+        drive(&mut conn, &mut session, ctx, true).await;
         return;
     }
-    let mut session = Session::new(shared.cfg.clone(), ip, kind, None);
+    let mut session = Session::new(ctx.cfg.clone(), ip, kind, None);
     let mut conn = Conn::new(stream, deadline, phase.clone());
-    if let Exit::StartTls(()) = drive(&mut conn, &mut session, shared, true).await {
+    if let Exit::StartTls = drive(&mut conn, &mut session, ctx, true).await {
         let Some(acceptor) = &rules.tls else { return };
         guard.encrypted();
-        let Some(tls) = handshake(acceptor, conn.into_stream(), shared.command_timeout).await
-        else {
+        let Some(tls) = handshake(acceptor, conn.into_stream(), ctx.command_timeout).await else {
             return;
         };
         session.tls_established(describe(tls.get_ref().1));
         let mut conn = Conn::new(tls, deadline, phase);
-        drive(&mut conn, &mut session, shared, false).await;
+        drive(&mut conn, &mut session, ctx, false).await;
     }
 }
 
@@ -499,14 +498,14 @@ mod tests {
         };
         let ip = |t: &str| t.parse::<IpAddr>().unwrap();
         assert_eq!(
-            gate.entry(ip("127.0.0.2")),
-            Entry::Admit(SourceKind::Shared(0))
+            gate.standing(ip("127.0.0.2")),
+            Standing::Admit(SourceKind::Shared(0))
         );
         assert_eq!(
-            gate.entry(ip("127.0.0.3")),
-            Entry::Admit(SourceKind::Dedicated)
+            gate.standing(ip("127.0.0.3")),
+            Standing::Admit(SourceKind::Dedicated)
         );
-        assert_eq!(gate.entry(ip("10.0.0.1")), Entry::Refuse);
+        assert_eq!(gate.standing(ip("10.0.0.1")), Standing::Refuse);
     }
 
     #[test]
@@ -515,11 +514,14 @@ mod tests {
             allowed: vec!["127.0.0.1/32".parse().unwrap(), "::1/128".parse().unwrap()],
             sources: no_shared(),
         };
-        let dedicated = Entry::Admit(SourceKind::Dedicated);
+        let dedicated = Standing::Admit(SourceKind::Dedicated);
         let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
-        assert_eq!(gate.entry(mapped.to_canonical()), dedicated);
-        assert_eq!(gate.entry("127.0.0.2".parse().unwrap()), Entry::Refuse);
-        assert_eq!(gate.entry("::1".parse().unwrap()), dedicated);
+        assert_eq!(gate.standing(mapped.to_canonical()), dedicated);
+        assert_eq!(
+            gate.standing("127.0.0.2".parse().unwrap()),
+            Standing::Refuse
+        );
+        assert_eq!(gate.standing("::1".parse().unwrap()), dedicated);
     }
 
     #[test]

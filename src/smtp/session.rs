@@ -1,6 +1,7 @@
 //! The SMTP session state machine. It takes command lines and received data and
-//! returns replies and actions; it never touches a socket or a clock (the caller passes
-//! `now`), so every protocol rule is unit-testable.
+//! returns replies and actions; it never touches a socket, and the time it stamps is
+//! the `now` the caller passes (only a new queue ID reads the clock, for its
+//! uniqueness), so every protocol rule is unit-testable.
 
 use std::borrow::Cow;
 use std::net::IpAddr;
@@ -14,7 +15,7 @@ use super::inspect::{self, Trace};
 use super::reply::{common, WireReply};
 use crate::config::BareLineEndings;
 use crate::envelope::{domain_in, BodyType, ClientInfo, Envelope, Millis, QueueId, Recipient};
-use crate::pipeline::{IntakeError, SenderVerdict, Submission};
+use crate::pipeline::{Backpressure, IntakeError, SenderVerdict, Submission};
 use crate::tenant::Verdict;
 
 /// What a session is allowed to do; fixed per listener.
@@ -128,9 +129,18 @@ pub struct Session {
     /// MAIL FROM waiting for the sender policy's verdict.
     pending_mail: Option<(String, MailParams)>,
     errors: u32,
-    /// MAIL was just refused for want of TLS (`tls.require`): for the driver's
+    /// Why the last command was refused, when the driver counts it apart: for its
     /// metrics, which must not guess it from the reply code.
-    refused_without_tls: bool,
+    refusal: Option<Refusal>,
+}
+
+/// A refusal the driver counts in a metric of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// MAIL before STARTTLS under `tls.require`.
+    TlsRequired,
+    /// MAIL while the queue takes no mail (452 4.3.1).
+    Queue(Backpressure),
 }
 
 impl Session {
@@ -150,14 +160,14 @@ impl Session {
             tx: None,
             pending_mail: None,
             errors: 0,
-            refused_without_tls: false,
+            refusal: None,
         }
     }
 
-    /// Whether the last command was MAIL refused because the session has no TLS;
+    /// Why the last command was refused, when it is one the driver counts apart;
     /// reading it clears it.
-    pub fn take_tls_refusal(&mut self) -> bool {
-        std::mem::take(&mut self.refused_without_tls)
+    pub fn take_refusal(&mut self) -> Option<Refusal> {
+        self.refusal.take()
     }
 
     pub fn config(&self) -> &SessionConfig {
@@ -200,8 +210,9 @@ impl Session {
         self.error(common::line_too_long())
     }
 
-    /// One command line, without its line ending.
-    pub fn command(&mut self, line: &[u8], spool_healthy: bool) -> Action {
+    /// One command line, without its line ending. `admission` is whether the queue
+    /// takes mail now.
+    pub fn command(&mut self, line: &[u8], admission: Result<(), Backpressure>) -> Action {
         // RFC 5321 §4.5.3.1.4 counts the CRLF in the 512.
         let limit = self.cfg.max_line_length - 2;
         let allowance = match command::Stage::of(line) {
@@ -218,7 +229,7 @@ impl Session {
         match cmd {
             Command::Ehlo(name) => self.hello(name, true),
             Command::Helo(name) => self.hello(name, false),
-            Command::Mail { sender, params } => self.mail(sender, params, spool_healthy),
+            Command::Mail { sender, params } => self.mail(sender, params, admission),
             Command::Rcpt { recipient, params } => self.rcpt(recipient, params),
             Command::Data => self.data(),
             Command::Bdat { size, last } => self.bdat(size, last),
@@ -284,7 +295,12 @@ impl Session {
         Action::StartTls(WireReply::new(220, "2.0.0", "Ready to start TLS"))
     }
 
-    fn mail(&mut self, sender: String, params: MailParams, spool_healthy: bool) -> Action {
+    fn mail(
+        &mut self,
+        sender: String,
+        params: MailParams,
+        admission: Result<(), Backpressure>,
+    ) -> Action {
         if self.helo.is_none() {
             return self.error(common::bad_sequence("Send HELO/EHLO first"));
         }
@@ -292,7 +308,7 @@ impl Session {
             return self.error(common::bad_sequence("Nested MAIL command"));
         }
         if self.cfg.tls_required && self.tls.is_none() {
-            self.refused_without_tls = true;
+            self.refusal = Some(Refusal::TlsRequired);
             return self.error(WireReply::new(
                 530,
                 "5.7.0",
@@ -305,7 +321,8 @@ impl Session {
         if params.size.is_some_and(|s| s > self.cfg.max_message_size) {
             return self.error(common::size_exceeded());
         }
-        if !spool_healthy {
+        if let Err(why) = admission {
+            self.refusal = Some(Refusal::Queue(why));
             return Action::Reply(common::queue_unavailable());
         }
         if !sender.is_empty() {
@@ -698,13 +715,13 @@ mod tests {
     }
 
     fn cmd(s: &mut Session, line: &str) -> u16 {
-        code(s.command(line.as_bytes(), true))
+        code(s.command(line.as_bytes(), Ok(())))
     }
 
     #[test]
     fn ehlo_advertises_extensions() {
         let mut s = session();
-        let Action::Reply(r) = s.command(b"EHLO c.test", true) else {
+        let Action::Reply(r) = s.command(b"EHLO c.test", Ok(())) else {
             panic!()
         };
         let text = r.text();
@@ -722,7 +739,7 @@ mod tests {
             assert!(text.contains(ext), "{ext} missing in {text}");
         }
         s.tls_established("TLSv1.3".into());
-        let Action::Reply(r) = s.command(b"EHLO c.test", true) else {
+        let Action::Reply(r) = s.command(b"EHLO c.test", Ok(())) else {
             panic!()
         };
         assert!(!r.text().contains("STARTTLS"));
@@ -770,7 +787,10 @@ mod tests {
         cmd(&mut s, "EHLO c.test");
         cmd(&mut s, "MAIL FROM:<>");
         assert_eq!(cmd(&mut s, "RCPT TO:<Postmaster>"), 250);
-        assert!(matches!(s.command(b"DATA", true), Action::ReadData { .. }));
+        assert!(matches!(
+            s.command(b"DATA", Ok(())),
+            Action::ReadData { .. }
+        ));
         let Completed::Submit(sub) = s.data_done(Ok(b"Subject: x\r\n\r\n".to_vec()), 0) else {
             panic!()
         };
@@ -787,9 +807,16 @@ mod tests {
         let mut s = session_with(c);
         cmd(&mut s, "EHLO c.test");
         assert_eq!(cmd(&mut s, "MAIL FROM:<a@example.test>"), 530);
-        assert!(s.take_tls_refusal(), "the driver is told why");
-        assert!(!s.take_tls_refusal());
-        assert!(matches!(s.command(b"STARTTLS", true), Action::StartTls(_)));
+        assert_eq!(
+            s.take_refusal(),
+            Some(Refusal::TlsRequired),
+            "the driver is told why"
+        );
+        assert_eq!(s.take_refusal(), None);
+        assert!(matches!(
+            s.command(b"STARTTLS", Ok(())),
+            Action::StartTls(_)
+        ));
         s.tls_established("TLSv1.3".into());
         assert_eq!(
             cmd(&mut s, "MAIL FROM:<a@example.test>"),
@@ -804,7 +831,12 @@ mod tests {
     fn unhealthy_spool_defers_at_mail() {
         let mut s = session();
         cmd(&mut s, "EHLO c.test");
-        assert_eq!(code(s.command(b"MAIL FROM:<a@example.test>", false)), 452);
+        let full = Err(Backpressure::MinFree);
+        assert_eq!(code(s.command(b"MAIL FROM:<a@example.test>", full)), 452);
+        assert_eq!(
+            s.take_refusal(),
+            Some(Refusal::Queue(Backpressure::MinFree))
+        );
     }
 
     #[test]
@@ -853,7 +885,7 @@ mod tests {
         cmd(&mut s, "RCPT TO:<b@x.test>");
         assert_eq!(cmd(&mut s, "DATA"), 503, "BINARYMIME needs BDAT");
         assert_eq!(
-            s.command(b"BDAT 5", true),
+            s.command(b"BDAT 5", Ok(())),
             Action::ReadChunk {
                 size: 5,
                 last: false,
@@ -864,7 +896,7 @@ mod tests {
         assert!(matches!(s.chunk_done(5, false, 0), Completed::Reply(r) if r.code == 250));
         assert_eq!(cmd(&mut s, "RCPT TO:<c@x.test>"), 503);
         assert_eq!(
-            s.command(b"BDAT 5 LAST", true),
+            s.command(b"BDAT 5 LAST", Ok(())),
             Action::ReadChunk {
                 size: 5,
                 last: true,
@@ -886,7 +918,7 @@ mod tests {
         cmd(&mut s, "MAIL FROM:<a@example.test>");
         cmd(&mut s, "RCPT TO:<b@x.test>");
         assert_eq!(
-            s.command(b"BDAT 900", true),
+            s.command(b"BDAT 900", Ok(())),
             Action::ReadChunk {
                 size: 900,
                 last: false,
@@ -896,7 +928,7 @@ mod tests {
         s.chunk_buffer().unwrap().extend_from_slice(&[b'x'; 900]);
         assert!(matches!(s.chunk_done(900, false, 0), Completed::Reply(r) if r.code == 250));
         assert_eq!(
-            s.command(b"BDAT 200", true),
+            s.command(b"BDAT 200", Ok(())),
             Action::ReadChunk {
                 size: 200,
                 last: false,
@@ -905,7 +937,7 @@ mod tests {
         );
         assert!(matches!(s.chunk_done(200, false, 0), Completed::Reply(r) if r.code == 552));
         assert_eq!(
-            s.command(b"BDAT 1 LAST", true),
+            s.command(b"BDAT 1 LAST", Ok(())),
             Action::ReadChunk {
                 size: 1,
                 last: true,
@@ -921,7 +953,7 @@ mod tests {
         let mut s = session();
         cmd(&mut s, "EHLO c.test");
         assert_eq!(
-            s.command(b"BDAT 3 LAST", true),
+            s.command(b"BDAT 3 LAST", Ok(())),
             Action::ReadChunk {
                 size: 3,
                 last: true,
@@ -959,7 +991,7 @@ mod tests {
         for _ in 0..9 {
             assert_eq!(cmd(&mut s, "BOGUS"), 500);
         }
-        assert!(matches!(s.command(b"BOGUS", true), Action::Close(r) if r.code == 421));
+        assert!(matches!(s.command(b"BOGUS", Ok(())), Action::Close(r) if r.code == 421));
     }
 
     #[test]
@@ -980,7 +1012,7 @@ mod tests {
         let mut s = session_with(c);
         cmd(&mut s, "EHLO c.test");
         assert_eq!(
-            s.command(b"MAIL FROM:<a@Example.test>", true),
+            s.command(b"MAIL FROM:<a@Example.test>", Ok(())),
             Action::CheckSender("example.test".into())
         );
         let r = s.sender_checked(SenderVerdict::Reject(
@@ -989,7 +1021,7 @@ mod tests {
         assert_eq!((r.code, r.esc), (550, "5.7.1"));
         assert!(!s.in_transaction());
         assert!(matches!(
-            s.command(b"MAIL FROM:<a@example.test>", true),
+            s.command(b"MAIL FROM:<a@example.test>", Ok(())),
             Action::CheckSender(_)
         ));
         assert_eq!(s.sender_checked(SenderVerdict::Accept).code, 250);

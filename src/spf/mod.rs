@@ -169,7 +169,7 @@ fn timed_out(domain: &str, after: Duration) -> Walk {
         root: None,
         tree: Node {
             domain: domain.clone(),
-            via: "root",
+            via: walk::Via::Root,
             record: None,
             lookups: 0,
             total_lookups: 0,

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::gateway::{self, GatewayPass, Verdict};
 use super::record::{self, Mechanism, Qualifier, Record, Term};
-use super::walk::{Node, SpfStatus, Walk, LOOKUP_LIMIT};
+use super::walk::{Node, SpfStatus, Via, Walk, LOOKUP_LIMIT};
 use super::{Finding, Severity};
 use crate::regions::{self, classify_include, GatewayInclude, GLOBAL_INCLUDE};
 
@@ -232,7 +232,7 @@ fn effective_all(rec: &Record, node: &Node) -> Option<Qualifier> {
         return Some(q);
     }
     rec.redirect()?;
-    let child = node.children.iter().find(|c| c.via == "redirect")?;
+    let child = node.children.iter().find(|c| c.via == Via::Redirect)?;
     let text = child.record.as_ref()?;
     effective_all(&record::parse(text), child)
 }
@@ -300,7 +300,7 @@ fn recommend(root: Option<&Record>, walk: &Walk, include: &str) -> (String, u32)
 /// Lookups below an include/redirect target already walked (0 when unknown).
 fn subtree_cost(node: &Node, domain: &str) -> u32 {
     let d = domain.trim_end_matches('.').to_ascii_lowercase();
-    if node.domain == d && node.via != "root" {
+    if node.domain == d && node.via != Via::Root {
         return node.total_lookups;
     }
     node.children

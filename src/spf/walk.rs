@@ -31,12 +31,45 @@ pub enum SpfStatus {
     TempError,
 }
 
+/// How a record was reached from the one above it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    /// The domain's own record.
+    Root,
+    Include,
+    Redirect,
+}
+
+impl Via {
+    pub fn label(self) -> &'static str {
+        match self {
+            Via::Root => "root",
+            Via::Include => "include",
+            Via::Redirect => "redirect",
+        }
+    }
+
+    /// The finding code for a target without a record.
+    fn no_record(self) -> &'static str {
+        match self {
+            Via::Redirect => "redirect_no_record",
+            Via::Root | Via::Include => "include_no_record",
+        }
+    }
+}
+
+impl std::fmt::Display for Via {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
 /// One record in the include tree.
 #[derive(Debug, Clone, Serialize)]
 pub struct Node {
     pub domain: String,
-    /// "root", "include" or "redirect".
-    pub via: &'static str,
+    pub via: Via,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub record: Option<String>,
     /// DNS-querying terms of this record itself.
@@ -50,7 +83,7 @@ pub struct Node {
 }
 
 impl Node {
-    fn new(domain: &str, via: &'static str) -> Node {
+    fn new(domain: &str, via: Via) -> Node {
         Node {
             domain: domain.to_string(),
             via,
@@ -133,7 +166,7 @@ pub async fn walk<D: SpfDns>(dns: &D, domain: &str) -> Walk {
     let mut records = Vec::new();
     let mut root = None;
     let tree = w
-        .walk_domain(&domain, "root", 0, true, Some((&mut records, &mut root)))
+        .walk_domain(&domain, Via::Root, 0, true, Some((&mut records, &mut root)))
         .await;
     let status = if w.temp {
         SpfStatus::TempError
@@ -252,7 +285,7 @@ impl<D: SpfDns> Walker<'_, D> {
     fn walk_domain<'a>(
         &'a mut self,
         domain: &'a str,
-        via: &'static str,
+        via: Via,
         depth: u32,
         root: bool,
         root_out: RootOut<'a>,
@@ -269,11 +302,7 @@ impl<D: SpfDns> Walker<'_, D> {
                         (true, true) => ("nxdomain", format!("{domain} does not exist (NXDOMAIN)")),
                         (true, false) => ("no_record", format!("{domain} publishes no SPF record")),
                         (false, _) => (
-                            if via == "redirect" {
-                                "redirect_no_record"
-                            } else {
-                                "include_no_record"
-                            },
+                            via.no_record(),
                             format!("{via} target {domain} has no SPF record: permerror"),
                         ),
                     };
@@ -314,11 +343,7 @@ impl<D: SpfDns> Walker<'_, D> {
                     ("no_record", format!("{domain} publishes no SPF record"))
                 } else {
                     (
-                        if via == "redirect" {
-                            "redirect_no_record"
-                        } else {
-                            "include_no_record"
-                        },
+                        via.no_record(),
                         format!("{via} target {domain} has no SPF record: permerror"),
                     )
                 };
@@ -539,7 +564,7 @@ impl<D: SpfDns> Walker<'_, D> {
             }
             // What the redirect target authorizes, this record does.
             let child = self
-                .walk_domain(&target, "redirect", depth + 1, false, None)
+                .walk_domain(&target, Via::Redirect, depth + 1, false, None)
                 .await;
             node.children.push(child);
         }
@@ -583,7 +608,7 @@ impl<D: SpfDns> Walker<'_, D> {
         }
         let before = self.lookups;
         let child = self
-            .walk_domain(&target, "include", depth + 1, false, None)
+            .walk_domain(&target, Via::Include, depth + 1, false, None)
             .await;
         if let Some(i) = hit_at {
             self.gateway[i].lookups = 1 + self.lookups - before;

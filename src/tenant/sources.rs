@@ -60,7 +60,7 @@ pub struct SourceView {
     pub last_error: Option<String>,
 }
 
-struct Entry {
+struct Tracked {
     name: String,
     platform: SharedPlatform,
     fixed: Vec<IpNet>,
@@ -75,8 +75,10 @@ struct EntryState {
 }
 
 pub struct SharedSources {
-    entries: Vec<Entry>,
+    entries: Vec<Tracked>,
     refresh: Notify,
+    /// Refresh passes (started, finished), for a caller waiting on the one it asked for.
+    passes: watch::Sender<(u64, u64)>,
 }
 
 impl SharedSources {
@@ -84,7 +86,7 @@ impl SharedSources {
         SharedSources {
             entries: ranges
                 .iter()
-                .map(|r| Entry {
+                .map(|r| Tracked {
                     name: r.name.clone(),
                     platform: r.platform,
                     fixed: r.ranges.clone(),
@@ -93,6 +95,7 @@ impl SharedSources {
                 })
                 .collect(),
             refresh: Notify::new(),
+            passes: watch::Sender::new((0, 0)),
         }
     }
 
@@ -168,14 +171,25 @@ impl SharedSources {
             .collect()
     }
 
-    /// Asks the refresher to resolve every list now.
-    pub fn request_refresh(&self) {
+    /// Wakes the refresher to resolve every list now, and waits (at most `within`)
+    /// for that pass to end: its outcome is then in [`Self::view`], and a changed list
+    /// has been handed to the refresher's `persist`. False when it did not end in time.
+    pub async fn refresh_now(&self, within: Duration) -> bool {
+        if !self.entries.iter().any(|e| e.spf.is_some()) {
+            return true;
+        }
+        let mut passes = self.passes.subscribe();
+        // A pass already under way began before this request: wait for the next.
+        let target = passes.borrow().0 + 1;
         self.refresh.notify_one();
+        tokio::time::timeout(within, passes.wait_for(|(_, done)| *done >= target))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// Resolves every `ranges_from_spf` list once; returns how long until the next pass
     /// and whether any list changed.
-    pub async fn refresh_once<D: SpfDns>(&self, spf: &SpfService<D>) -> (Duration, bool) {
+    async fn refresh_once<D: SpfDns>(&self, spf: &SpfService<D>) -> (Duration, bool) {
         let mut next = MAX_REFRESH;
         let mut changed = false;
         for e in &self.entries {
@@ -228,6 +242,7 @@ impl SharedSources {
             return;
         }
         loop {
+            self.passes.send_modify(|p| p.0 += 1);
             let (wait, changed) = tokio::select! {
                 r = self.refresh_once(spf) => r,
                 _ = stop.changed() => return,
@@ -235,6 +250,7 @@ impl SharedSources {
             if changed {
                 persist(self.resolved());
             }
+            self.passes.send_modify(|p| p.1 += 1);
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.refresh.notified() => {}

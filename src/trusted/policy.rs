@@ -121,8 +121,8 @@ mod tests {
             flags: ContentFlags::default(),
             generated_dsn: false,
             system: false,
-            route: "eu".into(),
-            host: "h:25".into(),
+            route: Some("eu".into()),
+            host: Some("h:25".into()),
             at: 1000,
             results: results
                 .iter()

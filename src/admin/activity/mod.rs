@@ -298,16 +298,8 @@ fn aggregate(events: &[Arc<Event>]) -> Batch {
                 for res in &r.results {
                     let metric = res.outcome.label();
                     bump(r.at, metric, String::new());
-                    let route = if r.route.is_empty() {
-                        "(none)".to_string()
-                    } else {
-                        r.route.clone()
-                    };
-                    let host = if r.host.is_empty() {
-                        "(none)".to_string()
-                    } else {
-                        r.host.clone()
-                    };
+                    let route = r.route.clone().unwrap_or_else(|| "(none)".into());
+                    let host = r.host.clone().unwrap_or_else(|| "(none)".into());
                     bump(r.at, route_metric(res.outcome), route);
                     bump(r.at, host_metric(res.outcome), host);
                     bump(r.at, "reply", normalize_reply(&res.reply.to_string()));
@@ -480,8 +472,8 @@ mod tests {
                 flags: Default::default(),
                 generated_dsn: false,
                 system: false,
-                route: "eu".into(),
-                host: "127.0.0.1:2526".into(),
+                route: Some("eu".into()),
+                host: Some("127.0.0.1:2526".into()),
                 at: now,
                 results: vec![
                     RcptResult {

@@ -9,7 +9,7 @@ use std::sync::mpsc::{self as std_mpsc, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 
 use super::{
-    lock_index, segment_name, Copy, Faults, Index, Job, Segment, Span, Step, CLOSE_EMPTY_BYTES,
+    lock_index, segment_name, Copy, Faults, Job, Locations, Segment, Span, Step, CLOSE_EMPTY_BYTES,
     IDLE_SYNC, KEEP_BUFFER, MAX_BATCH, MAX_BATCH_BYTES,
 };
 use crate::queue::record::Kind;
@@ -25,7 +25,7 @@ struct Current {
 pub(super) struct Committer {
     log: PathBuf,
     log_dir: File,
-    index: Arc<Mutex<Index>>,
+    index: Arc<Mutex<Locations>>,
     current: Option<Current>,
     next_seq: u64,
     segment_bytes: u64,
@@ -43,7 +43,7 @@ impl Committer {
     pub(super) fn new(
         log: PathBuf,
         log_dir: File,
-        index: Arc<Mutex<Index>>,
+        index: Arc<Mutex<Locations>>,
         next_seq: u64,
         segment_bytes: u64,
         compactor: std_mpsc::SyncSender<()>,

@@ -6,12 +6,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 
-use super::{lock_index, read_span, Copy, Index, Job, Span, PASS_BYTES, RECLAIM_FACTOR};
+use super::{lock_index, read_span, Copy, Job, Locations, Span, PASS_BYTES, RECLAIM_FACTOR};
 use crate::envelope::QueueId;
 
 /// Picks what to copy forward and reads it, off the commit path.
 pub(super) struct Compactor {
-    index: Arc<Mutex<Index>>,
+    index: Arc<Mutex<Locations>>,
     jobs: std_mpsc::Sender<Job>,
     stopping: Arc<AtomicBool>,
     /// The last segment of the run being emptied: once worth it, the whole run goes.
@@ -28,7 +28,7 @@ struct Moving {
 
 impl Compactor {
     pub(super) fn new(
-        index: Arc<Mutex<Index>>,
+        index: Arc<Mutex<Locations>>,
         jobs: std_mpsc::Sender<Job>,
         stopping: Arc<AtomicBool>,
     ) -> Compactor {

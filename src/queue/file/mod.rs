@@ -96,7 +96,7 @@ const IDLE_SYNC: Duration = Duration::from_millis(50);
 
 pub struct FileSpool {
     dir: PathBuf,
-    index: Arc<Mutex<Index>>,
+    index: Arc<Mutex<Locations>>,
     /// What the start-up scan decoded, handed out once by `recover`.
     found: Mutex<Option<Found>>,
     /// Taken on drop, which lets the committer finish what was sent and stop.
@@ -114,7 +114,7 @@ type Found = HashMap<QueueId, (Envelope, Option<DeliveryState>)>;
 /// Where every queued message is; shared by the committer (the only writer), the
 /// compactor and the readers.
 #[derive(Default)]
-struct Index {
+struct Locations {
     segments: BTreeMap<u64, Segment>,
     entries: HashMap<QueueId, Loc>,
     /// The segment records are appended to: never compacted or deleted.
@@ -145,7 +145,7 @@ struct Loc {
     state: Option<Span>,
 }
 
-impl Index {
+impl Locations {
     fn hold(&mut self, span: Span, message: bool) {
         if let Some(s) = self.segments.get_mut(&span.seg) {
             s.live_bytes += span.len;
@@ -237,7 +237,7 @@ fn segment_name(seq: u64) -> String {
     format!("{seq:016X}.seg")
 }
 
-fn lock_index(index: &Mutex<Index>) -> MutexGuard<'_, Index> {
+fn lock_index(index: &Mutex<Locations>) -> MutexGuard<'_, Locations> {
     index.lock().unwrap_or_else(|e| e.into_inner())
 }
 

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::{
-    io, keep_corrupt, parse_envelope, parse_message, read_span, segment_name, Found, Index,
+    io, keep_corrupt, parse_envelope, parse_message, read_span, segment_name, Found, Locations,
     Segment, Span, PEEK_BYTES,
 };
 use crate::envelope::{Envelope, QueueId};
@@ -43,7 +43,7 @@ pub fn snapshot(dir: &Path) -> Result<Vec<(Envelope, Vec<u8>)>, SpoolError> {
 /// Scans every segment in order and replays its records; returns the index, what it
 /// decoded and the number for the next segment. New mail always goes to a new
 /// segment, so nothing is ever appended after an interrupted write.
-pub(super) fn load_index(dir: &Path, log: &Path) -> Result<(Index, Found, u64), SpoolError> {
+pub(super) fn load_index(dir: &Path, log: &Path) -> Result<(Locations, Found, u64), SpoolError> {
     let mut seqs: Vec<u64> = fs::read_dir(log)
         .map_err(io(log.display().to_string()))?
         .flatten()
@@ -55,7 +55,7 @@ pub(super) fn load_index(dir: &Path, log: &Path) -> Result<(Index, Found, u64), 
     seqs.sort_unstable();
     let mut replay = Replay {
         dir,
-        index: Index::default(),
+        index: Locations::default(),
         found: Found::new(),
     };
     for &seq in &seqs {
@@ -103,7 +103,7 @@ enum Fast {
 /// The start-up scan's state: the index being rebuilt and what it decoded.
 struct Replay<'a> {
     dir: &'a Path,
-    index: Index,
+    index: Locations,
     found: Found,
 }
 
