@@ -29,7 +29,7 @@ use crate::smtp::conn::{Context, Phase};
 use crate::smtp::listener::{Access, Gate, Listener, ProxyTrust, Rules};
 use crate::smtp::session::SessionConfig;
 use crate::smtp::tls::{acceptor, TlsError};
-use crate::spf::dns::{HickoryDns, ResolverError};
+use crate::spf::hickory::{HickoryDns, ResolverError};
 use crate::spf::SpfService;
 use crate::store::Postgres;
 use crate::tasks::{CancellationToken, Tasks};
@@ -294,7 +294,7 @@ pub async fn run(
     let trusted_task = match (&trusted_store, trusted_rx) {
         (Some(store), Some(rx)) => {
             if let Ok(n) = store.count().await {
-                metrics::gauge!("smartrelay_trusted_entries").set(n as f64);
+                metrics::gauge!(crate::telemetry::TRUSTED_ENTRIES).set(n as f64);
             }
             let policy = Arc::new(Live::new(trust_policy(&cfg)));
             trust = Some(policy.clone());
@@ -538,14 +538,14 @@ impl Reloader {
             let outcome = self.reload().await;
             match &outcome {
                 Ok(o) => {
-                    metrics::counter!("smartrelay_config_reloads_total").increment(1);
+                    metrics::counter!(crate::telemetry::CONFIG_RELOADS_TOTAL).increment(1);
                     tracing::info!(origin = request.origin.label(), hash = %o.hash, applied = ?o.applied, restart_required = ?o.restart_required, "configuration reloaded");
                     for key in &o.restart_required {
                         tracing::warn!(key = %key, "configuration changed: restart required for it to take effect");
                     }
                 }
                 Err(e) => {
-                    metrics::counter!("smartrelay_config_reload_failures_total").increment(1);
+                    metrics::counter!(crate::telemetry::CONFIG_RELOAD_FAILURES_TOTAL).increment(1);
                     tracing::error!(origin = request.origin.label(), error = %e, "configuration not reloaded; running on the previous one");
                 }
             }
@@ -611,7 +611,8 @@ impl Reloader {
         self.admin.config.set(cfg.clone());
         self.running = cfg;
         self.applied_text = text;
-        metrics::gauge!("smartrelay_config_restart_required").set(restart_required.len() as f64);
+        metrics::gauge!(crate::telemetry::CONFIG_RESTART_REQUIRED)
+            .set(restart_required.len() as f64);
         self.publish_info();
         // Changed ranges void the confirmation: the gauge says so now, not in 15 minutes.
         let admin = self.admin.clone();
@@ -630,10 +631,10 @@ impl Reloader {
     fn publish_info(&mut self) {
         let hash = reload::fingerprint(self.applied_text.as_bytes());
         if !self.hash.is_empty() && self.hash != hash {
-            metrics::gauge!("smartrelay_config_info", "hash" => self.hash.clone()).set(0.0);
+            metrics::gauge!(crate::telemetry::CONFIG_INFO, "hash" => self.hash.clone()).set(0.0);
         }
-        metrics::gauge!("smartrelay_config_info", "hash" => hash.clone()).set(1.0);
-        metrics::gauge!("smartrelay_config_loaded_timestamp_seconds")
+        metrics::gauge!(crate::telemetry::CONFIG_INFO, "hash" => hash.clone()).set(1.0);
+        metrics::gauge!(crate::telemetry::CONFIG_LOADED_TIMESTAMP_SECONDS)
             .set(crate::envelope::now_ms() as f64 / 1000.0);
         self.hash = hash;
     }
@@ -665,7 +666,7 @@ fn spawn_pruner(tasks: &Tasks, store: trusted::Store, retention: Duration, every
             .await;
             match result {
                 Ok((removed, total)) => {
-                    metrics::gauge!("smartrelay_trusted_entries").set(total as f64);
+                    metrics::gauge!(crate::telemetry::TRUSTED_ENTRIES).set(total as f64);
                     if removed > 0 {
                         tracing::info!(removed, "trusted-sender entries expired");
                     }

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use smartrelay::config::{Config, Dur, LogFormat};
 use smartrelay::envelope::now_ms;
-use smartrelay::spf::dns::HickoryDns;
+use smartrelay::spf::hickory::HickoryDns;
 use smartrelay::spf::{Severity, SpfService};
 use smartrelay::trusted::export::{csv_row, parse_since, read_addresses, rfc3339, CSV_HEADER};
 use smartrelay::trusted::{Filter, Store};

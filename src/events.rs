@@ -244,7 +244,7 @@ impl EventBus {
         let event = Arc::new(event);
         for s in self.subscribers.iter().filter(|s| s.kinds.contains(&kind)) {
             if let Err(mpsc::error::TrySendError::Full(_)) = s.tx.try_send(event.clone()) {
-                metrics::counter!("smartrelay_events_dropped_total").increment(1);
+                metrics::counter!(crate::telemetry::EVENTS_DROPPED_TOTAL).increment(1);
             }
         }
     }
@@ -262,7 +262,7 @@ impl EventBus {
                     if s.lossless {
                         let _ = s.tx.send(ev).await;
                     } else {
-                        metrics::counter!("smartrelay_events_dropped_total").increment(1);
+                        metrics::counter!(crate::telemetry::EVENTS_DROPPED_TOTAL).increment(1);
                     }
                 }
             }

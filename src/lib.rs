@@ -19,6 +19,7 @@ pub mod pipeline;
 pub mod regions;
 pub mod reload;
 pub mod tasks;
+pub mod telemetry;
 
 pub mod deliver;
 pub mod queue;

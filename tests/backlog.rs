@@ -9,10 +9,6 @@ use support::*;
 
 const T: Duration = Duration::from_secs(30);
 
-fn metrics(relay: &Relay) -> String {
-    http_text("GET", &relay.url("/metrics"), None).1
-}
-
 /// `queue.max_size` refuses MAIL with 452 4.3.1 (and says why on /readyz) while the
 /// spool is over it, and mail is taken again once delivery has made room.
 #[test]
@@ -46,8 +42,10 @@ fn the_size_cap_refuses_mail_with_452_and_recovers() {
     );
     let r = c.cmd("MAIL FROM:<a@example.test>");
     assert_eq!((r.code, r.text().contains("4.3.1")), (452, true), "{r:?}");
-    assert!(metrics(&relay).contains("smartrelay_queue_refusals_total{reason=\"max_size\"} "));
-    assert!(metrics(&relay).contains("smartrelay_queue_accepting 0"));
+    assert!(relay
+        .metrics()
+        .contains("smartrelay_queue_refusals_total{reason=\"max_size\"} "));
+    assert!(relay.metrics().contains("smartrelay_queue_accepting 0"));
 
     // The smart host is back: the queue drains, the spool gives its room back.
     let upstream = Upstream::start_on(&dir, port, &[]);
@@ -99,7 +97,7 @@ fn a_body_not_kept_in_memory_is_delivered_byte_exact() {
         });
         assert!(found, "not delivered byte for byte: {body:?}");
     }
-    let m = metrics(&relay);
+    let m = relay.metrics();
     let not_cached = m
         .lines()
         .find_map(|l| l.strip_prefix("smartrelay_queue_bodies_not_cached_total "))

@@ -625,18 +625,16 @@ fn binarymime_goes_out_with_bdat_to_a_chunking_upstream() {
     c.expect("RCPT TO:<x@partner.test>", 250);
     c.send(format!("BDAT {} LAST\r\n", payload.len()).as_bytes());
     c.send(payload);
-    let id_a = queued_id(&c.reply());
+    queued_id(&c.reply());
     assert!(wait_until(T, || relay_b.queue().len() == 1));
     let q = relay_b.queue();
     let (env_b, data_b) =
         spool_message(&dir_b.join("spool"), q[0]["id"].as_str().unwrap()).unwrap();
-    let (_, data_a) = spool_message(&dir_a.join("spool"), &id_a).unwrap_or_default();
     assert_eq!(env_b["body"], "binarymime");
     assert!(
         data_b.ends_with(payload),
         "the binary body crossed byte for byte"
     );
-    let _ = data_a;
     assert!(relay_a.wait_queue_empty(T));
 }
 
@@ -718,7 +716,6 @@ fn queue_management_from_the_cli() {
     assert!(relay.cli(&["queue", "release", &a]).status.success());
     assert_eq!(up.wait_messages(1, T).len(), 1);
     assert!(relay.wait_queue_empty(T));
-    let _ = Command::new("true").status();
 }
 
 #[test]

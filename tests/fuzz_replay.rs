@@ -72,3 +72,8 @@ fn config() {
 fn header_fields() {
     replay("header_fields", targets::header_fields);
 }
+
+#[test]
+fn dns_txt() {
+    replay("dns_txt", targets::dns_txt);
+}

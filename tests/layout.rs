@@ -300,3 +300,68 @@ fn the_reader_sees_a_circle_when_there_is_one() {
     }
     assert_eq!(circles(&graph).len(), 1, "{graph:?}");
 }
+
+/// Metric names are spelled once, in `src/telemetry.rs`: call sites use its constants
+/// (so each emitted metric is in the table `describe()` reads), every constant is used,
+/// and no name is there twice.
+#[test]
+fn metric_names_come_from_the_one_table() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let table = std::fs::read_to_string(src.join("telemetry.rs")).unwrap();
+    let mut consts = Vec::new();
+    for line in table.lines() {
+        let line = line.trim();
+        if let Some((id, rest)) = line.split_once(':') {
+            if let Some(name) = rest.split('"').nth(1) {
+                if id
+                    .chars()
+                    .all(|c| c.is_ascii_uppercase() || c == '_' || c.is_ascii_digit())
+                    && name.starts_with("smartrelay_")
+                {
+                    consts.push((id.to_string(), name.to_string()));
+                }
+            }
+        }
+    }
+    assert!(
+        consts.len() > 50,
+        "read {} metrics from the table",
+        consts.len()
+    );
+    let names: BTreeSet<&str> = consts.iter().map(|(_, n)| n.as_str()).collect();
+    assert_eq!(
+        names.len(),
+        consts.len(),
+        "a metric name is in the table twice"
+    );
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut used = BTreeSet::new();
+    for f in &files {
+        if f.ends_with("telemetry.rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(f).unwrap();
+        for name in &names {
+            assert!(
+                !text.contains(&format!("\"{name}\"")),
+                "{} spells {name} instead of using its constant",
+                f.display()
+            );
+        }
+        for (id, _) in &consts {
+            if text.contains(&format!("telemetry::{id}")) || text.contains(&format!("T::{id}")) {
+                used.insert(id.clone());
+            }
+        }
+    }
+    let unused: Vec<&String> = consts
+        .iter()
+        .map(|(id, _)| id)
+        .filter(|id| !used.contains(*id))
+        .collect();
+    assert!(
+        unused.is_empty(),
+        "metrics in the table nobody emits: {unused:?}"
+    );
+}

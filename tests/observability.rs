@@ -269,19 +269,35 @@ fn one_log_line_per_message_event_keyed_by_queue_id() {
     // Text format, for people.
     let dir = tmpdir("logs-text");
     let path = Cfg::new(&dir, "127.0.0.1:2").write();
-    let child = Command::new(bin())
+    let mut child = Command::new(bin())
         .args(["run", "--config"])
         .arg(&path)
         .args(["--log-format", "text"])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let sink = lines.clone();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            sink.lock().unwrap().push(l);
+        }
+    });
+    let ready = wait_until(Duration::from_secs(30), || {
+        lines.lock().unwrap().iter().any(|l| l.contains("ready"))
+    });
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
-    let out = child.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stderr);
+    let _ = child.wait();
+    reader.join().unwrap();
+    let text = lines.lock().unwrap().join("\n");
+    assert!(ready, "{text}");
     assert!(
         text.contains("INFO") && text.contains("smtp listening addr=127.0.0.1:"),
         "{text}"

@@ -62,13 +62,6 @@ fn sources(relay: &Relay) -> Vec<String> {
         .collect()
 }
 
-fn metric(relay: &Relay, line_start: &str) -> Option<f64> {
-    let (_, text) = http_text("GET", &relay.url("/metrics"), None);
-    text.lines()
-        .find_map(|l| l.strip_prefix(line_start))
-        .and_then(|v| v.trim().parse().ok())
-}
-
 #[test]
 fn the_client_a_trusted_header_names_is_the_client() {
     let dir = tmpdir("proxy-client");
@@ -148,7 +141,7 @@ fn local_health_checks_get_the_greeting_and_are_no_source() {
         assert!(c.closed());
     }
     assert_eq!(
-        metric(&relay, "smartrelay_proxy_health_checks_total "),
+        relay.metric("smartrelay_proxy_health_checks_total"),
         Some(3.0)
     );
     assert!(sources(&relay).is_empty(), "{:?}", sources(&relay));
@@ -167,17 +160,11 @@ fn a_trusted_peer_without_a_header_is_closed_and_counted() {
     plain.send(b"EHLO client.test\r\n");
     assert!(plain.try_reply().is_none());
     assert_eq!(
-        metric(
-            &relay,
-            "smartrelay_proxy_header_failures_total{reason=\"timeout\"} "
-        ),
+        relay.metric("smartrelay_proxy_header_failures_total{reason=\"timeout\"}"),
         Some(1.0)
     );
     assert_eq!(
-        metric(
-            &relay,
-            "smartrelay_proxy_header_failures_total{reason=\"invalid\"} "
-        ),
+        relay.metric("smartrelay_proxy_header_failures_total{reason=\"invalid\"}"),
         Some(1.0)
     );
     assert!(relay.wait_log(T, |l| {

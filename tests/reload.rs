@@ -14,13 +14,6 @@ fn ip(t: &str) -> IpAddr {
     t.parse().unwrap()
 }
 
-fn metric(relay: &Relay, line_start: &str) -> Option<f64> {
-    let (_, text) = http_text("GET", &relay.url("/metrics"), None);
-    text.lines()
-        .find_map(|l| l.strip_prefix(line_start))
-        .and_then(|v| v.trim().parse().ok())
-}
-
 fn sha256_hex(path: &std::path::Path) -> String {
     let out = Command::new("sha256sum").arg(path).output().unwrap();
     String::from_utf8(out.stdout).unwrap()[..64].to_string()
@@ -114,15 +107,12 @@ fn ranges_and_routes_apply_to_new_sessions_while_an_open_one_keeps_its_rules() {
     let at_b = b.wait_messages(2, Duration::from_secs(20));
     assert_eq!(at_b.len(), 2);
     assert_eq!(a.messages().len(), 1, "nothing more to the old route");
-    assert_eq!(
-        metric(&relay, "smartrelay_config_reloads_total "),
-        Some(1.0)
-    );
+    assert_eq!(relay.metric("smartrelay_config_reloads_total"), Some(1.0));
     let info = format!(
-        "smartrelay_config_info{{hash=\"{}\"}} ",
+        "smartrelay_config_info{{hash=\"{}\"}}",
         sha256_hex(&relay.config)
     );
-    assert_eq!(metric(&relay, &info), Some(1.0));
+    assert_eq!(relay.metric(&info), Some(1.0));
     // The admin API shows what is in force.
     // The admin API shows what is in force, and the confirmation was for other ranges.
     let (_, ips) = relay.get("/api/v1/onboarding/outbound-ips");
@@ -130,7 +120,7 @@ fn ranges_and_routes_apply_to_new_sessions_while_an_open_one_keeps_its_rules() {
     assert_eq!(ips["confirmed"], false, "{ips}");
     assert_eq!(ips["changed_since_confirmation"], true, "{ips}");
     assert_eq!(
-        metric(&relay, "smartrelay_onboarding_outbound_ips_confirmed "),
+        relay.metric("smartrelay_onboarding_outbound_ips_confirmed"),
         Some(0.0)
     );
 }
@@ -186,10 +176,10 @@ fn a_broken_file_keeps_the_old_configuration() {
                 .is_some_and(|e| e.contains("access.allowed_ranges"))
     }));
     assert_eq!(
-        metric(&relay, "smartrelay_config_reload_failures_total "),
+        relay.metric("smartrelay_config_reload_failures_total"),
         Some(4.0)
     );
-    assert_eq!(metric(&relay, "smartrelay_config_reloads_total "), None);
+    assert_eq!(relay.metric("smartrelay_config_reloads_total"), None);
 
     // The old ranges are still the ones in force.
     let mut c = Smtp::connect_from(ip("127.0.0.1"), relay.smtp);
@@ -226,7 +216,7 @@ fn sighup_reloads_and_restart_only_keys_are_reported() {
             && l["key"] == "server.listen"
     }));
     assert_eq!(
-        metric(&relay, "smartrelay_config_restart_required "),
+        relay.metric("smartrelay_config_restart_required"),
         Some(1.0)
     );
     // Applied: the new recipient limit, on the old listener.
@@ -293,10 +283,6 @@ fn a_certificate_swapped_on_disk_is_served_after_reload() {
     assert!(served_subject(&relay).contains("CN = rogue"));
 }
 
-fn trusted_recorded(relay: &Relay) -> f64 {
-    metric(relay, "smartrelay_trusted_deliveries_recorded_total ").unwrap_or(0.0)
-}
-
 /// `log.level` and the trusted-list exclusions take effect on reload: the `accepted`
 /// line stops at `warn` and comes back at `info`, and a sender excluded by the new file
 /// teaches the list nothing while one not excluded still does.
@@ -339,9 +325,9 @@ fn log_level_and_trusted_exclusions_follow_a_reload() {
     let second = send("carol@example.test", "dave@partner.test");
     send("erin@example.test", "frank@partner.test");
     // Both delivered and seen by the recorder: the accepted line came long before.
-    assert!(wait_until(Duration::from_secs(20), || trusted_recorded(
-        &relay
-    ) >= 3.0));
+    assert!(wait_until(Duration::from_secs(20), || relay
+        .trusted_recorded()
+        >= 3.0));
     assert!(!accepted_logged(&second), "no info lines at warn");
     let (_, list) = relay.get("/api/v1/trusted-senders");
     let mut addresses: Vec<String> = list["entries"]

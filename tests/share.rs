@@ -39,15 +39,6 @@ fn start(dir: &std::path::Path, dns: &Dns, up: &Upstream) -> Relay {
     Relay::start(&cfg)
 }
 
-fn recorded(relay: &Relay) -> f64 {
-    http_text("GET", &relay.url("/metrics"), None)
-        .1
-        .lines()
-        .find_map(|l| l.strip_prefix("smartrelay_trusted_deliveries_recorded_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[test]
 fn share_mails_every_domains_instructions_as_text_and_html() {
     let dir = tmpdir("share-api");
@@ -127,7 +118,7 @@ fn share_mails_every_domains_instructions_as_text_and_html() {
 
     // System mail: delivered, and nobody became a trusted sender through it.
     assert!(relay.wait_queue_empty(T));
-    assert!(wait_until(T, || recorded(&relay) >= 1.0));
+    assert!(wait_until(T, || relay.trusted_recorded() >= 1.0));
     let (_, trusted) = relay.get("/api/v1/trusted-senders");
     assert_eq!(trusted["entries"], json!([]), "{trusted}");
 }

@@ -9,8 +9,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use smartrelay::spf::dns::HickoryDns;
 use smartrelay::spf::eval::{Evaluation, Query, SpfResult};
+use smartrelay::spf::hickory::HickoryDns;
 use smartrelay::spf::SpfService;
 use support::dns::Dns;
 
@@ -62,6 +62,9 @@ host            IN AAAA 2001:db8:5::10
 a-colon         IN TXT "v=spf1 a:odd:name/x.example.com -all"
 @raw	odd:name/x	A	192.0.2.30
 a-toplabel      IN TXT "v=spf1 a:museum -all"
+; An empty TXT record beside the policy (no character-string at all).
+null-text       IN TXT "v=spf1 ip4:192.0.2.0/24 -all"
+@raw	null-text	TXT	
 a-numeric       IN TXT "v=spf1 a:192.0.2.1 -all"
 a-dash-top      IN TXT "v=spf1 a:host.xn--p1ai -all"
 a-bad-dash      IN TXT "v=spf1 a:host.example.-com -all"
@@ -76,6 +79,9 @@ mx-self         IN MX 10 mx1.example.com.
 mx-self         IN MX 20 mx2.example.com.
 mx1             IN A 203.0.113.1
 mx2             IN A 203.0.113.2
+mx-colon        IN TXT "v=spf1 mx:odd:mx/y.example.com -all"
+@raw	odd:mx/y	MX	10 odd:mx/y
+@raw	odd:mx/y	A	192.0.2.31
 mx-cidr         IN TXT "v=spf1 mx/24 -all"
 mx-cidr         IN MX 10 mx1.example.com.
 mx-no-mx        IN TXT "v=spf1 mx"
@@ -311,6 +317,9 @@ fn record_selection_and_syntax() {
             ("bad-mod-macro", "192.0.2.7", PermError),
             // A CNAME at the domain is followed.
             ("alias-txt", "192.0.2.7", Pass),
+            // §4.5: a TXT record with no character-string is just not an SPF record.
+            ("null-text", "192.0.2.7", Pass),
+            ("null-text", "198.51.100.7", Fail),
             ("all-arg", "192.0.2.7", PermError),
             ("all-cidr", "192.0.2.7", PermError),
         ],
@@ -358,6 +367,10 @@ fn a_mx_ptr_exists() {
             ("a-dual", "2001:db8:6::1", Fail),
             // §7.1: a domain-spec may hold any visible character but in its top label.
             ("a-colon", "192.0.2.30", Pass),
+            // ... and so may the names DNS returns: an MX exchange `odd:mx/y`.
+            ("mx-colon", "192.0.2.31", Pass),
+            ("mx-colon", "::ffff:192.0.2.31", Pass),
+            ("mx-colon", "192.0.2.32", Fail),
             ("a-toplabel", "192.0.2.7", PermError),
             ("a-numeric", "192.0.2.1", PermError),
             ("a-dash-top", "192.0.2.7", Pass),

@@ -43,15 +43,6 @@ fn send(relay: &Relay, from: &str, to: &[&str], headers: &str) {
     assert_eq!(r.code, 250, "{r:?}");
 }
 
-fn recorded(relay: &Relay) -> f64 {
-    http_text("GET", &relay.url("/metrics"), None)
-        .1
-        .lines()
-        .find_map(|l| l.strip_prefix("smartrelay_trusted_deliveries_recorded_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 fn listed(relay: &Relay, query: &str) -> Vec<Value> {
     let (s, v) = relay.get(&format!("/api/v1/trusted-senders?{query}"));
     assert_eq!(s, 200, "{v}");
@@ -126,7 +117,7 @@ fn only_accepted_external_recipients_of_real_mail_are_trusted() {
             .filter(|l| l["message"] == "delivery")
             .map(|l| (l["queue_id"].to_string(), l["route"].to_string()))
             .collect();
-        recorded(&relay) >= reports.len() as f64 && reports.len() >= 10
+        relay.trusted_recorded() >= reports.len() as f64 && reports.len() >= 10
     }));
     let entries = listed(&relay, "");
     assert_eq!(

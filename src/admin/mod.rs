@@ -31,7 +31,7 @@ use crate::live::Live;
 use crate::queue::file::FileSpool;
 use crate::queue::Queue;
 use crate::reload::Reloads;
-use crate::spf::dns::HickoryDns;
+use crate::spf::hickory::HickoryDns;
 use crate::spf::SpfService;
 use activity::Activity;
 

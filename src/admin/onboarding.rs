@@ -154,7 +154,7 @@ pub async fn outbound_ips_view(st: &AdminState) -> Result<OutboundIps, ApiError>
         .collect();
     let notify = sources.iter().filter(|s| s.notify).cloned().collect();
     let gauge = if confirmed { 1.0 } else { 0.0 };
-    metrics::gauge!("smartrelay_onboarding_outbound_ips_confirmed").set(gauge);
+    metrics::gauge!(crate::telemetry::ONBOARDING_OUTBOUND_IPS_CONFIRMED).set(gauge);
     Ok(OutboundIps {
         changed_since_confirmation: confirmation.is_some() && !confirmed,
         confirmed_at: confirmation.filter(|_| confirmed).map(|c| c.confirmed_at),
@@ -194,7 +194,7 @@ pub async fn spf_reports(st: &AdminState, region: &str) -> Vec<Report> {
     let mut out = Vec::new();
     for domain in &st.config().access.domains {
         let report = st.spf.check(domain, region).await;
-        metrics::gauge!("smartrelay_onboarding_spf_valid", "domain" => domain.clone())
+        metrics::gauge!(crate::telemetry::ONBOARDING_SPF_VALID, "domain" => domain.clone())
             .set(if report.valid { 1.0 } else { 0.0 });
         out.push(report);
     }
@@ -280,7 +280,7 @@ pub async fn overview(st: &AdminState) -> Result<Overview, ApiError> {
         .await
         .map_err(ApiError::internal)?;
     let verified = verification.as_ref().filter(|v| v.routes == current);
-    metrics::gauge!("smartrelay_onboarding_connector_verified").set(
+    metrics::gauge!(crate::telemetry::ONBOARDING_CONNECTOR_VERIFIED).set(
         if verified.is_some_and(|v| v.ok) {
             1.0
         } else {
@@ -479,7 +479,11 @@ pub async fn verify(st: &AdminState) -> Result<Verification, ApiError> {
         .set_meta(VERIFICATION_KEY, &v)
         .await
         .map_err(ApiError::internal)?;
-    metrics::gauge!("smartrelay_onboarding_connector_verified").set(if v.ok { 1.0 } else { 0.0 });
+    metrics::gauge!(crate::telemetry::ONBOARDING_CONNECTOR_VERIFIED).set(if v.ok {
+        1.0
+    } else {
+        0.0
+    });
     tracing::info!(ok = v.ok, reason = %v.reason, "connector verification");
     Ok(v)
 }
@@ -510,7 +514,7 @@ pub async fn confirm(st: &AdminState) -> Result<Confirmation, ApiError> {
         .set_meta(CONFIRMATION_KEY, &c)
         .await
         .map_err(ApiError::internal)?;
-    metrics::gauge!("smartrelay_onboarding_outbound_ips_confirmed").set(1.0);
+    metrics::gauge!(crate::telemetry::ONBOARDING_OUTBOUND_IPS_CONFIRMED).set(1.0);
     tracing::info!(ranges = ?c.ranges, "outbound IP ranges confirmed");
     Ok(c)
 }

@@ -84,7 +84,7 @@ impl Deliverer {
                 Some(c) => c,
                 None => {
                     let c = open(host, route, &self.settings, &self.connectors).await?;
-                    metrics::counter!("smartrelay_upstream_connections_total",
+                    metrics::counter!(crate::telemetry::UPSTREAM_CONNECTIONS_TOTAL,
                         "route" => route.name.clone(), "tls" => if c.tls.is_some() { "yes" } else { "no" })
                     .increment(1);
                     lease.fresh = true;
@@ -94,7 +94,7 @@ impl Deliverer {
             let started = Instant::now();
             match transaction::send(&mut conn, env, data, rcpts, &self.settings).await {
                 Ok(out) => {
-                    metrics::histogram!("smartrelay_upstream_transaction_seconds", "route" => route.name.clone())
+                    metrics::histogram!(crate::telemetry::UPSTREAM_TRANSACTION_SECONDS, "route" => route.name.clone())
                         .record(started.elapsed().as_secs_f64());
                     let tls = conn.tls.is_some();
                     if out.reusable {
@@ -160,7 +160,7 @@ where
             }
             Err(e) => {
                 tracing::warn!(queue_id, route = %route.name, %host, error = %e, "smart host failed, trying the next");
-                metrics::counter!("smartrelay_upstream_connection_failures_total",
+                metrics::counter!(crate::telemetry::UPSTREAM_CONNECTION_FAILURES_TOTAL,
                     "route" => route.name.clone(), "host" => host.to_string())
                 .increment(1);
                 pool.mark_down(&route.name, &host);

@@ -11,6 +11,9 @@ use tokio_rustls::client::TlsStream;
 pub enum Stream {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+    /// An in-memory pipe to a scripted server, for the transaction's unit tests.
+    #[cfg(test)]
+    Mem(tokio::io::DuplexStream),
 }
 
 impl AsyncRead for Stream {
@@ -22,6 +25,8 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            #[cfg(test)]
+            Stream::Mem(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -35,6 +40,8 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            #[cfg(test)]
+            Stream::Mem(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -42,6 +49,8 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            #[cfg(test)]
+            Stream::Mem(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -49,6 +58,8 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            #[cfg(test)]
+            Stream::Mem(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }

@@ -314,3 +314,286 @@ async fn body_bdat(
         Err(e) => Err(error_of(e, "BDAT")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use mail_send::SmtpClient;
+    use smtp_proto::{EhloResponse, EXT_ENHANCED_STATUS_CODES};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, BufStream, DuplexStream};
+
+    use crate::deliver::connection::{ClientSettings, Connection};
+    use crate::deliver::stream::Stream;
+    use crate::tasks::CancellationToken;
+
+    const CMD: Duration = Duration::from_secs(300);
+    const DATA: Duration = Duration::from_secs(600);
+
+    fn settings() -> ClientSettings {
+        ClientSettings {
+            helo_name: "relay.test".into(),
+            connect_timeout: Duration::from_secs(30),
+            command_timeout: CMD,
+            data_timeout: DATA,
+            stopping: CancellationToken::new(),
+            cut: CancellationToken::new(),
+        }
+    }
+
+    /// A session already past EHLO, to a server offering `caps`, over a pipe.
+    fn connection(caps: u32) -> (Connection, DuplexStream) {
+        let (ours, theirs) = tokio::io::duplex(1 << 16);
+        let conn = Connection {
+            client: SmtpClient {
+                stream: BufStream::new(Stream::Mem(ours)),
+                timeout: CMD,
+            },
+            caps: EhloResponse {
+                hostname: "upstream.test".into(),
+                capabilities: caps | EXT_ENHANCED_STATUS_CODES,
+                auth_mechanisms: 0,
+                deliver_by: 0,
+                future_release_interval: 0,
+                future_release_datetime: 0,
+                mt_priority: Default::default(),
+                no_soliciting: None,
+                size: 0,
+            },
+            tls: None,
+            created: tokio::time::Instant::now(),
+            last_used: tokio::time::Instant::now(),
+            messages: 0,
+        };
+        (conn, theirs)
+    }
+
+    /// What the scripted server saw: each read it got (so a pipelined batch is one
+    /// entry), and the message data.
+    #[derive(Default, Debug)]
+    struct Seen {
+        reads: Vec<String>,
+        data: Vec<u8>,
+    }
+
+    /// Answers each command line with `answer(line)` and the end of data with
+    /// `end_of_data` (`None`: never answers it).
+    fn serve(
+        mut s: DuplexStream,
+        answer: impl Fn(&str) -> String + Send + 'static,
+        end_of_data: Option<&'static str>,
+    ) -> Arc<Mutex<Seen>> {
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let record = seen.clone();
+        tokio::spawn(async move {
+            let mut pending = Vec::new();
+            let mut in_data = false;
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                record
+                    .lock()
+                    .unwrap()
+                    .reads
+                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                pending.extend_from_slice(&buf[..n]);
+                let mut out = String::new();
+                loop {
+                    if in_data {
+                        let Some(end) = pending.windows(5).position(|w| w == b"\r\n.\r\n") else {
+                            break;
+                        };
+                        record
+                            .lock()
+                            .unwrap()
+                            .data
+                            .extend_from_slice(&pending[..end + 2]);
+                        pending.drain(..end + 5);
+                        in_data = false;
+                        if let Some(r) = end_of_data {
+                            out.push_str(&format!("{r}\r\n"));
+                        }
+                        continue;
+                    }
+                    let Some(k) = pending.iter().position(|&b| b == b'\n') else {
+                        break;
+                    };
+                    let line: Vec<u8> = pending.drain(..=k).collect();
+                    let line = String::from_utf8_lossy(&line).trim_end().to_string();
+                    let reply = answer(&line);
+                    in_data = reply.starts_with("354");
+                    out.push_str(&format!("{reply}\r\n"));
+                }
+                if !out.is_empty() && s.write_all(out.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        });
+        seen
+    }
+
+    fn envelope(rcpts: &[&str]) -> Envelope {
+        Envelope::for_test("a@example.test", rcpts, 0)
+    }
+
+    fn body() -> Bytes {
+        Bytes::from_static(b"Subject: t\r\n\r\nhello\r\n")
+    }
+
+    fn codes(out: &TxOutcome) -> Vec<(usize, u16)> {
+        out.replies.iter().map(|(i, r)| (*i, r.code)).collect()
+    }
+
+    /// With PIPELINING, MAIL, every RCPT and DATA go in one write, and each recipient
+    /// gets its own reply: the refused one its 550, the others the final 250.
+    #[tokio::test]
+    async fn pipelined_with_a_reply_per_recipient() {
+        let (mut conn, server) = connection(EXT_PIPELINING);
+        let seen = serve(
+            server,
+            |l| match l {
+                l if l.starts_with("MAIL") => "250 2.1.0 ok".into(),
+                "RCPT TO:<gone@x.test>" => "550 5.1.1 no such user".into(),
+                l if l.starts_with("RCPT") => "250 2.1.5 ok".into(),
+                "DATA" => "354 go".into(),
+                _ => "250 ok".into(),
+            },
+            Some("250 2.0.0 queued as UP1"),
+        );
+        let env = envelope(&["b@x.test", "gone@x.test", "c@x.test"]);
+        let out = send(&mut conn, &env, &body(), &[0, 1, 2], &settings())
+            .await
+            .unwrap();
+        assert_eq!(codes(&out), [(0, 250), (1, 550), (2, 250)]);
+        assert_eq!(out.replies[1].1.esc.as_deref(), Some("5.1.1"));
+        assert_eq!(out.replies[0].1.text, "queued as UP1");
+        assert!(out.reusable);
+        let seen = seen.lock().unwrap();
+        assert_eq!(
+            seen.reads[0],
+            "MAIL FROM:<a@example.test>\r\nRCPT TO:<b@x.test>\r\nRCPT TO:<gone@x.test>\r\nRCPT TO:<c@x.test>\r\nDATA\r\n",
+            "one pipelined batch"
+        );
+        assert_eq!(seen.data, b"Subject: t\r\n\r\nhello\r\n");
+    }
+
+    /// Without PIPELINING each command waits for its reply.
+    #[tokio::test]
+    async fn one_command_at_a_time_without_pipelining() {
+        let (mut conn, server) = connection(0);
+        let seen = serve(
+            server,
+            |l| {
+                if l == "DATA" {
+                    "354 go".into()
+                } else {
+                    "250 ok".into()
+                }
+            },
+            Some("250 done"),
+        );
+        let out = send(
+            &mut conn,
+            &envelope(&["b@x.test"]),
+            &body(),
+            &[0],
+            &settings(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(codes(&out), [(0, 250)]);
+        let reads = seen.lock().unwrap().reads.clone();
+        assert_eq!(reads[0], "MAIL FROM:<a@example.test>\r\n");
+        assert_eq!(reads[1], "RCPT TO:<b@x.test>\r\n");
+        assert_eq!(reads[2], "DATA\r\n");
+    }
+
+    /// A 5xx to DATA itself goes to every accepted recipient; the session is reset and
+    /// stays usable.
+    #[tokio::test]
+    async fn a_permanent_refusal_at_data() {
+        let (mut conn, server) = connection(EXT_PIPELINING);
+        let seen = serve(
+            server,
+            |l| match l {
+                "DATA" => "554 5.6.0 content refused".into(),
+                _ => "250 ok".into(),
+            },
+            None,
+        );
+        let env = envelope(&["b@x.test", "c@x.test"]);
+        let out = send(&mut conn, &env, &body(), &[0, 1], &settings())
+            .await
+            .unwrap();
+        assert_eq!(codes(&out), [(0, 554), (1, 554)]);
+        assert!(out.reusable, "RSET after the refusal");
+        assert!(seen.lock().unwrap().reads.iter().any(|r| r == "RSET\r\n"));
+        assert!(seen.lock().unwrap().data.is_empty());
+    }
+
+    /// A 5xx after the final dot is every recipient's permanent reply.
+    #[tokio::test]
+    async fn a_permanent_refusal_after_the_data() {
+        let (mut conn, server) = connection(EXT_PIPELINING);
+        serve(
+            server,
+            |l| {
+                if l == "DATA" {
+                    "354 go".into()
+                } else {
+                    "250 ok".into()
+                }
+            },
+            Some("552 5.3.4 message too big"),
+        );
+        let out = send(
+            &mut conn,
+            &envelope(&["b@x.test"]),
+            &body(),
+            &[0],
+            &settings(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(codes(&out), [(0, 552)]);
+        assert!(out.replies[0].1.is_permanent());
+    }
+
+    /// A server that takes the message and never answers the final dot: after
+    /// `data_timeout` (not before), each recipient gets a temporary reply and the
+    /// session is not reused.
+    #[tokio::test(start_paused = true)]
+    async fn no_answer_to_the_data_times_out() {
+        let (mut conn, server) = connection(EXT_PIPELINING);
+        serve(
+            server,
+            |l| {
+                if l == "DATA" {
+                    "354 go".into()
+                } else {
+                    "250 ok".into()
+                }
+            },
+            None,
+        );
+        let t0 = tokio::time::Instant::now();
+        let out = send(
+            &mut conn,
+            &envelope(&["b@x.test"]),
+            &body(),
+            &[0],
+            &settings(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(t0.elapsed(), DATA);
+        assert_eq!(codes(&out), [(0, 451)]);
+        assert_eq!(out.replies[0].1.esc.as_deref(), Some("4.4.2"));
+        assert!(!out.reusable);
+    }
+}

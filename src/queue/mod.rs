@@ -315,7 +315,7 @@ impl<S: Spool> Queue<S> {
         if let Err(e) = &result {
             self.unhealthy_until
                 .store(self.now() + UNHEALTHY_FOR_MS, Ordering::Relaxed);
-            metrics::counter!("smartrelay_queue_write_errors_total").increment(1);
+            metrics::counter!(crate::telemetry::QUEUE_WRITE_ERRORS_TOTAL).increment(1);
             tracing::error!(queue_id = %env.id, error = %e, "spool write failed");
             return result;
         }
@@ -327,7 +327,7 @@ impl<S: Spool> Queue<S> {
             let rcpts = env.recipients.len();
             let keep = idx.may_cache(data.len() as u64, self.settings.memory_budget);
             if !keep {
-                metrics::counter!("smartrelay_queue_bodies_not_cached_total").increment(1);
+                metrics::counter!(crate::telemetry::QUEUE_BODIES_NOT_CACHED_TOTAL).increment(1);
             }
             idx.insert(
                 id,
@@ -340,7 +340,7 @@ impl<S: Spool> Queue<S> {
             );
             let evicted = idx.evict(self.settings.memory_budget);
             if evicted > 0 {
-                metrics::counter!("smartrelay_queue_bodies_evicted_total")
+                metrics::counter!(crate::telemetry::QUEUE_BODIES_EVICTED_TOTAL)
                     .increment(evicted as u64);
             }
         }
@@ -460,10 +460,10 @@ impl<S: Spool> Queue<S> {
                 .count();
             oldest = oldest.min(e.envelope.received_at);
         }
-        metrics::gauge!("smartrelay_queue_messages").set(idx.entries.len() as f64);
-        metrics::gauge!("smartrelay_queue_cached_bytes").set(idx.cached as f64);
-        metrics::gauge!("smartrelay_queue_recipients").set(rcpts as f64);
-        metrics::gauge!("smartrelay_queue_oldest_age_seconds")
+        metrics::gauge!(crate::telemetry::QUEUE_MESSAGES).set(idx.entries.len() as f64);
+        metrics::gauge!(crate::telemetry::QUEUE_CACHED_BYTES).set(idx.cached as f64);
+        metrics::gauge!(crate::telemetry::QUEUE_RECIPIENTS).set(rcpts as f64);
+        metrics::gauge!(crate::telemetry::QUEUE_OLDEST_AGE_SECONDS)
             .set(now.saturating_sub(oldest) as f64 / 1000.0);
     }
 }

@@ -157,7 +157,7 @@ impl<S: Spool> Queue<S> {
             if let Err(e) = self.spool.save_state(id, &state).await {
                 tracing::error!(queue_id = %id, error = %e, "cannot save delivery state");
             }
-            metrics::counter!("smartrelay_queue_retries_total").increment(1);
+            metrics::counter!(crate::telemetry::QUEUE_RETRIES_TOTAL).increment(1);
             self.reschedule(id, state, next);
         }
         for r in reports {
@@ -320,7 +320,7 @@ impl<S: Spool> Queue<S> {
         match self.store(dsn_env, Bytes::from(dsn_data)).await {
             Ok(()) => {
                 tracing::info!(queue_id = %env.id, dsn_id = %dsn_id, kind = kind.action(), "sender notified");
-                metrics::counter!("smartrelay_dsn_sent_total", "action" => kind.action())
+                metrics::counter!(crate::telemetry::DSN_SENT_TOTAL, "action" => kind.action())
                     .increment(1);
                 true
             }
@@ -413,7 +413,7 @@ fn expire(env: &Envelope, state: &mut DeliveryState, now: Millis) -> DeliveryRep
         });
     }
     tracing::info!(queue_id = %env.id, "expired");
-    metrics::counter!("smartrelay_messages_expired_total").increment(1);
+    metrics::counter!(crate::telemetry::MESSAGES_EXPIRED_TOTAL).increment(1);
     DeliveryReport {
         id: env.id.clone(),
         sender: env.sender.clone(),
@@ -444,7 +444,7 @@ fn log_report(r: &DeliveryReport) {
 
 fn metrics_report(r: &DeliveryReport) {
     for res in &r.results {
-        metrics::counter!("smartrelay_delivery_recipients_total",
+        metrics::counter!(crate::telemetry::DELIVERY_RECIPIENTS_TOTAL,
             "route" => r.route.clone().unwrap_or_else(|| "none".into()),
             "host" => r.host.clone().unwrap_or_else(|| "none".into()),
             "outcome" => res.outcome.label())

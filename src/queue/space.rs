@@ -54,9 +54,9 @@ impl SpaceReport {
 
     pub fn publish(&self) {
         if let Some(f) = self.free {
-            metrics::gauge!("smartrelay_spool_free_bytes").set(f as f64);
+            metrics::gauge!(crate::telemetry::SPOOL_FREE_BYTES).set(f as f64);
         }
-        metrics::gauge!("smartrelay_queue_accepting").set(if self.refusing.is_some() {
+        metrics::gauge!(crate::telemetry::QUEUE_ACCEPTING).set(if self.refusing.is_some() {
             0.0
         } else {
             1.0

@@ -181,7 +181,7 @@ impl<L: SpfLookup> Router for SpfRouter<L> {
 }
 
 fn count(route: &str, spf: SpfOutcome) {
-    metrics::counter!("smartrelay_routing_decisions_total",
+    metrics::counter!(crate::telemetry::ROUTING_DECISIONS_TOTAL,
         "route" => route.to_string(), "spf" => spf.label())
     .increment(1);
 }

@@ -307,7 +307,7 @@ where
                 Stop::Timeout => conn.final_reply(&common::timeout()).await,
                 Stop::TooSlow => {
                     tracing::info!(client = %session.client_ip(), "data rate below server.min_data_rate: closed with 421");
-                    metrics::counter!("smartrelay_sessions_too_slow_total").increment(1);
+                    metrics::counter!(crate::telemetry::SESSIONS_TOO_SLOW_TOTAL).increment(1);
                     conn.final_reply(&common::too_slow()).await
                 }
                 Stop::Shutdown => conn.final_reply(&common::shutting_down()).await,
@@ -346,11 +346,11 @@ where
                 count_refusal(stage, &action);
                 match session.take_refusal() {
                     Some(Refusal::TlsRequired) => {
-                        metrics::counter!("smartrelay_connections_refused_total", "reason" => "tls_required")
+                        metrics::counter!(crate::telemetry::CONNECTIONS_REFUSED_TOTAL, "reason" => "tls_required")
                             .increment(1);
                     }
                     Some(Refusal::Queue(why)) => {
-                        metrics::counter!("smartrelay_queue_refusals_total", "reason" => why.label())
+                        metrics::counter!(crate::telemetry::QUEUE_REFUSALS_TOTAL, "reason" => why.label())
                             .increment(1);
                     }
                     None => {}
@@ -485,9 +485,9 @@ where
     match &result {
         Ok(()) => {
             tracing::info!(queue_id = %id, "accepted client=[{ip}] from=<{sender}> nrcpt={nrcpt} size={size} tls={tls}");
-            metrics::counter!("smartrelay_messages_accepted_total").increment(1);
-            metrics::counter!("smartrelay_received_bytes_total").increment(size);
-            metrics::histogram!("smartrelay_accept_latency_seconds")
+            metrics::counter!(crate::telemetry::MESSAGES_ACCEPTED_TOTAL).increment(1);
+            metrics::counter!(crate::telemetry::RECEIVED_BYTES_TOTAL).increment(size);
+            metrics::histogram!(crate::telemetry::ACCEPT_LATENCY_SECONDS)
                 .record(started.elapsed().as_secs_f64());
             // Never waits: the 250 waits on the spool commit and nothing else.
             ctx.events.publish_now(event);
@@ -513,7 +513,7 @@ async fn prove<I, P>(session: &mut Session, ctx: &Context<I, P>, unproven: Unpro
         Verdict::Proven(p) => *p,
         Verdict::NotProven(_) | Verdict::TryLater(_) => TenantProof::None,
     };
-    metrics::counter!("smartrelay_tenant_checks_total", "platform" => platform, "proof" => proof.label())
+    metrics::counter!(crate::telemetry::TENANT_CHECKS_TOTAL, "platform" => platform, "proof" => proof.label())
         .increment(1);
     match &binding.verdict {
         Verdict::Proven(p) => tracing::info!(
@@ -554,7 +554,7 @@ fn count_refusal(stage: Stage, action: &Action) {
 /// Refusals are labelled by stage and enhanced status code: a small, fixed set.
 fn count(stage: &'static str, r: &WireReply) {
     let reason = if r.esc.is_empty() { "none" } else { r.esc };
-    metrics::counter!("smartrelay_messages_refused_total", "stage" => stage, "reason" => reason)
+    metrics::counter!(crate::telemetry::MESSAGES_REFUSED_TOTAL, "stage" => stage, "reason" => reason)
         .increment(1);
 }
 
@@ -572,10 +572,9 @@ mod tests {
         assert_eq!(Pace::new(0, t0).deadline(), None, "0 turns the minimum off");
     }
 
-    use crate::config::BareLineEndings;
     use crate::pipeline::{Backpressure, IntakeError, SenderVerdict};
     use crate::smtp::session::SourceKind;
-    use crate::spf::dns::HickoryDns;
+    use crate::spf::hickory::HickoryDns;
     use crate::tenant::dkim::DkimVerifier;
     use std::sync::Mutex;
     use tokio::io::DuplexStream;
@@ -612,20 +611,7 @@ mod tests {
         let dns =
             HickoryDns::new(&["127.0.0.1:1".parse().unwrap()], Duration::from_secs(1)).unwrap();
         Context {
-            cfg: Arc::new(SessionConfig {
-                hostname: "relay.test".into(),
-                max_message_size: 1 << 20,
-                max_recipients: 100,
-                max_line_length: 512,
-                hop_limit: 30,
-                max_errors: 10,
-                bare_line_endings: BareLineEndings::Normalize,
-                domains: vec!["example.test".into()],
-                postmaster_domain: "example.test".into(),
-                starttls: false,
-                tls_required: false,
-                check_sender: false,
-            }),
+            cfg: Arc::new(SessionConfig::for_tests()),
             intake,
             policy: Arc::new(AnySender),
             events: EventBus::new(),

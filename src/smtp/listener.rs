@@ -138,7 +138,7 @@ struct SessionGuard {
 impl SessionGuard {
     fn new(admission: Admission, stream: &TcpStream, implicit_tls: bool) -> SessionGuard {
         use std::os::fd::AsFd;
-        metrics::gauge!("smartrelay_sessions_active").increment(1.0);
+        metrics::gauge!(crate::telemetry::SESSIONS_ACTIVE).increment(1.0);
         let plain = if implicit_tls {
             None
         } else {
@@ -161,11 +161,11 @@ impl SessionGuard {
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
-        metrics::gauge!("smartrelay_sessions_active").decrement(1.0);
+        metrics::gauge!(crate::telemetry::SESSIONS_ACTIVE).decrement(1.0);
         if !std::thread::panicking() {
             return;
         }
-        metrics::counter!("smartrelay_session_panics_total").increment(1);
+        metrics::counter!(crate::telemetry::SESSION_PANICS_TOTAL).increment(1);
         tracing::error!("session task panicked: connection closed with 421");
         let plain = self.plain.get_mut().unwrap_or_else(|e| e.into_inner());
         if let Some(sock) = plain.take() {
@@ -255,7 +255,7 @@ impl<I: Intake, P: SenderPolicy> Listener<I, P> {
                     self.admit(rules, stream, ip, implicit_tls, phase);
                 }
                 Ok(Source::Local) => {
-                    metrics::counter!("smartrelay_proxy_health_checks_total").increment(1);
+                    metrics::counter!(crate::telemetry::PROXY_HEALTH_CHECKS_TOTAL).increment(1);
                     let greeting = format!("220 {} ESMTP smartrelay\r\n", rules.context.cfg.hostname);
                     brief_dialogue(stream, &greeting, health_reply).await;
                 }
@@ -265,7 +265,7 @@ impl<I: Intake, P: SenderPolicy> Listener<I, P> {
                         ProxyError::Closed => "closed",
                         ProxyError::Invalid(_) => "invalid",
                     };
-                    metrics::counter!("smartrelay_proxy_header_failures_total", "reason" => reason)
+                    metrics::counter!(crate::telemetry::PROXY_HEADER_FAILURES_TOTAL, "reason" => reason)
                         .increment(1);
                     tracing::warn!(balancer = %peer_ip, error = %e, "connection from a trusted balancer closed: no valid PROXY header");
                 }
@@ -322,7 +322,7 @@ impl<I: Intake, P: SenderPolicy> Listener<I, P> {
             let _ = stream.try_write(b"421 4.7.0 Too many connections, try again later\r\n");
             return;
         };
-        metrics::counter!("smartrelay_connections_accepted_total").increment(1);
+        metrics::counter!(crate::telemetry::CONNECTIONS_ACCEPTED_TOTAL).increment(1);
         rules.context.events.publish_now(Event::Connection {
             ip,
             at: now_ms(),
@@ -337,7 +337,7 @@ impl<I: Intake, P: SenderPolicy> Listener<I, P> {
 }
 
 fn refused<I, P>(rules: &Rules<I, P>, ip: IpAddr, reason: RefusalReason) {
-    metrics::counter!("smartrelay_connections_refused_total", "reason" => reason.label())
+    metrics::counter!(crate::telemetry::CONNECTIONS_REFUSED_TOTAL, "reason" => reason.label())
         .increment(1);
     rules.context.events.publish_now(Event::Connection {
         ip,

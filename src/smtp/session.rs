@@ -39,6 +39,28 @@ pub struct SessionConfig {
     pub check_sender: bool,
 }
 
+impl SessionConfig {
+    /// For unit tests and fuzz targets: `relay.test` relaying for `example.test`, a
+    /// 1 MiB message limit, 100 recipients and RFC 5321's 512-octet lines, no TLS;
+    /// callers change what their case is about.
+    pub fn for_tests() -> SessionConfig {
+        SessionConfig {
+            hostname: "relay.test".into(),
+            max_message_size: 1 << 20,
+            max_recipients: 100,
+            max_line_length: 512,
+            hop_limit: 30,
+            max_errors: 10,
+            bare_line_endings: BareLineEndings::Normalize,
+            domains: vec!["example.test".into()],
+            postmaster_domain: "example.test".into(),
+            starttls: false,
+            tls_required: false,
+            check_sender: false,
+        }
+    }
+}
+
 /// What the connection driver must do next.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Action {
@@ -678,18 +700,11 @@ mod tests {
 
     fn cfg() -> SessionConfig {
         SessionConfig {
-            hostname: "relay.test".into(),
             max_message_size: 1000,
             max_recipients: 3,
-            max_line_length: 512,
             hop_limit: 5,
-            max_errors: 10,
-            bare_line_endings: BareLineEndings::Normalize,
-            domains: vec!["example.test".into()],
-            postmaster_domain: "example.test".into(),
             starttls: true,
-            tls_required: false,
-            check_sender: false,
+            ..SessionConfig::for_tests()
         }
     }
 

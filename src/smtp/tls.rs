@@ -32,7 +32,7 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
         });
     }
     if let Some(not_after) = expiry(&certs[0]) {
-        metrics::gauge!("smartrelay_tls_certificate_expiry_timestamp_seconds")
+        metrics::gauge!(crate::telemetry::TLS_CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS)
             .set(not_after as f64);
     }
     let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {

@@ -1,14 +1,8 @@
 //! The DNS questions SPF asks, behind a trait so the walker and the evaluator are
-//! testable with a zone in memory; the real implementation is hickory's resolver.
+//! testable with a zone in memory; the real implementation is `hickory`.
 
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::time::Duration;
-
-use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
-use hickory_resolver::net::runtime::TokioRuntimeProvider;
-use hickory_resolver::proto::rr::{Name, RData, RecordType};
-use hickory_resolver::TokioResolver;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DnsFailure {
@@ -19,6 +13,9 @@ pub enum DnsFailure {
     Timeout,
     /// SERVFAIL, refused, network trouble.
     Other(String),
+    /// The answer holds a record with empty RDATA, which hickory's decoder refuses:
+    /// for TXT, asked again without it (`lenient`).
+    EmptyRecord,
 }
 
 impl DnsFailure {
@@ -63,145 +60,6 @@ pub trait SpfDns: Send + Sync + 'static {
                 (Err(_), Err(e)) => Err(e),
             }
         }
-    }
-}
-
-#[derive(Clone)]
-pub struct HickoryDns {
-    resolver: TokioResolver,
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("cannot build DNS resolver: {0}")]
-pub struct ResolverError(String);
-
-impl HickoryDns {
-    /// Name servers from `[dns]` (with their ports), or the system's when none are set.
-    pub fn new(nameservers: &[SocketAddr], timeout: Duration) -> Result<HickoryDns, ResolverError> {
-        let mut builder = if nameservers.is_empty() {
-            TokioResolver::builder_tokio().map_err(|e| ResolverError(e.to_string()))?
-        } else {
-            let servers = nameservers
-                .iter()
-                .map(|sa| {
-                    let mut udp = ConnectionConfig::udp();
-                    udp.port = sa.port();
-                    let mut tcp = ConnectionConfig::tcp();
-                    tcp.port = sa.port();
-                    NameServerConfig::new(sa.ip(), true, vec![udp, tcp])
-                })
-                .collect();
-            TokioResolver::builder_with_config(
-                ResolverConfig::from_name_servers(servers),
-                TokioRuntimeProvider::default(),
-            )
-        };
-        let opts = builder.options_mut();
-        opts.timeout = timeout;
-        opts.attempts = 1;
-        // SPF names are absolute: no search-domain expansion.
-        opts.ndots = 0;
-        let resolver = builder.build().map_err(|e| ResolverError(e.to_string()))?;
-        Ok(HickoryDns { resolver })
-    }
-
-    /// The resolver itself, for the other lookups that go through `[dns]` (DKIM keys).
-    pub fn resolver(&self) -> TokioResolver {
-        self.resolver.clone()
-    }
-
-    async fn query(&self, name: &str, rtype: RecordType) -> Result<(Vec<RData>, u32), DnsFailure> {
-        // Labels go on the wire as they are: SPF domain-specs may hold any visible
-        // character (`foo:bar/baz.example.com`), which a host-name parser refuses. A name
-        // DNS cannot carry at all (an empty or a 64-octet label) cannot exist.
-        let labels = name.trim_end_matches('.').split('.').map(str::as_bytes);
-        let Ok(name) = Name::from_labels(labels) else {
-            return Err(DnsFailure::NxDomain);
-        };
-        match self.resolver.lookup(name, rtype).await {
-            Ok(lookup) => {
-                let ttl = lookup.answers().iter().map(|r| r.ttl).min().unwrap_or(0);
-                let data: Vec<RData> = lookup
-                    .answers()
-                    .iter()
-                    .filter(|r| r.record_type() == rtype)
-                    .map(|r| r.data.clone())
-                    .collect();
-                if data.is_empty() {
-                    Err(DnsFailure::NoData)
-                } else {
-                    Ok((data, ttl))
-                }
-            }
-            Err(e) if e.is_nx_domain() => Err(DnsFailure::NxDomain),
-            Err(e) if e.is_no_records_found() => Err(DnsFailure::NoData),
-            Err(e) => {
-                let text = e.to_string();
-                if text.to_ascii_lowercase().contains("timed out") || text.contains("timeout") {
-                    Err(DnsFailure::Timeout)
-                } else {
-                    Err(DnsFailure::Other(text))
-                }
-            }
-        }
-    }
-}
-
-impl SpfDns for HickoryDns {
-    async fn txt(&self, name: &str) -> Result<TxtAnswer, DnsFailure> {
-        let (data, ttl) = self.query(name, RecordType::TXT).await?;
-        let records = data
-            .into_iter()
-            .filter_map(|d| match d {
-                RData::TXT(txt) => Some(txt.txt_data.iter().map(|s| s.to_vec()).collect()),
-                _ => None,
-            })
-            .collect();
-        Ok(TxtAnswer { records, ttl })
-    }
-
-    async fn a(&self, name: &str) -> Result<Vec<Ipv4Addr>, DnsFailure> {
-        let (data, _) = self.query(name, RecordType::A).await?;
-        Ok(data
-            .into_iter()
-            .filter_map(|d| match d {
-                RData::A(a) => Some(a.0),
-                _ => None,
-            })
-            .collect())
-    }
-
-    async fn aaaa(&self, name: &str) -> Result<Vec<Ipv6Addr>, DnsFailure> {
-        let (data, _) = self.query(name, RecordType::AAAA).await?;
-        Ok(data
-            .into_iter()
-            .filter_map(|d| match d {
-                RData::AAAA(a) => Some(a.0),
-                _ => None,
-            })
-            .collect())
-    }
-
-    async fn ptr(&self, ip: IpAddr) -> Result<Vec<String>, DnsFailure> {
-        let (data, _) = self.query(&reverse_name(ip), RecordType::PTR).await?;
-        Ok(data
-            .into_iter()
-            .filter_map(|d| match d {
-                RData::PTR(p) => Some(p.0.to_utf8().trim_end_matches('.').to_string()),
-                _ => None,
-            })
-            .collect())
-    }
-
-    async fn mx(&self, name: &str) -> Result<Vec<String>, DnsFailure> {
-        let (data, _) = self.query(name, RecordType::MX).await?;
-        Ok(data
-            .into_iter()
-            .filter_map(|d| match d {
-                RData::MX(mx) => Some(mx.exchange.to_utf8().trim_end_matches('.').to_string()),
-                _ => None,
-            })
-            .collect())
     }
 }
 

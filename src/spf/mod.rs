@@ -5,6 +5,8 @@
 pub mod dns;
 pub mod eval;
 pub mod gateway;
+pub mod hickory;
+pub mod lenient;
 pub mod macros;
 pub mod record;
 pub mod validate;

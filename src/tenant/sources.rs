@@ -212,7 +212,7 @@ impl SharedSources {
                     ttl_secs: ttl.as_secs(),
                 });
                 state.last_error = None;
-                metrics::gauge!("smartrelay_shared_range_networks", "range" => e.name.clone())
+                metrics::gauge!(crate::telemetry::SHARED_RANGE_NETWORKS, "range" => e.name.clone())
                     .set(state.resolved.as_ref().map_or(0, |r| r.nets.len()) as f64);
             } else {
                 let why = walk
@@ -222,7 +222,7 @@ impl SharedSources {
                     .map(|f| f.message.clone())
                     .unwrap_or_else(|| format!("{domain}: no ip4/ip6 ranges published"));
                 tracing::warn!(range = %e.name, spf = %domain, error = %why, kept = state.resolved.is_some(), "shared range not refreshed; the last good list stays in force");
-                metrics::counter!("smartrelay_shared_range_refresh_failures_total", "range" => e.name.clone())
+                metrics::counter!(crate::telemetry::SHARED_RANGE_REFRESH_FAILURES_TOTAL, "range" => e.name.clone())
                     .increment(1);
                 state.last_error = Some(why);
                 next = next.min(RETRY_AFTER_FAILURE);

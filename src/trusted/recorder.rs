@@ -46,7 +46,7 @@ pub async fn record(
         let over = pending.len().saturating_sub(buffer_limit);
         if over > 0 {
             pending.drain(..over);
-            metrics::counter!("smartrelay_trusted_observations_dropped_total")
+            metrics::counter!(crate::telemetry::TRUSTED_OBSERVATIONS_DROPPED_TOTAL)
                 .increment(over as u64);
             tracing::warn!(
                 dropped = over,
@@ -63,7 +63,7 @@ pub async fn record(
         }
         // Once this moves, every delivery up to here is in the list (or excluded by
         // policy): what a test or an operator waits for instead of a sleep.
-        metrics::counter!("smartrelay_trusted_deliveries_recorded_total")
+        metrics::counter!(crate::telemetry::TRUSTED_DELIVERIES_RECORDED_TOTAL)
             .increment(events.len() as u64);
     }
     // Stopping: one last try for what waited on the store.
@@ -88,16 +88,16 @@ async fn flush(store: &Store, pending: &mut Vec<Observation>) -> bool {
     let n = items.len();
     match store.record(items.clone()).await {
         Ok(added) => {
-            metrics::gauge!("smartrelay_trusted_buffered_observations").set(0.0);
-            metrics::counter!("smartrelay_trusted_new_entries_total").increment(added);
+            metrics::gauge!(crate::telemetry::TRUSTED_BUFFERED_OBSERVATIONS).set(0.0);
+            metrics::counter!(crate::telemetry::TRUSTED_NEW_ENTRIES_TOTAL).increment(added);
             // The gauge is set from the table at start and after each prune.
-            metrics::gauge!("smartrelay_trusted_entries").increment(added as f64);
+            metrics::gauge!(crate::telemetry::TRUSTED_ENTRIES).increment(added as f64);
             true
         }
         Err(e) => {
             // Back in line, in order, for the next attempt (no copy once the store let go).
             *pending = Arc::try_unwrap(items).unwrap_or_else(|shared| (*shared).clone());
-            metrics::gauge!("smartrelay_trusted_buffered_observations").set(n as f64);
+            metrics::gauge!(crate::telemetry::TRUSTED_BUFFERED_OBSERVATIONS).set(n as f64);
             tracing::error!(error = %e, observations = n, "trusted-sender batch not recorded; kept for the next attempt");
             false
         }

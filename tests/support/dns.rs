@@ -47,8 +47,11 @@ impl Dns {
             } else {
                 fqdn.clone()
             };
-            // `@raw<TAB>LABELS<TAB>A<TAB>ADDRESS` lines: names whose labels hold characters a zone
-            // file cannot (':', '/', ' '), which DNS itself carries.
+            // `@raw<TAB>LABELS<TAB>TYPE<TAB>DATA` lines: what a zone file cannot write but
+            // DNS carries. Names whose labels hold ':', '/' or ' ' (TYPE A, DATA an
+            // address; TYPE MX, DATA "preference labels", the exchange below the
+            // origin), and a TXT record with no character-string at all (TYPE TXT,
+            // DATA empty), added beside the owner's other TXT records.
             let (raw, body): (Vec<&str>, Vec<&str>) =
                 body.lines().partition(|l| l.starts_with("@raw\t"));
             let body = body.join("\n");
@@ -62,26 +65,45 @@ impl Dns {
                     .parse()
                     .unwrap_or_else(|e| panic!("zone {origin}: {e}"));
             let mut records = records;
+            let below = |labels: &str| {
+                let mut all: Vec<&[u8]> = if labels == "@" {
+                    Vec::new()
+                } else {
+                    labels.split('.').map(str::as_bytes).collect()
+                };
+                all.extend(
+                    fqdn.trim_end_matches('.')
+                        .split('.')
+                        .filter(|l| !l.is_empty())
+                        .map(str::as_bytes),
+                );
+                Name::from_labels(all).unwrap()
+            };
+            use hickory_server::proto::rr::{rdata, RData, RecordSet, RecordType, RrKey};
             for line in raw {
                 let parts: Vec<&str> = line.split('\t').collect();
-                let [_, labels, "A", ip] = parts.as_slice() else {
-                    panic!("`{line}`: want @raw<TAB>labels<TAB>A<TAB>ip");
+                let [_, labels, kind, data] = parts.as_slice() else {
+                    panic!("`{line}`: want @raw<TAB>labels<TAB>TYPE<TAB>data");
                 };
-                let mut all: Vec<&[u8]> = labels.split('.').map(str::as_bytes).collect();
-                all.extend(fqdn.trim_end_matches('.').split('.').map(str::as_bytes));
-                let owner = Name::from_labels(all).unwrap();
-                let record = hickory_server::proto::rr::Record::from_rdata(
-                    owner.clone(),
-                    60,
-                    hickory_server::proto::rr::RData::A(ip.parse().unwrap()),
-                );
-                records.insert(
-                    hickory_server::proto::rr::RrKey::new(
-                        LowerName::new(&owner),
-                        hickory_server::proto::rr::RecordType::A,
-                    ),
-                    hickory_server::proto::rr::RecordSet::from(record),
-                );
+                let owner = below(labels);
+                let (rtype, rdata) = match *kind {
+                    "A" => (RecordType::A, RData::A(data.parse().unwrap())),
+                    "MX" => {
+                        let (pref, exchange) = data.split_once(' ').unwrap();
+                        (
+                            RecordType::MX,
+                            RData::MX(rdata::MX::new(pref.parse().unwrap(), below(exchange))),
+                        )
+                    }
+                    "TXT" => (RecordType::TXT, RData::TXT(rdata::TXT::new(Vec::new()))),
+                    other => panic!("@raw type {other}"),
+                };
+                let record =
+                    hickory_server::proto::rr::Record::from_rdata(owner.clone(), 60, rdata);
+                records
+                    .entry(RrKey::new(LowerName::new(&owner), rtype))
+                    .or_insert_with(|| RecordSet::new(owner.clone(), rtype, 0))
+                    .insert(record, 0);
             }
             let handler =
                 InMemoryZoneHandler::<hickory_server::net::runtime::TokioRuntimeProvider>::new(

@@ -307,6 +307,28 @@ impl Relay {
         wait_until(timeout, || self.queue().is_empty())
     }
 
+    /// The whole `/metrics` text.
+    pub fn metrics(&self) -> String {
+        http_text("GET", &self.url("/metrics"), None).1
+    }
+
+    /// The value of one series: `name` with its labels as `/metrics` prints them
+    /// (`smartrelay_queue_refusals_total{reason="max_size"}`); `None` when absent.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        let prefix = format!("{series} ");
+        self.metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    /// Delivery reports the trusted-sender recorder has processed: what a test waits
+    /// on instead of a sleep.
+    pub fn trusted_recorded(&self) -> f64 {
+        self.metric("smartrelay_trusted_deliveries_recorded_total")
+            .unwrap_or(0.0)
+    }
+
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         let mut cmd = Command::new(bin());
         cmd.args(args).arg("--config").arg(&self.config);
@@ -506,13 +528,25 @@ impl Smtp {
         self.reply()
     }
 
-    /// True when the server closed the connection.
+    /// True when the server closed the connection (end of stream or a reset) within
+    /// 5 s, with nothing more to read; false when it sent more, and false when it stayed
+    /// silent with the connection open: silence is not a close.
     pub fn closed(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
         self.stream
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
         let mut b = [0u8; 1];
-        matches!(self.stream.read(&mut b), Ok(0) | Err(_))
+        match self.stream.read(&mut b) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+        }
     }
 }
 

@@ -102,7 +102,8 @@ impl Committer {
                 }
             }
             if !writes.is_empty() {
-                metrics::counter!("smartrelay_spool_records_total").increment(writes.len() as u64);
+                metrics::counter!(crate::telemetry::SPOOL_RECORDS_TOTAL)
+                    .increment(writes.len() as u64);
                 self.commit(&mut writes);
             }
             // After the answers: a pending 250 never waits for a copy.
@@ -143,9 +144,9 @@ impl Committer {
         let index = lock_index(&self.index);
         let bytes: u64 = index.segments.values().map(|s| s.len).sum();
         let live: u64 = index.segments.values().map(|s| s.live_bytes).sum();
-        metrics::gauge!("smartrelay_spool_segments").set(index.segments.len() as f64);
-        metrics::gauge!("smartrelay_spool_bytes").set(bytes as f64);
-        metrics::gauge!("smartrelay_spool_live_bytes").set(live as f64);
+        metrics::gauge!(crate::telemetry::SPOOL_SEGMENTS).set(index.segments.len() as f64);
+        metrics::gauge!(crate::telemetry::SPOOL_BYTES).set(bytes as f64);
+        metrics::gauge!(crate::telemetry::SPOOL_LIVE_BYTES).set(live as f64);
     }
 
     fn current(&mut self) -> std::io::Result<&mut Current> {
@@ -234,9 +235,9 @@ impl Committer {
                     cur.len = len;
                 }
                 if durable {
-                    metrics::histogram!("smartrelay_spool_sync_seconds")
+                    metrics::histogram!(crate::telemetry::SPOOL_SYNC_SECONDS)
                         .record(started.elapsed().as_secs_f64());
-                    metrics::counter!("smartrelay_spool_commits_total").increment(1);
+                    metrics::counter!(crate::telemetry::SPOOL_COMMITS_TOTAL).increment(1);
                 }
                 if let Some(s) = lock_index(&self.index).segments.get_mut(&seq) {
                     s.len = len;
@@ -363,7 +364,7 @@ impl Committer {
                 }
                 drop(index);
                 self.faults.step(Step::CopiesIndexed);
-                metrics::counter!("smartrelay_spool_compacted_bytes_total").increment(copied);
+                metrics::counter!(crate::telemetry::SPOOL_COMPACTED_BYTES_TOTAL).increment(copied);
                 tracing::debug!(messages = moved, "copied queued messages forward");
             }
             Err(e) => {
