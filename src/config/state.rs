@@ -1,0 +1,125 @@
+//! `[admin]`, `[trusted]`, `[store]` and `[log]`: where the relay keeps and shows what
+//! it learns.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::Dur;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub listen: Option<SocketAddr>,
+    pub token: Option<String>,
+    /// Relay state: observed sources, flow counters, onboarding confirmations.
+    pub database: PathBuf,
+    /// Flow counters and sources older than this are pruned from `database`.
+    pub retention: Dur,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: Some("127.0.0.1:8025".parse().expect("literal address")),
+            token: None,
+            database: "var/state.sqlite3".into(),
+            retention: Dur(Duration::from_secs(30 * 86_400)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrustedConfig {
+    pub enabled: bool,
+    pub database: PathBuf,
+    pub retention: Dur,
+    pub learning_days: u32,
+    pub exclude_senders: Vec<String>,
+    pub exclude_recipient_domains: Vec<String>,
+    pub prune_interval: Dur,
+    /// Recording batches: at most this many events, or this long, per transaction.
+    pub batch_size: usize,
+    pub flush_interval: Dur,
+    /// Observations held while the store cannot be written (a PostgreSQL outage);
+    /// beyond this the oldest are dropped and counted.
+    pub buffer_limit: usize,
+}
+
+impl Default for TrustedConfig {
+    fn default() -> Self {
+        TrustedConfig {
+            enabled: true,
+            database: "var/trusted.sqlite3".into(),
+            retention: Dur(Duration::from_secs(120 * 86_400)),
+            learning_days: 3,
+            exclude_senders: Vec::new(),
+            exclude_recipient_domains: Vec::new(),
+            prune_interval: Dur(Duration::from_secs(3600)),
+            batch_size: 512,
+            flush_interval: Dur(Duration::from_secs(1)),
+            buffer_limit: 100_000,
+        }
+    }
+}
+
+/// Where the shared state lives: the trusted-sender list, onboarding confirmations,
+/// observed sources, flow counters and persisted shared ranges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// Embedded files (`admin.database`, `trusted.database`): one node.
+    #[default]
+    Sqlite,
+    /// One database shared by every node.
+    Postgres,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub kind: StoreKind,
+    /// `postgres://user@host:port/db`; the password from `PGPASSWORD` when the URL has
+    /// none.
+    pub url: Option<String>,
+    /// An environment variable holding the whole URL (secrets stay out of the file).
+    pub url_env: Option<String>,
+}
+
+impl StoreConfig {
+    /// The URL in force: `url_env`'s value when set, else `url`.
+    pub fn resolved_url(&self) -> Option<String> {
+        self.url_env
+            .as_deref()
+            .and_then(|v| std::env::var(v).ok())
+            .filter(|u| !u.is_empty())
+            .or_else(|| self.url.clone())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
