@@ -34,6 +34,7 @@ use crate::spf::SpfService;
 use crate::store::Postgres;
 use crate::tasks::{CancellationToken, Tasks};
 use crate::tenant::dkim::DkimVerifier;
+use crate::tenant::replay::{self, ReplayGuard};
 use crate::tenant::sources::{self, Resolved, SharedSources};
 use crate::tenant::TenantBinder;
 use crate::trusted::TrustedError;
@@ -101,6 +102,8 @@ struct Parts {
     queue: Arc<Queue<FileSpool>>,
     bus: EventBus,
     dkim_dns: TokioResolver,
+    /// The memory of DKIM signatures that proved a message (`access.dkim_replay`).
+    signatures: replay::Store,
 }
 
 impl Parts {
@@ -115,11 +118,21 @@ impl Parts {
             Some(t) => Some(acceptor(&t.cert, &t.key)?),
             None => None,
         };
+        let r = cfg.access.dkim_replay;
+        let replay = r.enabled.then(|| {
+            Arc::new(ReplayGuard {
+                store: self.signatures.clone(),
+                window: r.window.0,
+                max_age: r.max_age.0,
+                node: cfg.server.hostname.clone(),
+            })
+        });
         let tenant = Arc::new(TenantBinder::new(
             cfg.access.shared_ranges.clone(),
             cfg.access.domains.clone(),
             DkimVerifier::new(self.dkim_dns.clone()),
             cfg.dns.spf_timeout.0,
+            replay,
         ));
         Ok(Rules {
             context: Arc::new(Context {
@@ -205,6 +218,10 @@ pub async fn run(
         None => Activity::open(&cfg.admin.database)?,
         Some(pg) => Activity::shared(pg.clone()),
     });
+    let signatures = match &shared_store {
+        None => replay::Store::open(&cfg.admin.database)?,
+        Some(pg) => replay::Store::shared(pg.clone()),
+    };
     let trusted_store = match (&shared_store, cfg.trusted.enabled) {
         (_, false) => None,
         (None, true) => Some(trusted::Store::open(&cfg.trusted.database)?),
@@ -343,10 +360,12 @@ pub async fn run(
         },
         stop_rx.clone(),
     ));
+    spawn_signature_pruner(&tasks, signatures.clone(), cfg.access.dkim_replay.max_age.0);
     let parts = Parts {
         queue: queue.clone(),
         bus: bus.clone(),
         dkim_dns: dns_for_dkim,
+        signatures,
     };
 
     let (phase_tx, phase_rx) = watch::channel(Phase::Running);
@@ -692,6 +711,26 @@ fn spawn_migration_retry(tasks: &Tasks, pg: Postgres) {
                     tracing::info!("PostgreSQL store reachable: schema applied");
                 }
                 Err(e) => tracing::warn!(error = %e, "PostgreSQL store still not reachable"),
+            }
+        }
+    });
+}
+
+/// Signatures older than `access.dkim_replay.max_age` prove nothing any more (the
+/// freshness rule refuses them), so the memory forgets them, hourly.
+fn spawn_signature_pruner(tasks: &Tasks, store: replay::Store, max_age: Duration) {
+    tasks.every(Duration::from_secs(3600), move || {
+        let store = store.clone();
+        async move {
+            let before = crate::envelope::now_ms()
+                .saturating_sub(u64::try_from(max_age.as_millis()).unwrap_or(u64::MAX));
+            match store.prune(before).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    forgotten = n,
+                    "DKIM signatures past access.dkim_replay.max_age forgotten"
+                ),
+                Err(e) => tracing::warn!(error = %e, "DKIM signature memory not pruned"),
             }
         }
     });

@@ -78,6 +78,43 @@ impl TenantProof {
     }
 }
 
+/// Why a message from a shared range proved nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unbound {
+    /// No route header, tenant id or DKIM signature of the organization's.
+    NoProof,
+    /// An `X-MS-Exchange-CrossTenant-Id` of another tenant.
+    OtherTenant,
+    /// Its DKIM signature was made longer ago than `dkim_replay.max_age`.
+    Stale,
+    /// Its DKIM signature already proved a message for other recipients.
+    Replayed,
+    /// More than one From, Sender, Reply-To, To, Cc, Subject, Date or Message-ID.
+    DuplicateHeader,
+    /// The signature's `d=` is not the `From:` address's domain (or a parent).
+    Unaligned,
+}
+
+impl Unbound {
+    pub fn label(self) -> &'static str {
+        match self {
+            Unbound::NoProof => "no_proof",
+            Unbound::OtherTenant => "other_tenant",
+            Unbound::Stale => "stale",
+            Unbound::Replayed => "replayed",
+            Unbound::DuplicateHeader => "duplicate_header",
+            Unbound::Unaligned => "unaligned",
+        }
+    }
+
+    /// One of the rules against replayed signatures and forged headers (counted in
+    /// `smartrelay_dkim_replay_refusals_total`), rather than plain missing proof.
+    pub fn is_replay_rule(self) -> bool {
+        self != Unbound::NoProof
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
@@ -150,6 +187,8 @@ pub enum Event {
         /// The `access.shared_ranges` entry's name.
         range: String,
         proof: TenantProof,
+        /// Why there was no proof, when there was none.
+        unbound: Option<Unbound>,
         ip: IpAddr,
         /// Envelope sender, empty for `<>`.
         sender: String,

@@ -58,6 +58,10 @@ metrics! {
         "SMTP connections refused, by reason (ip_not_allowed, limit, tls_required, shared_ranges_unresolved)";
     DELIVERY_RECIPIENTS_TOTAL: Counter = "smartrelay_delivery_recipients_total",
         "Recipient outcomes per route and smart host (delivered, deferred, bounced)";
+    DKIM_REPLAY_REFUSALS_TOTAL: Counter = "smartrelay_dkim_replay_refusals_total",
+        "Messages from shared ranges refused by the DKIM replay and header rules, by platform and reason (other_tenant, stale, replayed, duplicate_header, unaligned)";
+    DKIM_SIGNATURES_SKIPPED_TOTAL: Counter = "smartrelay_dkim_signatures_skipped_total",
+        "DKIM signatures left unverified because a message carried more than the per-message bound (10)";
     DSN_SENT_TOTAL: Counter = "smartrelay_dsn_sent_total",
         "Delivery status notifications queued, by action";
     EVENTS_DROPPED_TOTAL: Counter = "smartrelay_events_dropped_total",

@@ -377,14 +377,35 @@ async fn tenant_step(st: &AdminState) -> Result<Step, ApiError> {
             } else {
                 l.sender
             };
-            format!("; last from {} ({}), sender {sender}", l.ip, l.range)
+            let why = l
+                .reason
+                .map_or(String::new(), |r| format!(", reason {}", r.label()));
+            format!("; last from {} ({}), sender {sender}{why}", l.ip, l.range)
         });
+        let mut reasons = st
+            .activity
+            .tenant_refusals(day)
+            .await
+            .map_err(ApiError::internal)?;
+        reasons.sort();
+        let reasons = if reasons.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " ({})",
+                reasons
+                    .iter()
+                    .map(|(r, n)| format!("{r}: {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
         return Ok(Step {
             id: "tenant".into(),
             title,
             state: StepState::Failing,
             reason: format!(
-                "{refused} message(s) from shared ranges refused in the last 24h for lack of tenant proof{last}"
+                "{refused} message(s) from shared ranges refused in the last 24h for lack of tenant proof{reasons}{last}"
             ),
         });
     }

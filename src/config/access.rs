@@ -2,11 +2,12 @@
 //! and for which sender domains.
 
 use std::fmt;
+use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use super::{normalize_domain, parse_range};
+use super::{normalize_domain, parse_range, Dur};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -18,6 +19,31 @@ pub(super) struct RawAccess {
     internal_domains: Option<Vec<String>>,
     #[serde(default)]
     shared_ranges: Vec<RawSharedRange>,
+    #[serde(default)]
+    dkim_replay: DkimReplayConfig,
+}
+
+/// `[access.dkim_replay]`: a DKIM signature proves a shared-platform tenant once, fresh.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DkimReplayConfig {
+    pub enabled: bool,
+    /// After its first use, how long a signature may prove more transactions for any
+    /// recipients (one message split over transactions, or retried).
+    pub window: Dur,
+    /// How old a signature may be (its `t=`, or its signed `Date:`), and how long the
+    /// memory keeps it; longer than the platforms' retry period.
+    pub max_age: Dur,
+}
+
+impl Default for DkimReplayConfig {
+    fn default() -> Self {
+        DkimReplayConfig {
+            enabled: true,
+            window: Dur(Duration::from_secs(3600)),
+            max_age: Dur(Duration::from_secs(3 * 86_400)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -103,6 +129,7 @@ pub struct AccessConfig {
     pub domains: Vec<String>,
     pub internal_domains: Vec<String>,
     pub shared_ranges: Vec<SharedRange>,
+    pub dkim_replay: DkimReplayConfig,
 }
 
 pub(super) fn resolve_access(raw: RawAccess) -> Result<AccessConfig, (String, String)> {
@@ -153,11 +180,25 @@ pub(super) fn resolve_access(raw: RawAccess) -> Result<AccessConfig, (String, St
         };
         shared_ranges.push(resolve_shared_range(&key, name, r)?);
     }
+    let r = raw.dkim_replay;
+    if r.window.0.is_zero() {
+        return Err((
+            "access.dkim_replay.window".into(),
+            "must be longer than zero".into(),
+        ));
+    }
+    if r.max_age.0 < r.window.0 {
+        return Err((
+            "access.dkim_replay.max_age".into(),
+            format!("must be at least access.dkim_replay.window ({})", r.window),
+        ));
+    }
     Ok(AccessConfig {
         allowed_ranges: ranges,
         domains,
         internal_domains,
         shared_ranges,
+        dkim_replay: r,
     })
 }
 

@@ -22,7 +22,7 @@ use delivery::{validate_delivery, validate_queue};
 use routing::{resolve_routing, RawRouting};
 use server::validate_server;
 
-pub use access::{AccessConfig, RouteHeader, SharedPlatform, SharedRange};
+pub use access::{AccessConfig, DkimReplayConfig, RouteHeader, SharedPlatform, SharedRange};
 pub use delivery::{DeliveryConfig, DnsConfig, QueueConfig};
 pub use routing::{OnUnauthorized, RoutingConfig};
 pub use server::{BareLineEndings, ProxyProtocolConfig, ServerConfig, TlsConfig};
@@ -251,6 +251,21 @@ impl Config {
                      with the tenant's onmicrosoft.com key will be refused",
                     self.access.domains.join(", ")
                 ));
+            }
+            for d in &r.dkim_domains {
+                if !self
+                    .access
+                    .domains
+                    .iter()
+                    .any(|own| d == own || d.ends_with(&format!(".{own}")))
+                {
+                    out.push(format!(
+                        "access.shared_ranges[{i}].dkim_domains: a signature of d={d} proves only \
+                         mail whose From: address is under {d} (alignment), and such a From: must \
+                         also be in access.domains; sign with the organization's own domain or add \
+                         a route header"
+                    ));
+                }
             }
         }
         out

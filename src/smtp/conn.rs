@@ -504,17 +504,30 @@ where
 /// an event for onboarding, then the session's decision.
 async fn prove<I, P>(session: &mut Session, ctx: &Context<I, P>, unproven: Unproven) -> Completed {
     let source = unproven.source();
-    let binding = ctx.tenant.bind(source, unproven.message()).await;
+    let now = now_ms();
+    let binding = ctx
+        .tenant
+        .bind(source, unproven.message(), &unproven.recipients(), now)
+        .await;
     let range = ctx.tenant.range(source);
     let (name, platform) = range.map_or(("?", "other"), |r| (r.name.as_str(), r.platform.label()));
     let ip = session.client_ip();
     let sender = unproven.sender().to_string();
-    let proof = match &binding.verdict {
-        Verdict::Proven(p) => *p,
-        Verdict::NotProven(_) | Verdict::TryLater(_) => TenantProof::None,
+    let (proof, unbound) = match &binding.verdict {
+        Verdict::Proven(p) => (*p, None),
+        Verdict::NotProven(kind, _) => (TenantProof::None, Some(*kind)),
+        Verdict::TryLater(_) => (TenantProof::None, None),
     };
     metrics::counter!(crate::telemetry::TENANT_CHECKS_TOTAL, "platform" => platform, "proof" => proof.label())
         .increment(1);
+    if let Some(kind) = unbound.filter(|k| k.is_replay_rule()) {
+        metrics::counter!(crate::telemetry::DKIM_REPLAY_REFUSALS_TOTAL, "platform" => platform, "reason" => kind.label())
+            .increment(1);
+    }
+    if binding.skipped > 0 {
+        metrics::counter!(crate::telemetry::DKIM_SIGNATURES_SKIPPED_TOTAL)
+            .increment(binding.skipped as u64);
+    }
     match &binding.verdict {
         Verdict::Proven(p) => tracing::info!(
             range = name,
@@ -522,8 +535,9 @@ async fn prove<I, P>(session: &mut Session, ctx: &Context<I, P>, unproven: Unpro
             p.label(),
             binding.detail
         ),
-        Verdict::NotProven(why) => tracing::warn!(
+        Verdict::NotProven(kind, why) => tracing::warn!(
             range = name,
+            reason = kind.label(),
             "tenant not proven, refused client=[{ip}] from=<{sender}>: {why}"
         ),
         Verdict::TryLater(why) => tracing::warn!(
@@ -535,12 +549,13 @@ async fn prove<I, P>(session: &mut Session, ctx: &Context<I, P>, unproven: Unpro
         ctx.events.publish_now(Event::TenantCheck {
             range: name.to_string(),
             proof,
+            unbound,
             ip,
             sender,
-            at: now_ms(),
+            at: now,
         });
     }
-    session.proof_checked(unproven, &binding.verdict, binding.stripped, now_ms())
+    session.proof_checked(unproven, &binding.verdict, binding.stripped, now)
 }
 
 fn count_refusal(stage: Stage, action: &Action) {
@@ -620,6 +635,7 @@ mod tests {
                 vec!["example.test".into()],
                 DkimVerifier::new(dns.resolver()),
                 Duration::from_secs(1),
+                None,
             )),
             command_timeout: CMD,
             data_timeout: DATA,

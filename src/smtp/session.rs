@@ -15,6 +15,7 @@ use super::inspect::{self, Trace};
 use super::reply::{common, WireReply};
 use crate::config::BareLineEndings;
 use crate::envelope::{domain_in, BodyType, ClientInfo, Envelope, Millis, QueueId, Recipient};
+use crate::events::Unbound;
 use crate::pipeline::{Backpressure, IntakeError, SenderVerdict, Submission};
 use crate::tenant::Verdict;
 
@@ -126,6 +127,15 @@ impl Unproven {
 
     pub fn sender(&self) -> &str {
         &self.tx.sender
+    }
+
+    /// The addresses the transaction accepted.
+    pub fn recipients(&self) -> Vec<String> {
+        self.tx
+            .recipients
+            .iter()
+            .map(|r| r.address.clone())
+            .collect()
     }
 }
 
@@ -579,13 +589,9 @@ impl Session {
                 }
                 None => self.submission(unproven.tx, unproven.body, unproven.seen, now),
             },
-            Verdict::NotProven(_) => {
+            Verdict::NotProven(kind, _) => {
                 self.errors += 1;
-                Completed::Reply(WireReply::new(
-                    550,
-                    "5.7.1",
-                    "Message refused: it is not bound to this organization (no DKIM signature of its domains, tenant id or route header)",
-                ))
+                Completed::Reply(WireReply::new(550, "5.7.1", unbound_text(*kind)))
             }
             Verdict::TryLater(_) => Completed::Reply(WireReply::new(
                 451,
@@ -664,6 +670,18 @@ impl Session {
     /// True once the error budget is spent (checked after BDAT and DATA refusals).
     pub fn too_many_errors(&self) -> bool {
         self.errors >= self.cfg.max_errors
+    }
+}
+
+/// The client's word for a message that proved nothing: what rule, never the details.
+fn unbound_text(kind: Unbound) -> &'static str {
+    match kind {
+        Unbound::NoProof => "Message refused: it is not bound to this organization (no DKIM signature of its domains, tenant id or route header)",
+        Unbound::OtherTenant => "Message refused: it came from another tenant of the platform, not this organization's (X-MS-Exchange-CrossTenant-Id)",
+        Unbound::Stale => "Message refused: its DKIM signature is too old to prove it is this organization's",
+        Unbound::Replayed => "Message refused: its DKIM signature was already used for other recipients (a replayed signature proves nothing)",
+        Unbound::DuplicateHeader => "Message refused: more than one From, Sender, Reply-To, To, Cc, Subject, Date or Message-ID header (RFC 5322 section 3.6)",
+        Unbound::Unaligned => "Message refused: its DKIM signature is not of the From: address's domain",
     }
 }
 

@@ -105,5 +105,34 @@ pub const STATE: Schema = Schema {
     }],
 };
 
+/// The DKIM signatures that proved a message from a shared range, with the recipients
+/// each was accepted for (`tenant::replay`). In `admin.database` on one node.
+pub const SIGNATURES: Schema = Schema {
+    name: "signatures",
+    probe: "dkim_signatures",
+    migrations: &[Migration {
+        sqlite: "CREATE TABLE dkim_signatures(
+            hash BLOB PRIMARY KEY,
+            domain TEXT NOT NULL,
+            first_seen INTEGER NOT NULL,
+            node TEXT NOT NULL) WITHOUT ROWID;
+         CREATE INDEX dkim_signatures_first_seen ON dkim_signatures(first_seen);
+         CREATE TABLE dkim_recipients(
+            hash BLOB NOT NULL,
+            recipient TEXT NOT NULL,
+            PRIMARY KEY(hash, recipient)) WITHOUT ROWID;",
+        postgres: "CREATE TABLE dkim_signatures(
+            hash BYTEA PRIMARY KEY,
+            domain TEXT NOT NULL,
+            first_seen BIGINT NOT NULL,
+            node TEXT NOT NULL);
+         CREATE INDEX dkim_signatures_first_seen ON dkim_signatures(first_seen);
+         CREATE TABLE dkim_recipients(
+            hash BYTEA NOT NULL,
+            recipient TEXT NOT NULL,
+            PRIMARY KEY(hash, recipient));",
+    }],
+};
+
 /// Every schema PostgreSQL holds, in the order they are migrated.
-pub const ALL: &[&Schema] = &[&TRUSTED, &STATE];
+pub const ALL: &[&Schema] = &[&TRUSTED, &STATE, &SIGNATURES];

@@ -10,27 +10,46 @@
 
 pub mod dkim;
 pub mod headers;
+pub mod replay;
 pub mod sources;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use subtle::ConstantTimeEq;
 
 use crate::config::SharedRange;
-use crate::events::TenantProof;
-use dkim::{DkimVerdict, DkimVerifier};
+use crate::envelope::{domain_of, Millis};
+use crate::events::{TenantProof, Unbound};
+use dkim::{DkimVerdict, DkimVerifier, Passed};
+use replay::{ReplayGuard, Use};
 
 /// The header Exchange Online stamps with the sending tenant's GUID.
 pub const TENANT_ID_HEADER: &str = "X-MS-Exchange-CrossTenant-Id";
+
+/// RFC 5322 §3.6: fields a message has at most one of. A second copy is how a sender
+/// puts its own `From:` above a signed one.
+pub const ONE_OF_EACH: &[&str] = &[
+    "From",
+    "Sender",
+    "Reply-To",
+    "To",
+    "Cc",
+    "Subject",
+    "Date",
+    "Message-ID",
+];
 
 /// What the check found, for the session's reply, the log and the metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     Proven(TenantProof),
-    /// No proof; the text says why (for the log, never for the client).
-    NotProven(String),
-    /// A DKIM key could not be fetched (DNS failure) and nothing else proved the
-    /// message: the client should try again rather than bounce.
+    /// No proof; the kind decides the reply, the text says why (for the log, never for
+    /// the client).
+    NotProven(Unbound, String),
+    /// A DKIM key could not be fetched (DNS failure), or the signature memory could not
+    /// be asked, and nothing else proved the message: the client should try again
+    /// rather than bounce.
     TryLater(String),
 }
 
@@ -42,6 +61,19 @@ pub struct Binding {
     /// The message without the route header, when it carried one: the secret never
     /// reaches the spool, the smart host or a log.
     pub stripped: Option<Vec<u8>>,
+    /// DKIM signatures left unverified past the per-message bound.
+    pub skipped: usize,
+}
+
+impl Binding {
+    fn not(kind: Unbound, why: String, stripped: Option<Vec<u8>>) -> Binding {
+        Binding {
+            verdict: Verdict::NotProven(kind, why),
+            detail: String::new(),
+            stripped,
+            skipped: 0,
+        }
+    }
 }
 
 /// Checks messages from the configured shared ranges.
@@ -51,6 +83,8 @@ pub struct TenantBinder {
     domains: Vec<String>,
     dkim: DkimVerifier,
     dkim_timeout: Duration,
+    /// The replay rules; `None` with `access.dkim_replay.enabled = false`.
+    replay: Option<Arc<ReplayGuard>>,
 }
 
 impl TenantBinder {
@@ -59,12 +93,14 @@ impl TenantBinder {
         domains: Vec<String>,
         dkim: DkimVerifier,
         dkim_timeout: Duration,
+        replay: Option<Arc<ReplayGuard>>,
     ) -> TenantBinder {
         TenantBinder {
             ranges,
             domains,
             dkim,
             dkim_timeout,
+            replay,
         }
     }
 
@@ -72,23 +108,52 @@ impl TenantBinder {
         self.ranges.get(source)
     }
 
-    /// The cheap proofs first (header secret, tenant id), then DKIM, which may need DNS.
-    pub async fn bind(&self, source: usize, message: &[u8]) -> Binding {
+    /// The header rules first (one of each, another tenant's stamp), then the cheap
+    /// proofs (header secret, tenant id), then DKIM, which may need DNS and the
+    /// signature memory. `recipients` are the transaction's, `now` the time of the
+    /// check.
+    pub async fn bind(
+        &self,
+        source: usize,
+        message: &[u8],
+        recipients: &[String],
+        now: Millis,
+    ) -> Binding {
         let Some(range) = self.ranges.get(source) else {
-            return Binding {
-                verdict: Verdict::NotProven("unknown shared range".into()),
-                detail: String::new(),
-                stripped: None,
-            };
+            return Binding::not(Unbound::NoProof, "unknown shared range".into(), None);
         };
         let parsed = headers::Headers::parse(message);
         let stripped = range.header.as_ref().and_then(|h| parsed.without(&h.name));
+        if let Some(name) = ONE_OF_EACH.iter().find(|n| parsed.values(n).len() > 1) {
+            return Binding::not(
+                Unbound::DuplicateHeader,
+                format!("more than one {name}: header"),
+                stripped,
+            );
+        }
+        if let Some(tenant) = &range.tenant_id {
+            if let Some(other) = parsed
+                .values(TENANT_ID_HEADER)
+                .iter()
+                .find(|v| !v.eq_ignore_ascii_case(tenant.as_bytes()))
+            {
+                return Binding::not(
+                    Unbound::OtherTenant,
+                    format!(
+                        "{TENANT_ID_HEADER}: {} is another tenant's",
+                        String::from_utf8_lossy(other)
+                    ),
+                    stripped,
+                );
+            }
+        }
         if let Some(h) = &range.header {
             if route_secret_matches(&parsed, &h.name, &h.secret) {
                 return Binding {
                     verdict: Verdict::Proven(TenantProof::Header),
                     detail: h.name.clone(),
                     stripped,
+                    skipped: 0,
                 };
             }
         }
@@ -98,6 +163,7 @@ impl TenantBinder {
                     verdict: Verdict::Proven(TenantProof::TenantId),
                     detail: format!("tenant {tenant}"),
                     stripped,
+                    skipped: 0,
                 };
             }
         }
@@ -107,39 +173,177 @@ impl TenantBinder {
                 .chain(&range.dkim_domains)
                 .any(|own| is_or_under(d, own))
         };
-        let dkim = match tokio::time::timeout(self.dkim_timeout, self.dkim.verify(message)).await {
+        let dkim = match tokio::time::timeout(
+            self.dkim_timeout,
+            self.dkim.verify(message, accepted),
+        )
+        .await
+        {
             Ok(v) => v,
             Err(_) => DkimVerdict::timed_out(),
         };
-        let (verdict, detail) = match dkim.passing.iter().find(|d| accepted(d)) {
-            Some(d) => (Verdict::Proven(TenantProof::Dkim), format!("d={d}")),
-            None => {
-                let mut why = Vec::new();
-                if range.header.is_some() {
-                    why.push("no route header with the right secret");
+        let mut binding = self
+            .judge_dkim(range, &dkim, recipients, now)
+            .await
+            .unwrap_or_else(|(kind, why)| {
+                let mut why = why;
+                if kind == Unbound::NoProof {
+                    let mut parts = Vec::new();
+                    if range.header.is_some() {
+                        parts.push("no route header with the right secret".to_string());
+                    }
+                    if range.tenant_id.is_some() {
+                        parts.push("no single matching tenant id".to_string());
+                    }
+                    parts.push(why);
+                    why = parts.join(", ");
                 }
-                if range.tenant_id.is_some() {
-                    why.push("no single matching tenant id");
+                Binding::not(kind, why, None)
+            });
+        binding.stripped = stripped;
+        binding.skipped = dkim.skipped;
+        binding
+    }
+
+    /// The DKIM rules on what the verifier found: a signature of the organization's,
+    /// aligned with `From:`, fresh, and not replayed.
+    async fn judge_dkim(
+        &self,
+        range: &SharedRange,
+        dkim: &DkimVerdict,
+        recipients: &[String],
+        now: Millis,
+    ) -> Result<Binding, (Unbound, String)> {
+        let roots = || self.domains.iter().chain(&range.dkim_domains);
+        let ours: Vec<&Passed> = dkim
+            .passing
+            .iter()
+            .filter(|s| roots().any(|own| is_or_under(&s.domain, own)))
+            .collect();
+        if ours.is_empty() {
+            if dkim.temporary {
+                return Ok(Binding {
+                    verdict: Verdict::TryLater(dkim.explain()),
+                    detail: String::new(),
+                    stripped: None,
+                    skipped: 0,
+                });
+            }
+            return Err((Unbound::NoProof, dkim.explain()));
+        }
+        // Relaxed alignment (as DMARC): the From: domain is the organization's, and the
+        // signature's d= is under the same configured domain.
+        let from = single_domain(&dkim.from);
+        let aligned: Vec<&Passed> = ours
+            .iter()
+            .copied()
+            .filter(|s| {
+                from.as_deref().is_some_and(|f| {
+                    self.domains.iter().any(|own| is_or_under(f, own))
+                        && roots().any(|root| is_or_under(f, root) && is_or_under(&s.domain, root))
+                })
+            })
+            .collect();
+        if aligned.is_empty() {
+            return Err((
+                Unbound::Unaligned,
+                format!(
+                    "DKIM signature of d={} does not match the From: address ({})",
+                    ours[0].domain,
+                    if dkim.from.is_empty() {
+                        "none".to_string()
+                    } else {
+                        dkim.from.join(", ")
+                    }
+                ),
+            ));
+        }
+        let Some(guard) = &self.replay else {
+            return Ok(proven(aligned[0], "".into()));
+        };
+        let fresh: Vec<&Passed> = aligned
+            .iter()
+            .copied()
+            .filter(|s| {
+                replay::signed_at(s, dkim.date).is_none_or(|t| replay::fresh(t, now, guard.max_age))
+            })
+            .collect();
+        if fresh.is_empty() {
+            let s = aligned[0];
+            let at = replay::signed_at(s, dkim.date).unwrap_or(0);
+            return Err((
+                Unbound::Stale,
+                format!(
+                    "DKIM signature of d={} made at {} is older than access.dkim_replay.max_age ({}) or too far ahead",
+                    s.domain,
+                    crate::envelope::rfc5322_date(at),
+                    crate::config::Dur(guard.max_age)
+                ),
+            ));
+        }
+        let mut replayed = None;
+        for s in fresh {
+            match guard.check(s, recipients, now).await {
+                Ok(u) if u.proves() => {
+                    let how = match u {
+                        Use::First => "first use",
+                        Use::Within => "within its window",
+                        _ => "a retry to the same recipients",
+                    };
+                    return Ok(proven(s, how.into()));
                 }
-                let dkim_why = dkim.explain();
-                let text = format!(
-                    "{}{}{dkim_why}",
-                    why.join(", "),
-                    if why.is_empty() { "" } else { ", " }
-                );
-                if dkim.temporary && dkim.passing.is_empty() {
-                    (Verdict::TryLater(text), String::new())
-                } else {
-                    (Verdict::NotProven(text), String::new())
+                Ok(Use::Replayed { first_seen, node }) => {
+                    replayed = Some((s, first_seen, node));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    return Ok(Binding {
+                        verdict: Verdict::TryLater(format!(
+                            "the DKIM signature memory cannot be asked: {e}"
+                        )),
+                        detail: String::new(),
+                        stripped: None,
+                        skipped: 0,
+                    })
                 }
             }
-        };
-        Binding {
-            verdict,
-            detail,
-            stripped,
         }
+        let (s, first_seen, node) = replayed.ok_or((
+            Unbound::NoProof,
+            "no DKIM signature could be checked".to_string(),
+        ))?;
+        Err((
+            Unbound::Replayed,
+            format!(
+                "DKIM signature of d={} already used: first seen {} on {node}, now with new recipients",
+                s.domain,
+                crate::envelope::rfc5322_date(first_seen)
+            ),
+        ))
     }
+}
+
+fn proven(s: &Passed, how: String) -> Binding {
+    let detail = if how.is_empty() {
+        format!("d={}", s.domain)
+    } else {
+        format!("d={}, {how}", s.domain)
+    };
+    Binding {
+        verdict: Verdict::Proven(TenantProof::Dkim),
+        detail,
+        stripped: None,
+        skipped: 0,
+    }
+}
+
+/// The one domain of the `From:` addresses (lower-case), when they share one.
+fn single_domain(from: &[String]) -> Option<String> {
+    let mut domains = from
+        .iter()
+        .map(|a| domain_of(a).trim_end_matches('.').to_ascii_lowercase());
+    let first = domains.next()?;
+    domains.all(|d| d == first).then_some(first)
 }
 
 /// `domain` is `own` or a subdomain of it (labels, not characters: `evilcontoso.com`

@@ -68,14 +68,43 @@ print(base64.b64encode(bytes(k.verify_key)).decode())
     }
 
     /// `message` (CRLF line endings) with a DKIM-Signature prepended. `canon` is dkimpy's
-    /// `header/body` pair, e.g. `("relaxed", "simple")`.
+    /// `header/body` pair, e.g. `("relaxed", "simple")`. dkimpy stamps `t=` with now.
     pub fn sign(
         &self,
         message: &[u8],
         domain: &str,
         selector: &str,
-        canon: (&str, &str),
+        canon: (&'static str, &'static str),
     ) -> Vec<u8> {
+        self.sign_with(
+            message,
+            domain,
+            selector,
+            &Sign {
+                canon,
+                ..Sign::default()
+            },
+        )
+    }
+
+    /// Signed as Exchange Online signs: `h=From:Date:Subject:Message-ID:Content-Type:
+    /// MIME-Version`, relaxed/relaxed, no `t=` and no `x=`. To and Cc are not signed.
+    pub fn sign_like_exchange(&self, message: &[u8], domain: &str, selector: &str) -> Vec<u8> {
+        self.sign_with(
+            message,
+            domain,
+            selector,
+            &Sign {
+                canon: ("relaxed", "relaxed"),
+                headers: EXCHANGE_HEADERS,
+                t: Stamp::Omit,
+                x: None,
+            },
+        )
+    }
+
+    /// `message` signed with every choice spelled out.
+    pub fn sign_with(&self, message: &[u8], domain: &str, selector: &str, how: &Sign) -> Vec<u8> {
         let dir = self.private.parent().unwrap();
         let input = dir.join(format!("msg-{}.eml", unique()));
         std::fs::write(&input, message).unwrap();
@@ -83,23 +112,89 @@ print(base64.b64encode(bytes(k.verify_key)).decode())
             Algo::RsaSha256 => "rsa-sha256",
             Algo::Ed25519Sha256 => "ed25519-sha256",
         };
+        let headers = how
+            .headers
+            .iter()
+            .map(|h| format!("b\"{}\"", h.to_ascii_lowercase()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        // dkimpy always writes t=now; the signed field list is changed on its way to
+        // the signer (t= left out or set, x= added) so the signature covers what it says.
+        let t = match how.t {
+            Stamp::Now => "keep".to_string(),
+            Stamp::Omit => "omit".to_string(),
+            Stamp::At(v) => v.to_string(),
+        };
+        let x = how.x.map_or("None".to_string(), |v| v.to_string());
         let out = super::python(&format!(
             r#"
-import dkim, sys
+import dkim
+orig = dkim.DKIM.gen_header
+def gen(self, fields, include_headers, canon_policy, header_name, pk, standardize=False):
+    t = "{t}"
+    if t != "keep":
+        fields = [f for f in fields if f[0] != b't']
+        if t != "omit":
+            fields.insert(-3, (b't', t.encode()))
+    x = {x}
+    if x is not None:
+        fields.insert(-3, (b'x', str(x).encode()))
+    return orig(self, fields, include_headers, canon_policy, header_name, pk, standardize)
+dkim.DKIM.gen_header = gen
 msg = open(r"{input}", "rb").read()
 key = open(r"{key}", "rb").read()
 sig = dkim.sign(msg, b"{selector}", b"{domain}", key,
                 canonicalize=(b"{h}", b"{b}"), signature_algorithm=b"{algo}",
-                include_headers=[b"from", b"to", b"subject", b"date", b"message-id"])
+                include_headers=[{headers}])
 open(r"{input}", "wb").write(sig + msg)
 "#,
             input = input.display(),
             key = self.private.display(),
-            h = canon.0,
-            b = canon.1,
+            h = how.canon.0,
+            b = how.canon.1,
         ));
         let _ = out;
         std::fs::read(&input).unwrap()
+    }
+}
+
+/// What Exchange Online puts in `h=`.
+pub const EXCHANGE_HEADERS: &[&str] = &[
+    "From",
+    "Date",
+    "Subject",
+    "Message-ID",
+    "Content-Type",
+    "MIME-Version",
+];
+
+/// `t=` of a signature.
+#[derive(Clone, Copy)]
+pub enum Stamp {
+    /// dkimpy's: the time of signing.
+    Now,
+    Omit,
+    /// Seconds since the epoch.
+    At(u64),
+}
+
+/// How to sign.
+pub struct Sign {
+    pub canon: (&'static str, &'static str),
+    pub headers: &'static [&'static str],
+    pub t: Stamp,
+    /// `x=`, seconds since the epoch.
+    pub x: Option<u64>,
+}
+
+impl Default for Sign {
+    fn default() -> Sign {
+        Sign {
+            canon: ("relaxed", "simple"),
+            headers: &["from", "to", "subject", "date", "message-id"],
+            t: Stamp::Now,
+            x: None,
+        }
     }
 }
 

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
 use crate::envelope::{now_ms, Millis};
-use crate::events::{Event, Outcome, RefusalReason, TenantProof};
+use crate::events::{Event, Outcome, RefusalReason, TenantProof, Unbound};
 use crate::store::{Postgres, StoreError};
 
 /// What keeps the state.
@@ -89,6 +89,8 @@ pub struct Confirmation {
 
 /// Flow metric of tenant checks; keys are `range:proof`.
 const TENANT_METRIC: &str = "tenant";
+/// Flow metric of refusals for want of tenant proof; keys are the reason.
+const UNBOUND_METRIC: &str = "tenant_unbound";
 const TENANT_REFUSAL_KEY: &str = "tenant_last_refusal";
 
 /// The last message refused for want of tenant proof.
@@ -98,6 +100,9 @@ pub struct TenantRefusal {
     pub ip: String,
     pub sender: String,
     pub at: Millis,
+    /// Why (absent in what older relays recorded).
+    #[serde(default)]
+    pub reason: Option<Unbound>,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -206,6 +211,16 @@ impl Activity {
             .collect())
     }
 
+    /// Refusals for want of tenant proof over the window, by reason.
+    pub async fn tenant_refusals(
+        &self,
+        window: Duration,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        let since_hour = (now_ms().saturating_sub(window.as_millis() as u64) / 3_600_000) as i64;
+        let rows = kept!(self, b => b.flow(since_hour, Some(UNBOUND_METRIC)))?;
+        Ok(rows.into_iter().map(|(_, key, n)| (key, n)).collect())
+    }
+
     pub async fn last_tenant_refusal(&self) -> Result<Option<TenantRefusal>, StoreError> {
         self.meta(TENANT_REFUSAL_KEY).await
     }
@@ -279,17 +294,22 @@ fn aggregate(events: &[Arc<Event>]) -> Batch {
             Event::TenantCheck {
                 range,
                 proof,
+                unbound,
                 ip,
                 sender,
                 at,
             } => {
                 bump(*at, TENANT_METRIC, format!("{range}:{}", proof.label()));
+                if let Some(why) = unbound {
+                    bump(*at, UNBOUND_METRIC, why.label().to_string());
+                }
                 if *proof == TenantProof::None {
                     let last = TenantRefusal {
                         range: range.clone(),
                         ip: ip_key(ip),
                         sender: sender.clone(),
                         at: *at,
+                        reason: *unbound,
                     };
                     tenant_refusal = serde_json::to_string(&last).ok();
                 }
