@@ -406,6 +406,9 @@ pub async fn run(
         shared_sources: sources.clone(),
         listening: false.into(),
         smtp_addrs,
+        admin_addr: admin_listener.as_ref().and_then(|l| l.local_addr().ok()),
+        guard: admin::guard::Guard::new(),
+        share_cell: Default::default(),
     });
     state.listening.store(true, Ordering::Relaxed);
     admin::onboarding::spawn_gauge_refresh(&tasks, state.clone(), Duration::from_secs(900));
@@ -420,6 +423,8 @@ pub async fn run(
             let stop = async move {
                 let _ = admin_stop_rx.changed().await;
             };
+            // The peer's address, for the sign-in back-off.
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
             if let Err(e) = axum::serve(l, app).with_graceful_shutdown(stop).await {
                 tracing::error!(error = %e, "admin server failed");
             }

@@ -485,6 +485,48 @@ pub fn onboarding(action: OnboardingCmd, remote: Remote) -> Result<()> {
 
 /// `spf check` exits 1 when the record is not valid; `spf eval` exits 0 whenever the
 /// evaluation completed and 2 on a usage error.
+/// `check-config`: the shared ranges published in SPF, resolved through `[dns]` now,
+/// against `access.allowed_ranges`. A name that does not resolve is said, not fatal.
+pub async fn shared_range_overlaps(cfg: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    let spf_names: Vec<(usize, &str)> = cfg
+        .access
+        .shared_ranges
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.ranges_from_spf.as_deref().map(|d| (i, d)))
+        .collect();
+    if spf_names.is_empty() || cfg.access.allowed_ranges.is_empty() {
+        return out;
+    }
+    let dns = match HickoryDns::new(&cfg.dns.nameservers, cfg.dns.timeout.0) {
+        Ok(d) => d,
+        Err(e) => {
+            return vec![format!(
+                "shared ranges not checked against allowed_ranges: {e}"
+            )]
+        }
+    };
+    let spf = SpfService::new(dns, cfg.dns.spf_timeout.0);
+    for (i, domain) in spf_names {
+        let walk = spf.walk(domain).await;
+        let nets = smartrelay::spf::authorized_networks(&walk);
+        if nets.is_empty() {
+            out.push(format!(
+                "access.shared_ranges[{i}].ranges_from_spf: {domain} did not resolve now, so \
+                 access.allowed_ranges was not checked against it; until the relay has resolved \
+                 it once, every client gets 421 4.3.0"
+            ));
+            continue;
+        }
+        out.extend(cfg.allowed_overlap(
+            &format!("access.shared_ranges[{i}].ranges_from_spf ({domain})"),
+            &nets,
+        ));
+    }
+    out
+}
+
 pub async fn spf(action: SpfCmd) -> Result<ExitCode> {
     match action {
         SpfCmd::Check {

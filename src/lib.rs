@@ -9,13 +9,16 @@
 //! share sit below them all: `envelope`, `regions`, `events`, `pipeline`, `live` (what a
 //! reload replaces).
 
+pub mod address;
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod dur;
 pub mod envelope;
 pub mod events;
 pub mod live;
 pub mod pipeline;
+pub mod rate;
 pub mod regions;
 pub mod reload;
 pub mod tasks;

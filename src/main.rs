@@ -44,6 +44,9 @@ fn dispatch(args: Cli) -> Result<ExitCode> {
             for w in cfg.warnings() {
                 println!("warning: {w}");
             }
+            for w in runtime()?.block_on(cli::shared_range_overlaps(&cfg)) {
+                println!("warning: {w}");
+            }
             println!(
                 "{}: ok ({} listener(s), {} domain(s), default region {})",
                 config.display(),

@@ -40,6 +40,10 @@ macro_rules! metrics {
 }
 
 metrics! {
+    ADMIN_LOGIN_FAILURES_TOTAL: Counter = "smartrelay_admin_login_failures_total",
+        "Wrong admin tokens presented (sign-in form or bearer); each makes that client wait longer before the next try";
+    ADMIN_REQUESTS_REFUSED_TOTAL: Counter = "smartrelay_admin_requests_refused_total",
+        "Admin requests refused by reason: host (not this listener's Host, 421), origin (from another origin), csrf (no valid CSRF token), throttled (sign-in back-off), share_rate (admin.share_rate)";
     ACCEPT_LATENCY_SECONDS: Histogram(Seconds) = "smartrelay_accept_latency_seconds",
         "From end of data to the 250 reply (includes fsync)";
     CONFIG_INFO: Gauge = "smartrelay_config_info",

@@ -178,6 +178,54 @@ fn a_signature_proves_one_message_once() {
     }));
 }
 
+/// Many sessions at once, with the activity recorder writing to the same state file:
+/// every check gets its answer (no "database is busy" turned into a 451).
+#[test]
+fn concurrent_checks_all_get_an_answer() {
+    let w = world("replay-concurrent");
+    let relay =
+        Relay::start(&cfg(&w, &w.dir, "127.0.0.1:9").set("access.dkim_replay", "window", "\"1h\""));
+    let m = std::sync::Arc::new(w.key.sign_like_exchange(
+        &message("alice@contoso.test", "busy", &date(0)),
+        "contoso.test",
+        "selector1",
+    ));
+    let addr = relay.smtp;
+    let threads: Vec<_> = (0..12)
+        .map(|i| {
+            let m = m.clone();
+            std::thread::spawn(move || {
+                (0..40)
+                    .map(|k| {
+                        send(
+                            addr,
+                            "alice@contoso.test",
+                            &[&format!("r{i}-{k}@partner.test")],
+                            &m,
+                        )
+                        .code
+                    })
+                    .collect::<Vec<u16>>()
+            })
+        })
+        .collect();
+    for t in threads {
+        let codes = t.join().unwrap();
+        assert!(
+            codes.iter().all(|c| *c == 250),
+            "{codes:?}: {}",
+            relay
+                .logs()
+                .iter()
+                .filter(|l| l.contains("not proven") || l.contains("not verifiable"))
+                .take(3)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+}
+
 #[test]
 fn old_signatures_and_another_tenants_stamp_prove_nothing() {
     let w = world("replay-stale");

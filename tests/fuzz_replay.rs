@@ -77,3 +77,8 @@ fn header_fields() {
 fn dns_txt() {
     replay("dns_txt", targets::dns_txt);
 }
+
+#[test]
+fn admin() {
+    replay("admin", targets::admin);
+}

@@ -378,17 +378,20 @@ fn dashboard_in_a_real_browser() {
     assert!(dom.contains("1 accepted, 1 delivered"));
     assert!(dom.contains("0 message(s) queued"));
     assert!(dom.contains("1 addresses in 1 domains learned"));
-    // The Confirm button posts a form; the page then shows the step done.
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .max_redirects(0)
-        .build()
-        .into();
-    let resp = agent
-        .post(&relay.url("/api/v1/onboarding/outbound-ips/confirm"))
-        .send_form([("confirm", "1")])
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 303);
+    // The Confirm button posts a form (with its session's CSRF token); the page then
+    // shows the step done. The same form without the token is refused.
+    let page = Dashboard::open(&relay, None);
+    let forged = post_body(
+        &relay.url("/api/v1/onboarding/outbound-ips/confirm"),
+        "application/x-www-form-urlencoded",
+        "confirm=1",
+    );
+    assert_eq!(forged.0, 403, "{}", forged.1);
+    let (status, _) = page.post_form(
+        "/api/v1/onboarding/outbound-ips/confirm",
+        &[("confirm", "1")],
+    );
+    assert_eq!(status, 303);
     let dom = chromium(&["--dump-dom"], &relay.url("/"), &profile);
     assert!(dom.contains(r#"data-step="outbound_ips" data-state="done""#));
     // A screenshot for people who want to look.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs, on Debian, what the tests talk to when it is missing: Postfix's smtp-sink
 # and smtp-source (package postfix), swaks, Python's aiosmtpd and prometheus_client,
-# python3-dkim and python3-nacl, strace, sqlite3, openssl, headless Chromium, prlimit and script (util-linux, bsdutils),
+# python3-dkim and python3-nacl, strace, sqlite3, openssl, headless Chromium with its
+# WebDriver and python3-selenium, prlimit and script (util-linux, bsdutils),
 # systemd-analyze and promtool, PostgreSQL 15 and HAProxy.
 set -euo pipefail
 
@@ -13,6 +14,9 @@ command -v swaks >/dev/null 2>&1 || need+=(swaks libnet-ssleay-perl libio-socket
 # Real DKIM signatures (dkimpy) with RSA and Ed25519 keys (PyNaCl) for the tenant tests.
 [ -x /usr/bin/python3 ] && /usr/bin/python3 -c "import dkim, nacl" 2>/dev/null || need+=(python3-dkim python3-nacl)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+# The admin's cross-site request tests drive Chromium through WebDriver.
+command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
+[ -x /usr/bin/python3 ] && /usr/bin/python3 -c "import selenium" 2>/dev/null || need+=(python3-selenium)
 command -v sqlite3 >/dev/null 2>&1 || need+=(sqlite3)
 # The sync-before-ack trace test runs the relay under strace.
 command -v strace >/dev/null 2>&1 || need+=(strace)

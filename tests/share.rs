@@ -196,10 +196,13 @@ fn the_cli_and_the_dashboard_form_share_chosen_domains() {
         ),
         "{page}"
     );
-    let (status, answer) = post_body(
-        &relay.url("/api/v1/onboarding/share"),
-        "application/x-www-form-urlencoded",
-        "to=hostmaster%40partner.test&domains=example.test",
+    let dashboard = Dashboard::open(&relay, None);
+    let (status, answer) = dashboard.post_form(
+        "/api/v1/onboarding/share",
+        &[
+            ("to", "hostmaster@partner.test"),
+            ("domains", "example.test"),
+        ],
     );
     assert_eq!(status, 202, "{answer}");
     assert!(

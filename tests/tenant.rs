@@ -522,19 +522,17 @@ fn ranges_from_spf_refresh_and_survive_a_dns_outage() {
     );
     assert_eq!(greet(&relay, "127.0.0.3"), 220);
 
-    // A relay that never resolved the list cannot tell: 421, never 220 or 554.
+    // A relay that never resolved the list cannot tell: 421, never 220 or 554 — for
+    // an address of allowed_ranges too, which may be one of the platform's.
     let fresh = tmpdir("tenant-spf-fresh");
     let cfg = spf_cfg(&fresh, dns_addr);
     let relay2 = Relay::start(&cfg);
-    let mut c = Smtp::connect_from("127.0.0.3".parse().unwrap(), relay2.smtp);
-    let r = c.reply();
-    assert_eq!(r.code, 421, "{}", r.text());
-    assert!(r.text().starts_with("4.3.0"), "{}", r.text());
-    assert_eq!(
-        greet(&relay2, "127.0.0.1"),
-        220,
-        "dedicated sources are not held up"
-    );
+    for ip in ["127.0.0.3", "127.0.0.1"] {
+        let mut c = Smtp::connect_from(ip.parse().unwrap(), relay2.smtp);
+        let r = c.reply();
+        assert_eq!(r.code, 421, "{ip}: {}", r.text());
+        assert!(r.text().starts_with("4.3.0"), "{}", r.text());
+    }
 }
 
 #[test]

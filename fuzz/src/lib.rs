@@ -385,3 +385,34 @@ pub fn dns_txt(data: &[u8]) {
         assert_eq!(answer.get(..2), Some(&id.to_be_bytes()[..]));
     }
 }
+
+/// The admin's request parsing (`admin::guard`): cookies, `Host`, `Origin`/`Referer`
+/// and the CSRF field of a form. No input panics; a `Host` is only the admin's own when
+/// it names the listener's port (or none), and an origin only matches a host it ends
+/// with.
+pub fn admin(data: &[u8]) {
+    use smartrelay::admin::guard::{
+        cookie, form_csrf, host_allowed, origin_of, same_origin, split_host,
+    };
+    let text = String::from_utf8_lossy(data);
+    let mut parts = text.splitn(3, '\n');
+    let (a, b, c) = (
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or(""),
+    );
+    let _ = cookie([a, b].into_iter(), "smartrelay_session");
+    let _ = form_csrf(c.as_bytes());
+    let listen: std::net::SocketAddr = "127.0.0.1:8025".parse().expect("literal");
+    if host_allowed(a, listen, &[b.to_string()]) {
+        if let Some((_, Some(port))) = split_host(a) {
+            assert_eq!(port, 8025, "{a:?} allowed on another port");
+        }
+    }
+    if let Some(o) = origin_of(b) {
+        assert!(b.trim().starts_with(o), "{o:?} is not a prefix of {b:?}");
+    }
+    if same_origin(b, a) {
+        assert!(origin_of(b).is_some());
+    }
+}

@@ -4,11 +4,15 @@
 use std::fmt::Write;
 use std::time::Duration;
 
-use axum::extract::{Form, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Form, State};
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::Extension;
 use serde::Deserialize;
 
+use super::guard::{self, SessionInfo};
 use super::onboarding::{self, StepState};
 use super::{trusted_api, Admin};
 use crate::envelope::{now_ms, Millis};
@@ -74,28 +78,102 @@ pub struct LoginForm {
     token: String,
 }
 
-pub async fn login(State(st): State<Admin>, Form(f): Form<LoginForm>) -> Response {
-    let ok = st
-        .config()
-        .admin
-        .token
-        .as_deref()
-        .is_some_and(|t| super::token_matches(t, f.token.trim()));
-    if !ok {
-        return login_page();
-    }
-    let cookie = format!(
-        "smartrelay_token={}; Path=/; HttpOnly; SameSite=Strict",
-        f.token.trim()
-    );
-    let mut resp = Redirect::to("/").into_response();
+/// The session cookie for `s`: never the token, gone with the session.
+fn session_cookie(s: &SessionInfo, ttl: Duration) -> String {
+    format!(
+        "{}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
+        guard::SESSION_COOKIE,
+        s.id,
+        ttl.as_secs()
+    )
+}
+
+fn with_cookie(mut resp: Response, cookie: &str) -> Response {
     if let Ok(v) = cookie.parse() {
         resp.headers_mut().insert(header::SET_COOKIE, v);
     }
     resp
 }
 
-pub async fn page(State(st): State<Admin>) -> Response {
+/// Signing in: the token for a session of `admin.session_ttl`. A wrong token makes the
+/// client wait (1 s, then 2 s, 4 s… up to 5 minutes) before the next try.
+pub async fn login(
+    State(st): State<Admin>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Form(f): Form<LoginForm>,
+) -> Response {
+    let ip = peer.ip().to_canonical();
+    if let Some(wait) = st.guard.throttled(ip) {
+        return super::throttled(wait);
+    }
+    let cfg = st.config();
+    let ok = cfg
+        .admin
+        .token
+        .as_deref()
+        .filter(|t| !t.is_empty())
+        .is_some_and(|t| guard::secret_matches(t, f.token.trim()));
+    if !ok {
+        ::metrics::counter!(crate::telemetry::ADMIN_LOGIN_FAILURES_TOTAL).increment(1);
+        st.guard.failed(ip);
+        tracing::warn!(client = %ip, "admin sign-in with a wrong token");
+        return login_page();
+    }
+    st.guard.succeeded(ip);
+    let ttl = cfg.admin.session_ttl.0;
+    let session = st.guard.open(true, ttl);
+    with_cookie(
+        Redirect::to("/").into_response(),
+        &session_cookie(&session, ttl),
+    )
+}
+
+/// Signing out: the session is forgotten here and the cookie cleared.
+pub async fn logout(State(st): State<Admin>, session: Option<Extension<SessionInfo>>) -> Response {
+    if let Some(Extension(s)) = session {
+        st.guard.close(&s.id);
+    }
+    with_cookie(
+        Redirect::to("/").into_response(),
+        &format!(
+            "{}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0",
+            guard::SESSION_COOKIE
+        ),
+    )
+}
+
+/// The hidden field every form of the page carries.
+fn csrf_field(s: &SessionInfo) -> String {
+    format!(
+        "<input type=\"hidden\" name=\"{}\" value=\"{}\">",
+        guard::CSRF_FIELD,
+        html_escape(&s.csrf)
+    )
+}
+
+pub async fn page(State(st): State<Admin>, session: Option<Extension<SessionInfo>>) -> Response {
+    let cfg = st.config();
+    // The page's forms need a session for their CSRF token: without a token to sign
+    // in with, an anonymous one.
+    let (session, new_cookie) = match session {
+        Some(Extension(s)) => (s, None),
+        None => {
+            let ttl = cfg.admin.session_ttl.0;
+            let s = st.guard.open(false, ttl);
+            let c = session_cookie(&s, ttl);
+            (s, Some(c))
+        }
+    };
+    let resp = render(&st, &session).await;
+    match new_cookie {
+        Some(c) => with_cookie(resp, &c),
+        None => resp,
+    }
+}
+
+async fn render(st: &Admin, session: &SessionInfo) -> Response {
+    let st = st.clone();
+    let csrf = csrf_field(session);
     let mut b = String::new();
     let cfg = st.config();
     let _ = write!(
@@ -146,13 +224,13 @@ pub async fn page(State(st): State<Admin>) -> Response {
         );
         b.push_str("<details><summary>More</summary>");
         if step.id == "outbound_ips" {
-            outbound_details(&mut b, ips);
+            outbound_details(&mut b, ips, &csrf);
         } else if let Some(domain) = step.id.strip_prefix("spf:") {
             if let Some(r) = reports.iter().find(|r| r.domain == domain) {
                 spf_details(&mut b, r);
             }
         } else if step.id == "connector" {
-            connector_details(&mut b, verification);
+            connector_details(&mut b, verification, &csrf);
         } else if step.id == "domains" {
             let _ = write!(
                 b,
@@ -166,7 +244,7 @@ pub async fn page(State(st): State<Admin>) -> Response {
         }
         b.push_str("</details></div>");
     }
-    share_form(&mut b, &cfg.access.domains);
+    share_form(&mut b, &cfg.access.domains, &csrf);
     if let Ok(s) = onboarding::summary_for(&st, Duration::from_secs(86_400)).await {
         let _ = write!(
             b,
@@ -239,6 +317,12 @@ pub async fn page(State(st): State<Admin>) -> Response {
             let _ = write!(b, "<p>{}</p>", html_escape(&e.1));
         }
     }
+    if session.signed_in {
+        let _ = write!(
+            b,
+            "<form method=\"post\" action=\"/logout\">{csrf}<button type=\"submit\" id=\"logout\">Sign out</button></form>"
+        );
+    }
     let _ = write!(b, "<p><small>Rendered {}.</small></p>", rfc3339(now_ms()));
     Html(page_shell("smartrelay onboarding", &b)).into_response()
 }
@@ -260,7 +344,7 @@ fn count_table(b: &mut String, title: &str, rows: &[super::activity::Count]) {
     b.push_str("</table>");
 }
 
-fn outbound_details(b: &mut String, ips: &onboarding::OutboundIps) {
+fn outbound_details(b: &mut String, ips: &onboarding::OutboundIps, csrf: &str) {
     let _ = write!(
         b,
         "<p>Configured ranges: <code>{}</code></p>",
@@ -300,18 +384,18 @@ fn outbound_details(b: &mut String, ips: &onboarding::OutboundIps) {
             when(ips.confirmed_at.unwrap_or(0))
         );
     } else {
-        b.push_str("<form method=\"post\" action=\"/api/v1/onboarding/outbound-ips/confirm\"><input type=\"hidden\" name=\"confirm\" value=\"1\"><button type=\"submit\" id=\"confirm-ips\">Confirm these ranges</button></form>");
+        let _ = write!(b, "<form method=\"post\" action=\"/api/v1/onboarding/outbound-ips/confirm\">{csrf}<input type=\"hidden\" name=\"confirm\" value=\"1\"><button type=\"submit\" id=\"confirm-ips\">Confirm these ranges</button></form>");
     }
 }
 
 /// The vendor page's "Share": the SPF instructions mailed to whoever runs DNS.
-fn share_form(b: &mut String, domains: &[String]) {
+fn share_form(b: &mut String, domains: &[String], csrf: &str) {
     let _ = write!(
         b,
         "<h2 id=\"share\">Share the SPF instructions</h2><p>Mails each domain's current \
          record, what is wrong with it, the record to publish and how to verify it, from \
          postmaster@ through this relay.</p><form method=\"post\" \
-         action=\"/api/v1/onboarding/share\" id=\"share-form\"><label>To <input \
+         action=\"/api/v1/onboarding/share\" id=\"share-form\">{csrf}<label>To <input \
          type=\"email\" name=\"to\" required></label> <label>Domains <input name=\"domains\" \
          placeholder=\"all: {}\"></label> <button type=\"submit\" id=\"share-spf\">Share\
          </button></form>",
@@ -425,7 +509,7 @@ fn tree(b: &mut String, n: &Node) {
     b.push_str("</li></ul>");
 }
 
-fn connector_details(b: &mut String, v: Option<&onboarding::Verification>) {
+fn connector_details(b: &mut String, v: Option<&onboarding::Verification>, csrf: &str) {
     match v {
         Some(v) => {
             let _ = write!(
@@ -456,7 +540,7 @@ fn connector_details(b: &mut String, v: Option<&onboarding::Verification>) {
         }
         None => b.push_str("<p id=\"connector\">Not verified yet.</p>"),
     }
-    b.push_str("<form method=\"post\" action=\"/api/v1/onboarding/connector/verify\"><input type=\"hidden\" name=\"verify\" value=\"1\"><button type=\"submit\" id=\"verify-connector\">Verify connector</button></form>");
+    let _ = write!(b, "<form method=\"post\" action=\"/api/v1/onboarding/connector/verify\">{csrf}<input type=\"hidden\" name=\"verify\" value=\"1\"><button type=\"submit\" id=\"verify-connector\">Verify connector</button></form>");
 }
 
 /// Each shared range: its addresses (configured and from SPF) and the proofs it takes.

@@ -5,6 +5,7 @@
 pub mod access_api;
 pub mod activity;
 pub mod dashboard;
+pub mod guard;
 pub mod instructions;
 pub mod metrics;
 pub mod onboarding;
@@ -13,8 +14,10 @@ pub mod reload_api;
 pub mod share;
 pub mod trusted_api;
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -52,6 +55,12 @@ pub struct AdminState {
     pub listening: AtomicBool,
     /// Where the SMTP listeners are bound (the configured port may be 0).
     pub smtp_addrs: Vec<std::net::SocketAddr>,
+    /// Where the admin listener is bound: the `Host` it answers to.
+    pub admin_addr: Option<std::net::SocketAddr>,
+    /// Sessions, CSRF tokens and sign-in back-off.
+    pub guard: guard::Guard,
+    /// `admin.share_rate`, for the whole relay.
+    pub share_cell: std::sync::Mutex<crate::rate::Cell>,
 }
 
 impl AdminState {
@@ -124,58 +133,220 @@ pub fn router(state: Admin) -> Router {
         .route("/api/v1/reload", post(reload_api::reload))
         .route("/api/v1/trusted-senders", get(trusted_api::list))
         .route("/api/v1/trusted-senders/stats", get(trusted_api::stats))
+        .route("/logout", post(dashboard::logout))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/login", post(dashboard::login))
         .merge(api)
+        .layer(middleware::from_fn_with_state(state.clone(), check_request))
+        .layer(middleware::from_fn(security_headers))
         .with_state(state)
 }
 
-/// The token from `Authorization: Bearer` or the dashboard's cookie.
-fn presented_token(headers: &HeaderMap) -> Option<String> {
-    if let Some(v) = headers
+/// The token from `Authorization: Bearer` (programs: the CLI, Prometheus).
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-    {
-        if let Some(t) = v.strip_prefix("Bearer ") {
-            return Some(t.trim().to_string());
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+/// The configured token, when there is one (an empty one is none).
+fn configured_token(st: &AdminState) -> Option<String> {
+    st.config().admin.token.clone().filter(|t| !t.is_empty())
+}
+
+fn peer(req: &Request) -> Option<IpAddr> {
+    req.extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip().to_canonical())
+}
+
+fn refuse(reason: &'static str, status: StatusCode, message: String) -> Response {
+    ::metrics::counter!(crate::telemetry::ADMIN_REQUESTS_REFUSED_TOTAL, "reason" => reason)
+        .increment(1);
+    (status, Json(json!({ "error": message }))).into_response()
+}
+
+/// Every request: its `Host` (DNS rebinding), its session, and for a state-changing
+/// one where it comes from (`Origin`/`Referer`) and its CSRF token. See [`guard`].
+async fn check_request(State(st): State<Admin>, req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_string();
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let health = path == "/healthz" || path == "/readyz";
+    if let (false, Some(listen)) = (health, st.admin_addr) {
+        if !guard::host_allowed(&host, listen, &st.config().admin.hosts) {
+            return refuse(
+                "host",
+                StatusCode::MISDIRECTED_REQUEST,
+                format!(
+                    "Host `{host}` is not this admin listener's; name it in admin.hosts to use it"
+                ),
+            );
         }
     }
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|c| {
-            c.trim()
-                .strip_prefix("smartrelay_token=")
-                .map(str::to_string)
-        })
+    let mut req = req;
+    let cookie = guard::cookie(
+        req.headers()
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+        guard::SESSION_COOKIE,
+    )
+    .map(str::to_string);
+    let session = cookie.as_deref().and_then(|id| st.guard.session(id));
+    if let Some(s) = &session {
+        req.extensions_mut().insert(s.clone());
+    }
+    let changes_state = !matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
+    );
+    if !changes_state {
+        return next.run(req).await;
+    }
+    let token = configured_token(&st);
+    if let (Some(t), Some(b)) = (&token, bearer(req.headers())) {
+        if guard::secret_matches(t, b) {
+            return next.run(req).await;
+        }
+    }
+    let origin = req
+        .headers()
+        .get(header::ORIGIN)
+        .or_else(|| req.headers().get(header::REFERER))
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    if let Some(o) = &origin {
+        if !guard::same_origin(o, &host) {
+            tracing::warn!(origin = %o, %path, "admin request from another origin refused");
+            return refuse(
+                "origin",
+                StatusCode::FORBIDDEN,
+                format!("a request from {o} may not change this relay"),
+            );
+        }
+    }
+    let is_form = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.starts_with("application/x-www-form-urlencoded") || v.starts_with("multipart/")
+        });
+    // Signing in needs no session yet; where it comes from was checked above.
+    if path == "/login" || !(is_form || cookie.is_some()) {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, FORM_LIMIT).await else {
+        return refuse(
+            "csrf",
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request body too large".into(),
+        );
+    };
+    let presented = if is_form {
+        guard::form_csrf(&bytes)
+    } else {
+        parts
+            .headers
+            .get("x-csrf-token")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let valid =
+        matches!((&session, &presented), (Some(s), Some(p)) if guard::secret_matches(&s.csrf, p));
+    if !valid {
+        tracing::warn!(%path, "admin form without a valid CSRF token refused");
+        return refuse(
+            "csrf",
+            StatusCode::FORBIDDEN,
+            "missing or wrong CSRF token: use the dashboard's own form".into(),
+        );
+    }
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
 }
 
-/// Constant-time comparison: the token must not leak through response timing.
-fn token_matches(expected: &str, given: &str) -> bool {
-    let (a, b) = (expected.as_bytes(), given.as_bytes());
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Forms are small; a larger body is not one of the dashboard's.
+const FORM_LIMIT: usize = 64 * 1024;
+
+/// Every answer: no framing, no foreign sources, no sniffing.
+async fn security_headers(req: Request, next: Next) -> Response {
+    let mut resp = next.run(req).await;
+    let h = resp.headers_mut();
+    for (name, value) in [
+        ("content-security-policy", guard::CSP),
+        ("x-frame-options", "DENY"),
+        ("x-content-type-options", "nosniff"),
+        ("referrer-policy", "same-origin"),
+    ] {
+        if let Ok(v) = axum::http::HeaderValue::from_str(value) {
+            h.insert(name, v);
+        }
+    }
+    resp
 }
 
+/// Signed in: a valid `Authorization: Bearer`, or a session signed in with the token.
+/// Wrong bearer tokens count against the client like wrong sign-ins.
 async fn require_token(State(st): State<Admin>, req: Request, next: Next) -> Response {
-    let cfg = st.config();
-    let Some(expected) = cfg.admin.token.as_deref().filter(|t| !t.is_empty()) else {
+    let Some(expected) = configured_token(&st) else {
         return next.run(req).await;
     };
-    match presented_token(req.headers()) {
-        Some(t) if token_matches(expected, &t) => next.run(req).await,
-        _ if req.uri().path() == "/" => dashboard::login_page().into_response(),
-        _ => (
-            StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Bearer")],
-            Json(json!({ "error": "missing or wrong bearer token" })),
-        )
-            .into_response(),
+    let ip = peer(&req);
+    if let Some(given) = bearer(req.headers()) {
+        if let Some(wait) = ip.and_then(|ip| st.guard.throttled(ip)) {
+            return throttled(wait);
+        }
+        if guard::secret_matches(&expected, given) {
+            if let Some(ip) = ip {
+                st.guard.succeeded(ip);
+            }
+            return next.run(req).await;
+        }
+        ::metrics::counter!(crate::telemetry::ADMIN_LOGIN_FAILURES_TOTAL).increment(1);
+        if let Some(ip) = ip {
+            st.guard.failed(ip);
+        }
+    } else if req
+        .extensions()
+        .get::<guard::SessionInfo>()
+        .is_some_and(|s| s.signed_in)
+    {
+        return next.run(req).await;
     }
+    if req.uri().path() == "/" {
+        return dashboard::login_page();
+    }
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer")],
+        Json(json!({ "error": "missing or wrong bearer token" })),
+    )
+        .into_response()
+}
+
+/// `429` with how long to wait.
+pub fn throttled(wait: Duration) -> Response {
+    ::metrics::counter!(crate::telemetry::ADMIN_REQUESTS_REFUSED_TOTAL, "reason" => "throttled")
+        .increment(1);
+    let secs = wait.as_secs().max(1).to_string();
+    (
+        StatusCode::TOO_MANY_REQUESTS,
+        [(header::RETRY_AFTER, secs)],
+        Json(json!({ "error": "too many failed sign-ins from this address; wait and try again" })),
+    )
+        .into_response()
 }
 
 async fn metrics_text(State(st): State<Admin>) -> impl IntoResponse {
@@ -231,15 +402,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tokens() {
+    fn bearer_tokens() {
         let mut h = HeaderMap::new();
         h.insert(header::AUTHORIZATION, "Bearer s3cret".parse().unwrap());
-        assert_eq!(presented_token(&h).as_deref(), Some("s3cret"));
+        assert_eq!(bearer(&h), Some("s3cret"));
         let mut c = HeaderMap::new();
-        c.insert(header::COOKIE, "a=b; smartrelay_token=xyz".parse().unwrap());
-        assert_eq!(presented_token(&c).as_deref(), Some("xyz"));
-        assert!(token_matches("abc", "abc"));
-        assert!(!token_matches("abc", "abd"));
-        assert!(!token_matches("abc", "ab"));
+        c.insert(header::COOKIE, "smartrelay_token=xyz".parse().unwrap());
+        assert_eq!(bearer(&c), None, "a cookie is never the token");
     }
 }

@@ -42,6 +42,7 @@ pub async fn show(
 
 pub async fn flush(State(st): State<Admin>) -> impl IntoResponse {
     let n = st.queue.flush();
+    tracing::info!(rescheduled = n, "queue flushed by administrator");
     Json(json!({ "rescheduled": n }))
 }
 

@@ -13,8 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Admin, ApiError};
 use crate::envelope::{
-    is_valid_domain, now_ms, rfc5322_date, BodyType, ClientInfo, ContentFlags, Envelope, QueueId,
-    Recipient,
+    now_ms, rfc5322_date, BodyType, ClientInfo, ContentFlags, Envelope, QueueId, Recipient,
 };
 use crate::pipeline::{Intake, Submission};
 use crate::spf::validate::Report;
@@ -43,27 +42,6 @@ pub struct ShareReply {
     pub queue_id: String,
     pub to: String,
     pub domains: Vec<String>,
-}
-
-/// An addr-spec as RFC 5321 takes it in a path: a dot-atom local part and a host name.
-/// Quoted local parts are refused: nobody runs DNS from one, and they only make the
-/// address harder to check by eye.
-pub fn is_valid_address(address: &str) -> bool {
-    const SPECIALS: &str = "()<>[]:;@\\,\"";
-    let Some((local, domain)) = address.rsplit_once('@') else {
-        return false;
-    };
-    address.len() <= 254
-        && !local.is_empty()
-        && local.len() <= 64
-        && !local.starts_with('.')
-        && !local.ends_with('.')
-        && !local.contains("..")
-        && local
-            .chars()
-            .all(|c| c.is_ascii_graphic() && !SPECIALS.contains(c))
-        && domain.contains('.')
-        && is_valid_domain(domain)
 }
 
 /// Which configured domains to share: all when none are named; an unknown one is an
@@ -252,7 +230,25 @@ pub async fn share(State(st): State<Admin>, req: Request) -> Result<Response, Ap
             .map_err(|e| ApiError(e.status(), e.body_text()))?;
         r
     };
-    let shared = queue_share(&st, ask).await?;
+    let shared = match queue_share(&st, ask).await {
+        Ok(s) => s,
+        Err(Refused::Api(e)) => return Err(e),
+        Err(Refused::Rate { rate, retry_after }) => {
+            ::metrics::counter!(crate::telemetry::ADMIN_REQUESTS_REFUSED_TOTAL, "reason" => "share_rate")
+                .increment(1);
+            return Ok((
+                StatusCode::TOO_MANY_REQUESTS,
+                [(
+                    header::RETRY_AFTER,
+                    retry_after.as_secs().max(1).to_string(),
+                )],
+                Json(serde_json::json!({
+                    "error": format!("admin.share_rate ({rate}) reached: try again later")
+                })),
+            )
+                .into_response());
+        }
+    };
     if is_form {
         let e = super::dashboard::html_escape;
         let page = format!(
@@ -268,29 +264,55 @@ pub async fn share(State(st): State<Admin>, req: Request) -> Result<Response, Ap
     Ok((StatusCode::ACCEPTED, Json(shared)).into_response())
 }
 
-async fn queue_share(st: &Admin, ask: ShareRequest) -> Result<ShareReply, ApiError> {
+/// Why a Share was not queued.
+enum Refused {
+    Api(ApiError),
+    /// `admin.share_rate` is spent for now.
+    Rate {
+        rate: crate::rate::Rate,
+        retry_after: std::time::Duration,
+    },
+}
+
+impl From<ApiError> for Refused {
+    fn from(e: ApiError) -> Refused {
+        Refused::Api(e)
+    }
+}
+
+/// Checks the request, then takes one of `admin.share_rate` (a refused request takes
+/// none), then composes and queues the message.
+async fn queue_share(st: &Admin, ask: ShareRequest) -> Result<ShareReply, Refused> {
     let to = ask.to.trim().to_string();
     if to.is_empty() {
-        return Err(ApiError::bad_request(
+        return Err(Refused::Api(ApiError::bad_request(
             "\"to\" is required: the address to send to",
-        ));
-    }
-    if !is_valid_address(&to) {
-        return Err(ApiError::bad_request(format!(
-            "{to} is not a valid address (local@domain)"
         )));
     }
+    // The same grammar as ingress's RCPT: what the relay refuses from a client it does
+    // not send on an operator's behalf either.
+    let to = crate::address::parse_mailbox(&to)
+        .map_err(|why| ApiError::bad_request(format!("{to} is not a valid address: {why}")))?;
     let cfg = st.config();
     let domains =
         select_domains(&ask.domains, &cfg.access.domains).map_err(ApiError::bad_request)?;
     if domains.is_empty() {
-        return Err(ApiError::bad_request("no domain to share"));
+        return Err(Refused::Api(ApiError::bad_request("no domain to share")));
     }
     if let Err(b) = st.queue.admission() {
-        return Err(ApiError(
+        return Err(Refused::Api(ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("the queue takes no mail now ({})", b.label()),
-        ));
+        )));
+    }
+    let rate = cfg.admin.share_rate;
+    let decision = st
+        .share_cell
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take(&rate, 1, now_ms().saturating_mul(1000));
+    if let crate::rate::Decision::Denied { retry_after } = decision {
+        return Err(Refused::Rate { rate, retry_after });
     }
     let mut reports = Vec::new();
     for d in &domains {
@@ -310,7 +332,9 @@ async fn queue_share(st: &Admin, ask: ShareRequest) -> Result<ShareReply, ApiErr
             orcpt: None,
         }],
         body: BodyType::SevenBit,
-        smtputf8: false,
+        // A non-ASCII address goes upstream only with SMTPUTF8 (refused, and bounced,
+        // where the smart host does not offer it).
+        smtputf8: !to.is_ascii(),
         ret: None,
         envid: None,
         client: ClientInfo {
@@ -348,30 +372,33 @@ async fn queue_share(st: &Admin, ask: ShareRequest) -> Result<ShareReply, ApiErr
 mod tests {
     use super::*;
 
+    /// Share takes what ingress takes (`crate::address`), nothing more: no trailing
+    /// dot, no path syntax.
     #[test]
     fn addresses() {
+        use crate::address::parse_mailbox;
         for ok in [
             "dns-admin@example.com",
             "a.b+c@sub.example.test",
             "x_y@ex-ample.org",
+            "zoë@bücher.test",
         ] {
-            assert!(is_valid_address(ok), "{ok}");
+            assert!(parse_mailbox(ok).is_ok(), "{ok}");
         }
         for bad in [
             "",
             "dns-admin",
             "@example.com",
             "a@",
-            "a@localhost",
             "a b@example.com",
             "<a@example.com>",
             ".a@example.com",
             "a..b@example.com",
             "a@exa mple.com",
             "a@-example.com",
-            "\"q\"@example.com",
+            "x@victim.test.",
         ] {
-            assert!(!is_valid_address(bad), "{bad}");
+            assert!(parse_mailbox(bad).is_err(), "{bad}");
         }
     }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::Dur;
+use crate::rate::Rate;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -18,6 +19,14 @@ pub struct AdminConfig {
     pub database: PathBuf,
     /// Flow counters and sources older than this are pruned from `database`.
     pub retention: Dur,
+    /// Host names the admin is reached by (a request naming another `Host` gets 421):
+    /// besides its listen address, any address literal on a wildcard listener, and
+    /// `localhost` on loopback.
+    pub hosts: Vec<String>,
+    /// How long a dashboard session lasts after signing in.
+    pub session_ttl: Dur,
+    /// Onboarding Share mails the relay sends at most (429 beyond).
+    pub share_rate: Rate,
 }
 
 impl Default for AdminConfig {
@@ -27,6 +36,12 @@ impl Default for AdminConfig {
             token: None,
             database: "var/state.sqlite3".into(),
             retention: Dur(Duration::from_secs(30 * 86_400)),
+            hosts: Vec::new(),
+            session_ttl: Dur(Duration::from_secs(12 * 3600)),
+            share_rate: Rate {
+                count: 10,
+                period: Duration::from_secs(3600),
+            },
         }
     }
 }

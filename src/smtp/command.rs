@@ -202,23 +202,10 @@ fn domain_arg(rest: &str) -> Result<String, CommandError> {
     if arg.contains(char::is_whitespace) {
         return Err(CommandError::Syntax("Syntax: EHLO hostname (one argument)"));
     }
-    if !(crate::envelope::is_valid_domain(arg) || is_address_literal(arg)) {
+    if !(crate::envelope::is_valid_domain(arg) || crate::address::is_address_literal(arg)) {
         return Err(CommandError::Syntax("Invalid domain name"));
     }
     Ok(arg.to_string())
-}
-
-fn is_address_literal(s: &str) -> bool {
-    let Some(inner) = s.strip_prefix('[').and_then(|s| s.strip_suffix(']')) else {
-        return false;
-    };
-    if let Some(v6) = inner
-        .strip_prefix("IPv6:")
-        .or_else(|| inner.strip_prefix("ipv6:"))
-    {
-        return v6.parse::<std::net::Ipv6Addr>().is_ok();
-    }
-    inner.parse::<std::net::Ipv4Addr>().is_ok()
 }
 
 /// Splits `FROM:<path> params` after the keyword, tolerating spaces around the colon
@@ -266,7 +253,7 @@ fn parse_mail(rest: &str) -> Result<Command, CommandError> {
     let sender = if path == "<>" {
         String::new()
     } else {
-        parse_path(path).map_err(CommandError::BadAddress)?
+        crate::address::parse_path(path).map_err(CommandError::BadAddress)?
     };
     let mut p = MailParams::default();
     let mut seen = Vec::new();
@@ -326,7 +313,7 @@ fn parse_rcpt(rest: &str) -> Result<Command, CommandError> {
     let recipient = if path.eq_ignore_ascii_case("<postmaster>") {
         "postmaster".to_string()
     } else {
-        parse_path(path).map_err(CommandError::BadAddress)?
+        crate::address::parse_path(path).map_err(CommandError::BadAddress)?
     };
     let mut p = RcptParams::default();
     let mut seen = Vec::new();
@@ -427,95 +414,6 @@ fn is_xtext(s: &str) -> bool {
         }
     }
     true
-}
-
-/// Parses `<[source-route:]local@domain>` and returns `local@domain` as written.
-pub fn parse_path(path: &str) -> Result<String, &'static str> {
-    let inner = path
-        .strip_prefix('<')
-        .and_then(|p| p.strip_suffix('>'))
-        .ok_or("Address must be enclosed in <>")?;
-    if inner.len() > 254 {
-        return Err("Address too long");
-    }
-    // A source route (`@a,@b:`) is obsolete; RFC 5321 §4.1.1.3 says accept and ignore it.
-    let mailbox = if inner.starts_with('@') {
-        inner.split_once(':').ok_or("Bad source route")?.1
-    } else {
-        inner
-    };
-    let at = find_local_end(mailbox).ok_or("Address needs local@domain")?;
-    let (local, domain) = (&mailbox[..at], &mailbox[at + 1..]);
-    check_local(local)?;
-    if !(crate::envelope::is_valid_domain(domain) || is_address_literal(domain)) {
-        return Err("Invalid domain in address");
-    }
-    if domain.ends_with('.') {
-        return Err("Invalid domain in address");
-    }
-    Ok(mailbox.to_string())
-}
-
-/// Position of the `@` that separates local part and domain (outside quotes).
-fn find_local_end(mailbox: &str) -> Option<usize> {
-    if mailbox.starts_with('"') {
-        let b = mailbox.as_bytes();
-        let mut i = 1;
-        while i < b.len() {
-            match b[i] {
-                b'\\' => i += 1,
-                b'"' => return (b.get(i + 1) == Some(&b'@')).then_some(i + 1),
-                _ => {}
-            }
-            i += 1;
-        }
-        None
-    } else {
-        mailbox.rfind('@')
-    }
-}
-
-fn check_local(local: &str) -> Result<(), &'static str> {
-    if local.is_empty() {
-        return Err("Empty local part");
-    }
-    if local.len() > 64 {
-        return Err("Local part longer than 64 octets");
-    }
-    if let Some(q) = local.strip_prefix('"') {
-        let body = q
-            .strip_suffix('"')
-            .ok_or("Unterminated quoted local part")?;
-        let b = body.as_bytes();
-        let mut i = 0;
-        while i < b.len() {
-            match b[i] {
-                b'\\' => {
-                    if !matches!(b.get(i + 1), Some(32..=126)) {
-                        return Err("Bad quoted-pair in local part");
-                    }
-                    i += 2;
-                }
-                32 | 33 | 35..=91 | 93..=126 => i += 1,
-                c if c >= 0x80 => i += 1,
-                _ => return Err("Bad character in quoted local part"),
-            }
-        }
-        return Ok(());
-    }
-    for atom in local.split('.') {
-        if atom.is_empty() {
-            return Err("Empty atom in local part");
-        }
-        if !atom.chars().all(is_atext) {
-            return Err("Bad character in local part");
-        }
-    }
-    Ok(())
-}
-
-fn is_atext(c: char) -> bool {
-    c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii()
 }
 
 #[cfg(test)]

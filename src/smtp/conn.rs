@@ -133,8 +133,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         self.buf.len() - self.pos
     }
 
-    /// Reads more input. `idle_ok` lets a draining server end an idle session here.
-    async fn fill(&mut self, timeout: Duration, idle_ok: bool) -> Result<(), Stop> {
+    /// Reads more input, waiting at most until `deadline`. `idle_ok` lets a draining
+    /// server end an idle session here.
+    async fn fill(&mut self, deadline: Instant, idle_ok: bool) -> Result<(), Stop> {
         if self.pos > 0 && self.pos == self.buf.len() {
             self.buf.clear();
             self.pos = 0;
@@ -143,7 +144,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             self.pos = 0;
         }
         self.buf.reserve(8192);
-        let deadline = (Instant::now() + timeout).min(self.session_deadline);
+        let deadline = deadline.min(self.session_deadline);
         loop {
             let phase = *self.phase.borrow_and_update();
             if phase == Phase::Stop || (phase == Phase::Draining && idle_ok) {
@@ -168,8 +169,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
     }
 
+    /// The next command line. `timeout` bounds the wait for its first octet, and then
+    /// the whole line from that octet on: reads that bring a byte at a time do not
+    /// extend it (RFC 5321 §4.5.3.2, "to receive a complete command line").
     async fn next_line(&mut self, max: usize, timeout: Duration, idle: bool) -> Result<Line, Stop> {
         let mut discarding = false;
+        let mut deadline = Instant::now() + timeout;
+        let mut started = self.buffered() > 0;
         loop {
             if let Some(k) = memchr::memchr(b'\n', &self.buf[self.pos..]) {
                 let start = self.pos;
@@ -188,8 +194,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 discarding = true;
                 self.pos = self.buf.len();
             }
-            self.fill(timeout, idle && !discarding && self.buffered() == 0)
-                .await?;
+            let waiting = idle && !discarding && self.buffered() == 0;
+            self.fill(deadline, waiting).await?;
+            if !started && self.buffered() > 0 {
+                started = true;
+                deadline = Instant::now() + timeout;
+            }
         }
     }
 
@@ -231,19 +241,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
     }
 
-    /// `fill` inside DATA or BDAT: the wait also ends when the sender falls behind the
-    /// minimum rate, so a drip of a byte a second is cut off, not carried for hours.
+    /// `fill` inside DATA or BDAT. `timeout` (`data_timeout`) runs from the last real
+    /// progress, [`PROGRESS`] octets, so a drip of single octets does not extend it; and
+    /// the wait also ends when the sender falls behind the minimum rate, so a slow drip
+    /// is cut off, not carried for hours.
     async fn fill_paced(&mut self, timeout: Duration, pace: &mut Pace) -> Result<(), Stop> {
         let before = self.buf.len() - self.pos;
-        let now = Instant::now();
-        let behind = pace.deadline().map(|d| d.saturating_duration_since(now));
-        let wait = behind.map_or(timeout, |b| b.min(timeout));
-        match self.fill(wait, false).await {
+        let stalled = pace.progress_at + timeout;
+        let behind = pace.deadline();
+        let deadline = behind.map_or(stalled, |b| b.min(stalled));
+        match self.fill(deadline, false).await {
             Ok(()) => {
-                pace.received((self.buf.len() - self.pos).saturating_sub(before) as u64);
+                let n = (self.buf.len() - self.pos).saturating_sub(before) as u64;
+                pace.received(n, Instant::now());
                 Ok(())
             }
-            Err(Stop::Timeout) if behind.is_some_and(|b| b <= wait) => Err(Stop::TooSlow),
+            Err(Stop::Timeout) if behind.is_some_and(|b| b < stalled) => Err(Stop::TooSlow),
             Err(e) => Err(e),
         }
     }
@@ -253,13 +266,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 /// a connection's first round trips and a client's own pauses are not slowness.
 const PACE_GRACE: Duration = Duration::from_secs(5);
 
+/// Octets that count as progress inside DATA or BDAT: `data_timeout` runs again from
+/// each such step, not from every read.
+const PROGRESS: u64 = 1024;
+
 /// The minimum data rate of one DATA body or BDAT chunk (Postfix's
 /// `smtpd_min_data_rate`): by `start + grace + received / rate` more must have come.
+/// And the last time the sender made progress, for `data_timeout`.
 #[derive(Debug, Clone, Copy)]
 struct Pace {
     rate: u64,
     start: Instant,
     received: u64,
+    progress_at: Instant,
+    since_progress: u64,
 }
 
 impl Pace {
@@ -268,11 +288,18 @@ impl Pace {
             rate,
             start,
             received: 0,
+            progress_at: start,
+            since_progress: 0,
         }
     }
 
-    fn received(&mut self, n: u64) {
+    fn received(&mut self, n: u64, now: Instant) {
         self.received = self.received.saturating_add(n);
+        self.since_progress = self.since_progress.saturating_add(n);
+        if self.since_progress >= PROGRESS {
+            self.since_progress = 0;
+            self.progress_at = now;
+        }
     }
 
     /// When the sender falls behind unless more arrives; `None` without a minimum.
@@ -582,7 +609,7 @@ mod tests {
         let t0 = Instant::now();
         let mut p = Pace::new(500, t0);
         assert_eq!(p.deadline(), Some(t0 + PACE_GRACE));
-        p.received(1000);
+        p.received(1000, t0);
         assert_eq!(p.deadline(), Some(t0 + PACE_GRACE + Duration::from_secs(2)));
         assert_eq!(Pace::new(0, t0).deadline(), None, "0 turns the minimum off");
     }
@@ -746,6 +773,94 @@ mod tests {
         assert_eq!(replies(&mut c, 1).await, [421]);
         assert_eq!(t0.elapsed().as_secs(), CMD.as_secs());
         task.await.unwrap();
+    }
+
+    /// `command_timeout` bounds a whole command line from its first octet: one octet
+    /// every 100 s keeps each read well inside the timeout, and the line is still cut
+    /// `command_timeout` after it began, not after the last read.
+    #[tokio::test(start_paused = true)]
+    async fn a_dripped_command_line_is_cut_a_timeout_after_its_first_octet() {
+        let (mut c, _, task) = session();
+        replies(&mut c, 1).await;
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        let t0 = Instant::now();
+        let (mut rd, mut wr) = tokio::io::split(c);
+        let drip = tokio::spawn(async move {
+            for b in b"NOOP and more and more" {
+                if wr.write_all(&[*b]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_secs(100)).await;
+            }
+        });
+        let mut rest = Vec::new();
+        let _ = rd.read_to_end(&mut rest).await;
+        assert_eq!(
+            t0.elapsed(),
+            CMD,
+            "cut command_timeout after the first octet"
+        );
+        assert!(
+            String::from_utf8_lossy(&rest).starts_with("421 4.4.2"),
+            "{rest:?}"
+        );
+        drip.abort();
+        task.await.unwrap();
+    }
+
+    /// Inside DATA, `data_timeout` runs from the last kilobyte, not from the last read:
+    /// with no minimum rate, one octet every 100 s is cut `data_timeout` after the 354.
+    #[tokio::test(start_paused = true)]
+    async fn a_dripped_body_is_cut_a_data_timeout_after_its_last_progress() {
+        let (mut c, intake, task) = session();
+        replies(&mut c, 1).await;
+        c.write_all(b"EHLO c.test\r\nMAIL FROM:<a@example.test>\r\nRCPT TO:<b@p.test>\r\nDATA\r\n")
+            .await
+            .unwrap();
+        assert_eq!(replies(&mut c, 4).await, [250, 250, 250, 354]);
+        let t0 = Instant::now();
+        let (mut rd, mut wr) = tokio::io::split(c);
+        let drip = tokio::spawn(async move {
+            for _ in 0..60 {
+                if wr.write_all(b"x").await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_secs(100)).await;
+            }
+        });
+        let mut got = Vec::new();
+        let _ = rd.read_to_end(&mut got).await;
+        let cut = t0.elapsed();
+        assert!(
+            String::from_utf8_lossy(&got).starts_with("421 4.4.2"),
+            "{got:?}"
+        );
+        assert_eq!(cut, DATA, "cut at data_timeout after the 354");
+        drip.abort();
+        task.await.unwrap();
+        assert!(intake.taken.lock().unwrap().is_empty());
+    }
+
+    /// A slow sender that makes progress (a kilobyte now and then, each well inside
+    /// `data_timeout`) is not cut, however long the whole body takes.
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_body_that_progresses_is_taken() {
+        let (mut c, intake, task) = session();
+        replies(&mut c, 1).await;
+        c.write_all(b"EHLO c.test\r\nMAIL FROM:<a@example.test>\r\nRCPT TO:<b@p.test>\r\nDATA\r\n")
+            .await
+            .unwrap();
+        assert_eq!(replies(&mut c, 4).await, [250, 250, 250, 354]);
+        let line = [b'y'; 1022];
+        for _ in 0..5 {
+            c.write_all(&line).await.unwrap();
+            c.write_all(b"\r\n").await.unwrap();
+            tokio::time::sleep(DATA - Duration::from_secs(60)).await;
+        }
+        c.write_all(b".\r\nQUIT\r\n").await.unwrap();
+        assert_eq!(replies(&mut c, 2).await, [250, 221]);
+        task.await.unwrap();
+        assert_eq!(intake.taken.lock().unwrap().len(), 1);
     }
 
     /// A client that stops in the middle of DATA is closed after `data_timeout`, and

@@ -41,14 +41,17 @@ pub struct Access {
 
 impl Access {
     /// A shared range wins over a dedicated one that also holds the address: the
-    /// stricter rule applies. `ip` must be canonical.
+    /// stricter rule applies. While a shared range's list has never been resolved, no
+    /// address can be known to be outside it, an address of `allowed_ranges` included:
+    /// treating one as dedicated then would relay for every tenant of the platform.
+    /// `ip` must be canonical.
     pub fn standing(&self, ip: IpAddr) -> Standing {
         match self.sources.classify(ip) {
             Membership::Shared(i) => Standing::Admit(SourceKind::Shared(i)),
-            _ if self.allowed.iter().any(|net| net.contains(&ip)) => {
+            Membership::Unresolved => Standing::NotYet,
+            Membership::Outside if self.allowed.iter().any(|net| net.contains(&ip)) => {
                 Standing::Admit(SourceKind::Dedicated)
             }
-            Membership::Unresolved => Standing::NotYet,
             Membership::Outside => Standing::Refuse,
         }
     }
@@ -60,8 +63,14 @@ pub struct Gate {
     max_per_ip: AtomicUsize,
     slots: Arc<Semaphore>,
     max_connections: usize,
+    /// The polite refusals' own small budget ([`REFUSAL_SHARE`] of the slots), so that
+    /// clients nobody allowed can never take the organization's slots.
+    refusals: Arc<Semaphore>,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
 }
+
+/// The part of `max_connections` refused clients may hold (at least one).
+pub const REFUSAL_SHARE: usize = 20;
 
 impl Gate {
     pub fn new(max_connections: usize, max_per_ip: usize) -> Gate {
@@ -69,6 +78,7 @@ impl Gate {
             max_per_ip: AtomicUsize::new(max_per_ip),
             slots: Arc::new(Semaphore::new(max_connections)),
             max_connections,
+            refusals: Arc::new(Semaphore::new((max_connections / REFUSAL_SHARE).max(1))),
             per_ip: Mutex::new(HashMap::new()),
         }
     }
@@ -78,7 +88,17 @@ impl Gate {
     }
 
     fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Admission> {
-        let permit = self.slots.clone().try_acquire_owned().ok()?;
+        self.hold(&self.slots, ip)
+    }
+
+    /// A slot of the refusals' budget for a polite refusal, counted per address like
+    /// any connection.
+    fn admit_refused(self: &Arc<Self>, ip: IpAddr) -> Option<Admission> {
+        self.hold(&self.refusals, ip)
+    }
+
+    fn hold(self: &Arc<Self>, slots: &Arc<Semaphore>, ip: IpAddr) -> Option<Admission> {
+        let permit = slots.clone().try_acquire_owned().ok()?;
         let mut map = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
         let n = map.entry(ip).or_insert(0);
         if *n >= self.max_per_ip.load(Ordering::Relaxed) {
@@ -297,15 +317,17 @@ impl<I: Intake, P: SenderPolicy> Listener<I, P> {
             Standing::Refuse => {
                 tracing::warn!(client = %ip, "connection refused: address not in access.allowed_ranges");
                 refused(&rules, ip, RefusalReason::IpNotAllowed);
-                match self.gate.slots.clone().try_acquire_owned() {
-                    Ok(permit) => {
+                // Never a slot of the organization's: the refusals' own few, within the
+                // per-address limit; past them one non-blocking write and the close.
+                match self.gate.admit_refused(ip) {
+                    Some(admission) => {
                         let hostname = rules.context.cfg.hostname.clone();
                         self.sessions.spawn(async move {
                             refuse_politely(stream, ip, &hostname).await;
-                            drop(permit);
+                            drop(admission);
                         });
                     }
-                    Err(_) => {
+                    None => {
                         let _ = stream.try_write(
                             format!("554 5.7.1 {ip} is not allowed to use this relay\r\n")
                                 .as_bytes(),
@@ -506,6 +528,48 @@ mod tests {
             Standing::Admit(SourceKind::Dedicated)
         );
         assert_eq!(gate.standing(ip("10.0.0.1")), Standing::Refuse);
+    }
+
+    /// While a shared range's SPF list has never been resolved, an address of
+    /// `allowed_ranges` is not known to be outside it: not yet, rather than dedicated.
+    #[test]
+    fn an_unresolved_shared_range_holds_dedicated_addresses_too() {
+        let shared = crate::config::SharedRange {
+            name: "o365".into(),
+            platform: crate::config::SharedPlatform::O365,
+            ranges: Vec::new(),
+            ranges_from_spf: Some("spf.protection.outlook.test".into()),
+            tenant_id: None,
+            dkim_domains: Vec::new(),
+            header: None,
+        };
+        let gate = Access {
+            allowed: vec!["127.0.0.0/8".parse().unwrap()],
+            sources: Arc::new(SharedSources::new(&[shared])),
+        };
+        assert_eq!(
+            gate.standing("127.0.0.2".parse().unwrap()),
+            Standing::NotYet
+        );
+        assert_eq!(gate.standing("10.0.0.1".parse().unwrap()), Standing::NotYet);
+    }
+
+    /// Refused clients hold slots of their own budget only, counted per address.
+    #[test]
+    fn refusals_have_their_own_budget() {
+        let gate = Arc::new(Gate::new(40, 3));
+        let ip: IpAddr = "10.9.9.9".parse().unwrap();
+        let held: Vec<_> = (0..2).filter_map(|_| gate.admit_refused(ip)).collect();
+        assert_eq!(held.len(), 2, "40 / {REFUSAL_SHARE} refusal slots");
+        assert!(gate.admit_refused("10.9.9.10".parse().unwrap()).is_none());
+        assert_eq!(gate.active(), 0, "none of the organization's slots");
+        let _one = gate.admit(ip).unwrap();
+        assert!(
+            gate.admit(ip).is_none(),
+            "the per-address limit counts refusals"
+        );
+        drop(held);
+        assert!(gate.admit_refused("10.9.9.10".parse().unwrap()).is_some());
     }
 
     #[test]

@@ -83,7 +83,7 @@ impl From<rusqlite::Error> for Migrate {
 }
 
 fn migrate(conn: &mut Connection, schema: &Schema) -> Result<(), Migrate> {
-    let tx = conn.transaction()?;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     tx.execute_batch(
         "CREATE TABLE IF NOT EXISTS schema_versions(name TEXT PRIMARY KEY, version INTEGER NOT NULL)",
     )?;

@@ -35,11 +35,29 @@ pub fn parse_since(text: &str, now: Millis) -> Result<Millis, String> {
         })
 }
 
+/// Cells a spreadsheet would run as a formula (`=cmd|'/C calc'!A0`) begin with these.
+const FORMULA_START: &[char] = &['=', '+', '-', '@', '\t', '\r'];
+
+/// One CSV cell. A value that begins like a formula gets a leading `'`, so a
+/// spreadsheet shows it as text (CSV injection); `read_addresses` takes it off again.
 fn csv_field(s: &str) -> String {
+    let s = if s.starts_with(FORMULA_START) {
+        format!("'{s}")
+    } else {
+        s.to_string()
+    };
     if s.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
-        s.to_string()
+        s
+    }
+}
+
+/// The value of a cell `csv_field` wrote.
+fn unguarded(cell: String) -> String {
+    match cell.strip_prefix('\'') {
+        Some(rest) if rest.starts_with(FORMULA_START) => rest.to_string(),
+        _ => cell,
     }
 }
 
@@ -60,6 +78,7 @@ pub fn csv_row(e: &TrustedRecipient) -> String {
 pub fn read_addresses(text: &str) -> Vec<String> {
     text.lines()
         .filter_map(|line| first_field(line.trim()))
+        .map(unguarded)
         .filter(|f| f.contains('@'))
         .collect()
 }
@@ -112,6 +131,35 @@ mod tests {
             vec!["\"a,b\"@x.test".to_string(), "plain@y.test".to_string()]
         );
         assert!(csv_row(&e).contains("1970-01-02T00:00:00Z"));
+    }
+
+    /// A recipient a spreadsheet would run as a formula is written as text, and read
+    /// back as it was.
+    #[test]
+    fn formula_cells_are_guarded() {
+        let e = |address: &str| TrustedRecipient {
+            address: address.into(),
+            domain: "x.test".into(),
+            count: 1,
+            first_seen: 0,
+            last_seen: 0,
+            senders: 1,
+            origin: super::super::model::Origin::Learned,
+        };
+        let evil = "=cmd|'/Ccalc'!A0@x.test";
+        let row = csv_row(&e(evil));
+        assert!(row.starts_with("'=cmd|"), "{row}");
+        for start in ["+", "-", "@", "\t", "\r"] {
+            let row = csv_row(&e(&format!("{start}a@x.test")));
+            let cell = row.trim_start_matches('"');
+            assert!(cell.starts_with('\''), "{start:?}: {row:?}");
+        }
+        assert_eq!(read_addresses(&row), vec![evil.to_string()]);
+        assert_eq!(
+            read_addresses(&csv_row(&e("'quoted@x.test"))),
+            vec!["'quoted@x.test".to_string()],
+            "a quote that guards nothing stays"
+        );
     }
 
     #[test]

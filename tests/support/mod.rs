@@ -412,6 +412,87 @@ pub fn post_json(url: &str, body: &Value) -> (u16, Value) {
     )
 }
 
+/// The dashboard as a browser holds it: its session cookie and the CSRF token of its
+/// forms, read from the page itself.
+pub struct Dashboard {
+    agent: ureq::Agent,
+    base: String,
+    pub cookie: String,
+    pub csrf: String,
+}
+
+impl Dashboard {
+    /// Opens `/` (signing in first with `token`, when given) and keeps what the page
+    /// hands out.
+    pub fn open(relay: &Relay, token: Option<&str>) -> Dashboard {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .build()
+            .into();
+        let base = relay.url("");
+        let set_cookie = |resp: &ureq::http::Response<ureq::Body>| {
+            resp.headers()
+                .get_all("set-cookie")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .find_map(|v| {
+                    v.split(';')
+                        .next()
+                        .filter(|c| c.starts_with("smartrelay_session="))
+                })
+                .map(str::to_string)
+        };
+        let mut cookie = String::new();
+        if let Some(t) = token {
+            let resp = agent
+                .post(&format!("{base}/login"))
+                .header("Origin", &base)
+                .send_form([("token", t)])
+                .unwrap();
+            assert_eq!(resp.status().as_u16(), 303, "sign-in");
+            cookie = set_cookie(&resp).expect("a session cookie");
+        }
+        let mut req = agent.get(&format!("{base}/"));
+        if !cookie.is_empty() {
+            req = req.header("Cookie", &cookie);
+        }
+        let mut resp = req.call().unwrap();
+        if let Some(c) = set_cookie(&resp) {
+            cookie = c;
+        }
+        let page = resp.body_mut().read_to_string().unwrap();
+        let csrf = page
+            .split("name=\"csrf\" value=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .expect("a CSRF field in the page")
+            .to_string();
+        Dashboard {
+            agent,
+            base,
+            cookie,
+            csrf,
+        }
+    }
+
+    /// A form POST as the dashboard's own page makes it: the session cookie, the CSRF
+    /// field and the admin's own `Origin`. Returns the status and the body.
+    pub fn post_form(&self, path: &str, fields: &[(&str, &str)]) -> (u16, String) {
+        let mut all: Vec<(&str, &str)> = fields.to_vec();
+        all.push(("csrf", &self.csrf));
+        let mut resp = self
+            .agent
+            .post(&format!("{}{path}", self.base))
+            .header("Cookie", &self.cookie)
+            .header("Origin", &self.base)
+            .send_form(all)
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.body_mut().read_to_string().unwrap_or_default())
+    }
+}
+
 // ---------------------------------------------------------------- a raw SMTP client
 
 #[derive(Debug, Clone)]

@@ -38,7 +38,10 @@ impl super::Backend for SqliteSignatures {
         let (domain, node) = (domain.to_string(), node.to_string());
         self.db
             .run(move |c| {
-                let tx = c.transaction()?;
+                // IMMEDIATE: the read below must not be upgraded to a write after the
+                // activity recorder (another connection to the same file) wrote, which
+                // SQLite answers with "busy" at once, whatever the busy timeout.
+                let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
                 let found: Option<(i64, String)> = tx
                     .query_row(
                         "SELECT first_seen, node FROM dkim_signatures WHERE hash = ?1",
