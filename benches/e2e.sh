@@ -3,6 +3,9 @@
 #
 #   benches/e2e.sh [MESSAGES] [SESSIONS] [SIZE]      (defaults 5000 20 5120; ROUNDS=5)
 #
+# BASELINE_BIN=path/to/an/earlier/smartrelay adds that binary as one more variant in
+# every round, so a change is measured before and after in the same run.
+#
 # Measures, with Postfix's smtp-source as the load client and smtp-sink as the smart host:
 #   direct      smtp-source -> smtp-sink                 (the ceiling)
 #   postfix     smtp-source -> Postfix (fsync) -> smtp-sink
@@ -58,14 +61,17 @@ variant_relay() {
 median() { python3 -c "import statistics,sys; print('%.0f' % statistics.median(float(x) for x in sys.argv[1:]))" "$@"; }
 
 declare -A ACC E2E
+VARIANTS="direct postfix relay notrusted"
+[ -n "${BASELINE_BIN:-}" ] && VARIANTS="$VARIANTS baseline"
 for round in $(seq "$ROUNDS"); do
-  for v in direct postfix relay notrusted; do
+  for v in $VARIANTS; do
     settle
     case $v in
       direct) read -r a e < <(variant_direct "$round") ;;
       postfix) read -r a e < <(variant_postfix "$round") ;;
       relay) read -r a e < <(variant_relay relay true "$round") ;;
       notrusted) read -r a e < <(variant_relay notrusted false "$round") ;;
+      baseline) read -r a e < <(RELAY_BIN=$BASELINE_BIN variant_relay baseline true "$round") ;;
     esac
     ACC[$v]="${ACC[$v]:-} $a"; E2E[$v]="${E2E[$v]:-} $e"
     printf 'round %d %-10s accept %6s/s  end-to-end %6s/s\n' "$round" "$v" "$a" "$e"
@@ -77,6 +83,9 @@ done
   P_ACC=$(median ${ACC[postfix]}); P_E2E=$(median ${E2E[postfix]})
   R_ACC=$(median ${ACC[relay]}); R_E2E=$(median ${E2E[relay]})
   T_ACC=$(median ${ACC[notrusted]}); T_E2E=$(median ${E2E[notrusted]})
+  if [ -n "${BASELINE_BIN:-}" ]; then
+    B_ACC=$(median ${ACC[baseline]}); B_E2E=$(median ${E2E[baseline]})
+  fi
   RANGE_R=$(python3 -c "import sys; v=[float(x) for x in sys.argv[1:]]; print('%.0f-%.0f' % (min(v), max(v)))" ${E2E[relay]})
   SPREAD=$(python3 -c "import sys; v=[float(x) for x in sys.argv[1:]]; print('%.0f' % (100*(max(v)-min(v))/min(v)))" ${E2E[relay]})
   RANGE_P=$(python3 -c "import sys; v=[float(x) for x in sys.argv[1:]]; print('%.0f-%.0f' % (min(v), max(v)))" ${E2E[postfix]})
@@ -129,11 +138,13 @@ direct source-to-sink ceiling measured in the same run.
 | smtp-source -> Postfix -> smtp-sink | $P_ACC | $P_E2E | 1.00 | 1.00 | $(ratio "$P_E2E" "$D_E2E") |
 | smtp-source -> smartrelay -> smtp-sink | $R_ACC | $R_E2E | $(ratio "$R_ACC" "$P_ACC") | $(ratio "$R_E2E" "$P_E2E") | $(ratio "$R_E2E" "$D_E2E") |
 | same, trusted-list recording off | $T_ACC | $T_E2E | $(ratio "$T_ACC" "$P_ACC") | $(ratio "$T_E2E" "$P_E2E") | $(ratio "$T_E2E" "$D_E2E") |
+$(if [ -n "${BASELINE_BIN:-}" ]; then echo "| same, baseline binary \`$BASELINE_BIN\` | $B_ACC | $B_E2E | $(ratio "$B_ACC" "$P_ACC") | $(ratio "$B_E2E" "$P_E2E") | $(ratio "$B_E2E" "$D_E2E") |"; fi)
 
 Per-round end-to-end rates varied $RANGE_R/s for smartrelay and $RANGE_P/s for Postfix. The
 virtual disk's sync latency varies from minute to minute, so the variants alternate
 within each round and medians are reported.
 
+$(if [ -n "${BASELINE_BIN:-}" ]; then echo "- This build against the baseline binary, same run: accept $(ratio "$R_ACC" "$B_ACC"), end-to-end $(ratio "$R_E2E" "$B_E2E")."; fi)
 - Trusted-list recording costs $(python3 -c "print('%.1f' % (100*(1-$R_E2E/$T_E2E)))") % of end-to-end throughput; rounds of the same variant differ by up to $SPREAD %.
 - RSS: ${RSS_BEFORE} kB at rest; ${RSS_IDLE} kB with 1,000 idle sessions open.
 - \`smartrelay trusted export --format csv\` of $EXPORT_LINES entries: ${EXPORT_S} s.

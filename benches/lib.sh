@@ -81,7 +81,7 @@ database = "$dir/trusted.sqlite3"
 [log]
 level = "warn"
 EOF
-  "$BIN" run --config "$dir/smartrelay.toml" >/dev/null 2>"$LOGS/$name.relay.log" &
+  "${RELAY_BIN:-$BIN}" run --config "$dir/smartrelay.toml" >/dev/null 2>"$LOGS/$name.relay.log" &
   local pid=$!
   wait_port "$port" >/dev/null
   echo "$pid $port $admin"

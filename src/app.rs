@@ -25,6 +25,7 @@ use crate::queue::spool::SpoolError;
 use crate::queue::{Queue, QueueSettings};
 use crate::reload::{self, Effect, LogLevelSetter, Origin, Outcome, ReloadError, Reloads};
 use crate::route::SpfRouter;
+use crate::smtp::body::Bodies;
 use crate::smtp::conn::{Context, Phase};
 use crate::smtp::listener::{Access, Gate, Listener, ProxyTrust, Rules};
 use crate::smtp::session::SessionConfig;
@@ -54,6 +55,11 @@ pub enum StartError {
     Trusted(#[from] TrustedError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    #[error("cannot prepare {dir} for bodies in flight: {source}")]
+    Incoming {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -104,6 +110,8 @@ struct Parts {
     dkim_dns: TokioResolver,
     /// The memory of DKIM signatures that proved a message (`access.dkim_replay`).
     signatures: replay::Store,
+    /// Bodies in flight (`server.ingress_memory`, files in the spool's `incoming/`).
+    bodies: Arc<Bodies>,
 }
 
 impl Parts {
@@ -145,6 +153,7 @@ impl Parts {
                 data_timeout: cfg.server.data_timeout.0,
                 session_timeout: cfg.server.session_timeout.0,
                 min_data_rate: cfg.server.min_data_rate,
+                bodies: self.bodies.clone(),
             }),
             access: Access {
                 allowed: cfg.access.allowed_ranges.clone(),
@@ -361,11 +370,24 @@ pub async fn run(
         stop_rx.clone(),
     ));
     spawn_signature_pruner(&tasks, signatures.clone(), cfg.access.dkim_replay.max_age.0);
+    let incoming = cfg.queue.dir.join("incoming");
+    let bodies = Bodies::new(
+        incoming.clone(),
+        cfg.server.ingress_memory,
+        cfg.server.spill_threshold,
+    )
+    .map_err(|source| StartError::Incoming {
+        dir: incoming,
+        source,
+    })?;
+    let bodies = Arc::new(bodies);
+    spawn_ingress_gauge(&tasks, bodies.clone(), cfg.server.ingress_memory);
     let parts = Parts {
         queue: queue.clone(),
         bus: bus.clone(),
         dkim_dns: dns_for_dkim,
         signatures,
+        bodies,
     };
 
     let (phase_tx, phase_rx) = watch::channel(Phase::Running);
@@ -702,6 +724,15 @@ fn spawn_pruner(tasks: &Tasks, store: trusted::Store, retention: Duration, every
 }
 
 /// Until the shared database has answered once, its schema is applied every 5 s.
+fn spawn_ingress_gauge(tasks: &Tasks, bodies: Arc<Bodies>, budget: u64) {
+    tasks.every(Duration::from_secs(1), move || {
+        let held = budget.saturating_sub(bodies.memory().available());
+        async move {
+            metrics::gauge!(crate::telemetry::INGRESS_MEMORY_BYTES).set(held as f64);
+        }
+    });
+}
+
 fn spawn_migration_retry(tasks: &Tasks, pg: Postgres) {
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     tasks.every(Duration::from_secs(5), move || {

@@ -6,17 +6,19 @@
 //! platform is the organization's); then `spf` (record parser and validator), `store` (SQLite or
 //! PostgreSQL, below the next two), `trusted` (the
 //! trusted-sender list) and `admin` (HTTP API, dashboard, metrics). Types several stages
-//! share sit below them all: `envelope`, `regions`, `events`, `pipeline`, `live` (what a
-//! reload replaces).
+//! share sit below them all: `envelope`, `message` (a message's octets, in memory or
+//! spilled to a file), `regions`, `events`, `pipeline`, `live` (what a reload replaces).
 
 pub mod address;
 pub mod admin;
 pub mod app;
+pub mod budget;
 pub mod config;
 pub mod dur;
 pub mod envelope;
 pub mod events;
 pub mod live;
+pub mod message;
 pub mod pipeline;
 pub mod rate;
 pub mod regions;

@@ -16,6 +16,7 @@ use bytes::Bytes;
 
 use crate::envelope::{Envelope, Reply};
 use crate::events::SpfOutcome;
+use crate::message::Data;
 use crate::regions::{GatewayInclude, RouteTarget};
 
 /// A message the SMTP stage has received completely: the data already carries our
@@ -23,7 +24,7 @@ use crate::regions::{GatewayInclude, RouteTarget};
 #[derive(Debug)]
 pub struct Submission {
     pub envelope: Envelope,
-    pub data: Bytes,
+    pub data: Data,
 }
 
 #[derive(Debug, thiserror::Error)]

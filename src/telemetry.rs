@@ -70,6 +70,12 @@ metrics! {
         "Delivery status notifications queued, by action";
     EVENTS_DROPPED_TOTAL: Counter = "smartrelay_events_dropped_total",
         "In-process events a lossy subscriber missed";
+    INGRESS_BODIES_SPILLED_TOTAL: Counter = "smartrelay_ingress_bodies_spilled_total",
+        "Bodies written to a file while received (larger than server.spill_threshold, or the ingress memory was spent)";
+    INGRESS_MEMORY_BYTES: Gauge(Bytes) = "smartrelay_ingress_memory_bytes",
+        "Octets of bodies in flight that sessions hold in memory (at most server.ingress_memory)";
+    INGRESS_MEMORY_WAIT_SECONDS: Histogram(Seconds) = "smartrelay_ingress_memory_wait_seconds",
+        "Time a session waited, reading nothing, for room in server.ingress_memory";
     MESSAGES_ACCEPTED_TOTAL: Counter = "smartrelay_messages_accepted_total",
         "Messages queued (250 after fsync)";
     MESSAGES_EXPIRED_TOTAL: Counter = "smartrelay_messages_expired_total",

@@ -207,7 +207,12 @@ fn a_restart_on_a_large_queue_indexes_it_and_serves_smtp() {
                     let mut v = env.clone();
                     v["id"] = serde_json::Value::String(QueueId::generate().as_str().into());
                     let e: Envelope = serde_json::from_value(v).unwrap();
-                    s.store(&e, bytes::Bytes::from(data.clone())).await.unwrap();
+                    s.store(
+                        &e,
+                        smartrelay::message::Data::Memory(bytes::Bytes::from(data.clone())),
+                    )
+                    .await
+                    .unwrap();
                 }
             }));
         }

@@ -8,9 +8,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use smartrelay::config::{BareLineEndings, Config};
+use smartrelay::envelope::BodyType;
+use smartrelay::message::Data;
 use smartrelay::queue::record::{self, Kind, Scanned};
+use smartrelay::smtp::body::Body;
 use smartrelay::smtp::command;
-use smartrelay::smtp::data::DataReceiver;
+use smartrelay::smtp::data::{DataReceiver, LineEndings};
 use smartrelay::smtp::session::{Action, Completed, Session, SessionConfig, SourceKind};
 use smartrelay::spf::{macros, record as spf_record};
 use smartrelay::tenant::headers;
@@ -91,12 +94,17 @@ type Fed = Option<(usize, Result<Vec<u8>, String>)>;
 
 fn feed_all(input: &[u8], policy: BareLineEndings, max: u64, reads: &[usize]) -> Fed {
     let mut rx = DataReceiver::new(max, policy);
+    let mut out = Vec::new();
     let mut pos = 0;
     for &n in reads {
         let chunk = input.get(pos..pos + n)?;
-        if let Some(k) = rx.feed(chunk) {
+        if let Some(k) = rx.feed(chunk, &mut out) {
             let end = pos + k;
-            return Some((end, rx.finish().map_err(|e| format!("{e:?}"))));
+            let finished = rx.finish();
+            if finished.is_ok() {
+                assert_eq!(rx.len(), out.len() as u64, "the count is what was kept");
+            }
+            return Some((end, finished.map(|()| out).map_err(|e| format!("{e:?}"))));
         }
         pos += n;
     }
@@ -114,14 +122,15 @@ fn session_config() -> SessionConfig {
 }
 
 /// The session over BDAT: input is command lines; after each `BDAT n`, up to `n` of
-/// the following octets are the chunk. A completed message holds exactly the kept
-/// chunks' octets after our Received: header.
+/// the following octets are the chunk. The chunks are kept as the driver keeps them
+/// (line endings made CRLF for a text body); a completed message holds exactly those
+/// octets after our Received: header, and never a bare CR or LF unless BINARYMIME.
 pub fn bdat(data: &[u8]) {
     let ip: IpAddr = "127.0.0.1".parse().expect("literal");
     let mut s = Session::new(Arc::new(session_config()), ip, SourceKind::Dedicated, None);
     let _ = s.command(b"EHLO client.test", Ok(()));
     let mut rest = data;
-    let mut kept: Vec<u8> = Vec::new();
+    let mut kept: Option<(Vec<u8>, Option<LineEndings>)> = None;
     while !rest.is_empty() {
         let (line, after) = match rest.iter().position(|&b| b == b'\n') {
             Some(k) => (&rest[..k], &rest[k + 1..]),
@@ -129,36 +138,75 @@ pub fn bdat(data: &[u8]) {
         };
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         rest = after;
-        match s.command(line, Ok(())) {
-            Action::ReadChunk { size, last, keep } => {
+        let action = s.command(line, Ok(()));
+        if !s.chunking() {
+            kept = None;
+        }
+        match action {
+            Action::ReadChunk {
+                size,
+                last,
+                keep,
+                text,
+            } => {
                 let take = usize::try_from(size).unwrap_or(usize::MAX).min(rest.len());
                 let (chunk, after) = rest.split_at(take);
                 rest = after;
                 if keep {
-                    if let Some(buf) = s.chunk_buffer() {
-                        buf.extend_from_slice(chunk);
-                        kept.extend_from_slice(chunk);
+                    let (buf, fix) = kept.get_or_insert_with(|| {
+                        (
+                            Vec::new(),
+                            text.then(|| LineEndings::new(BareLineEndings::Normalize)),
+                        )
+                    });
+                    match fix {
+                        Some(f) => f.feed(chunk, buf),
+                        None => buf.extend_from_slice(chunk),
                     }
                 }
-                match s.chunk_done(take as u64, last, 0) {
-                    Completed::Submit(sub) => {
-                        assert!(sub.data.ends_with(&kept[..]), "message is the kept chunks");
-                        kept.clear();
+                let body = match (keep && last).then(|| kept.take()).flatten() {
+                    Some((mut buf, fix)) => {
+                        let finished = match fix {
+                            Some(mut f) => f.finish(&mut buf),
+                            None => Ok(()),
+                        };
+                        Some(finished.map(|()| Body::Memory(buf)))
                     }
-                    Completed::Reply(_) | Completed::Prove(_) => {
-                        if last {
-                            kept.clear();
+                    None => None,
+                };
+                let expected = match &body {
+                    Some(Ok(Body::Memory(b))) => Some(b.clone()),
+                    _ => None,
+                };
+                match s.chunk_done(take as u64, last, body, 0) {
+                    Completed::Submit(sub) => {
+                        let Data::Memory(data) = &sub.data else {
+                            panic!("a chunked test body in a file");
+                        };
+                        let expected = expected.expect("a message is what was kept");
+                        assert!(data.ends_with(&expected), "message is the kept chunks");
+                        if sub.envelope.body != BodyType::BinaryMime {
+                            assert!(no_bare_line_endings(data), "bare CR or LF stored");
                         }
                     }
+                    Completed::Reply(_) | Completed::Prove(_) => {}
                 }
             }
             Action::ReadData { .. } => {
-                let _ = s.data_done(Ok(rest.to_vec()), 0);
+                let _ = s.data_done(Ok(Body::Memory(rest.to_vec())), 0);
                 rest = &rest[rest.len()..];
             }
             _ => {}
         }
     }
+}
+
+fn no_bare_line_endings(data: &[u8]) -> bool {
+    data.iter().enumerate().all(|(i, &b)| match b {
+        b'\r' => data.get(i + 1) == Some(&b'\n'),
+        b'\n' => i > 0 && data.get(i - 1) == Some(&b'\r'),
+        _ => true,
+    })
 }
 
 /// SPF records, macro strings and domain-specs.

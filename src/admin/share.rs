@@ -15,6 +15,7 @@ use super::{Admin, ApiError};
 use crate::envelope::{
     now_ms, rfc5322_date, BodyType, ClientInfo, ContentFlags, Envelope, QueueId, Recipient,
 };
+use crate::message::Data;
 use crate::pipeline::{Intake, Submission};
 use crate::spf::validate::Report;
 use crate::spf::Severity;
@@ -356,7 +357,7 @@ async fn queue_share(st: &Admin, ask: ShareRequest) -> Result<ShareReply, Refuse
     st.queue
         .submit(Submission {
             envelope,
-            data: Bytes::from(data),
+            data: Data::Memory(Bytes::from(data)),
         })
         .await
         .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;

@@ -44,6 +44,12 @@ pub struct ServerConfig {
     /// Protocol errors tolerated in one session before `421` and close.
     pub max_errors: u32,
     pub bare_line_endings: BareLineEndings,
+    /// Octets of bodies in flight all sessions together may hold in memory; a session
+    /// that finds it spent writes its body to a file and stops reading until room is
+    /// free (TCP backpressure).
+    pub ingress_memory: u64,
+    /// A body larger than this is written to a file beside the spool as it arrives.
+    pub spill_threshold: u64,
     /// How long running sessions get to finish after SIGTERM before they are closed with 421.
     pub shutdown_timeout: Dur,
     pub proxy_protocol: ProxyProtocolConfig,
@@ -94,6 +100,8 @@ impl Default for ServerConfig {
             max_line_length: 512,
             max_errors: 10,
             bare_line_endings: BareLineEndings::Normalize,
+            ingress_memory: 256 << 20,
+            spill_threshold: 1 << 20,
             shutdown_timeout: Dur(Duration::from_secs(30)),
             proxy_protocol: ProxyProtocolConfig::default(),
         }
@@ -128,6 +136,18 @@ pub(super) fn validate_server(s: &ServerConfig) -> Result<(), (&'static str, Str
         if value == 0 {
             return Err((key, "must be at least 1".into()));
         }
+    }
+    if s.ingress_memory < 1 << 20 {
+        return Err((
+            "server.ingress_memory",
+            "must be at least 1 MiB (1048576)".into(),
+        ));
+    }
+    if s.spill_threshold < 64 << 10 || s.spill_threshold > s.ingress_memory {
+        return Err((
+            "server.spill_threshold",
+            "must be at least 64 KiB (65536) and at most server.ingress_memory".into(),
+        ));
     }
     if s.max_line_length < 512 {
         return Err((

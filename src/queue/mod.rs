@@ -21,8 +21,10 @@ use bytes::Bytes;
 use serde::Serialize;
 use tokio::sync::{mpsc, Notify, Semaphore};
 
+use crate::budget::MemoryBudget;
 use crate::envelope::{now_ms, DeliveryState, Envelope, Millis, QueueId, RcptState, Reply};
 use crate::events::EventBus;
+use crate::message::Data;
 use crate::pipeline::{Backpressure, Intake, IntakeError, Submission};
 use retry::RetryPolicy;
 use spool::{Recovered, Spool, SpoolError};
@@ -41,8 +43,8 @@ pub struct QueueSettings {
     pub concurrency: usize,
     /// Our host name, for DSNs.
     pub hostname: String,
-    /// Half of it is for the index and cached bodies; the other half is left to
-    /// sessions, the commit batch and deliveries in flight.
+    /// Half of it is for the index and cached bodies; the other half for the bodies
+    /// of deliveries in flight.
     pub memory_budget: u64,
     pub min_free: u64,
     pub max_size: Option<u64>,
@@ -153,6 +155,9 @@ pub struct Queue<S: Spool> {
     settings: QueueSettings,
     events: EventBus,
     slots: Arc<Semaphore>,
+    /// Bodies out for delivery (read back or taken from the cache): the other half of
+    /// `memory_budget`.
+    sending: MemoryBudget,
     unhealthy_until: AtomicU64,
     /// A `Backpressure` from the last space check, or `SPACE_OK`.
     space: AtomicU8,
@@ -209,6 +214,7 @@ impl<S: Spool> Queue<S> {
         events: EventBus,
     ) -> Result<Arc<Queue<S>>, SpoolError> {
         let slots = Arc::new(Semaphore::new(settings.concurrency));
+        let sending = MemoryBudget::new(settings.memory_budget / 2);
         let queue = Arc::new(Queue {
             clock: Clock::new(),
             spool: spool.clone(),
@@ -217,6 +223,7 @@ impl<S: Spool> Queue<S> {
             settings,
             events,
             slots,
+            sending,
             unhealthy_until: AtomicU64::new(0),
             space: AtomicU8::new(SPACE_OK),
         });
@@ -309,9 +316,14 @@ impl<S: Spool> Queue<S> {
     }
 
     /// Durably stores a message (ingress or a DSN of ours) and schedules it.
-    async fn store(&self, envelope: Envelope, data: Bytes) -> Result<(), SpoolError> {
+    async fn store(&self, envelope: Envelope, data: Data) -> Result<(), SpoolError> {
         let env = Arc::new(envelope);
-        let result = self.spool.store(&env, data.clone()).await;
+        // A body that came in a file was too large to keep in memory anyway.
+        let cached = match &data {
+            Data::Memory(b) => Some(b.clone()),
+            Data::Spilled { .. } => None,
+        };
+        let result = self.spool.store(&env, data).await;
         if let Err(e) = &result {
             self.unhealthy_until
                 .store(self.now() + UNHEALTHY_FOR_MS, Ordering::Relaxed);
@@ -325,7 +337,9 @@ impl<S: Spool> Queue<S> {
             let id = env.id.clone();
             idx.schedule(&id, now);
             let rcpts = env.recipients.len();
-            let keep = idx.may_cache(data.len() as u64, self.settings.memory_budget);
+            let keep = cached
+                .as_ref()
+                .is_some_and(|d| idx.may_cache(d.len() as u64, self.settings.memory_budget));
             if !keep {
                 metrics::counter!(crate::telemetry::QUEUE_BODIES_NOT_CACHED_TOTAL).increment(1);
             }
@@ -334,7 +348,7 @@ impl<S: Spool> Queue<S> {
                 Queued {
                     envelope: env,
                     state: DeliveryState::new(rcpts, now),
-                    data: keep.then_some(data),
+                    data: cached.filter(|_| keep),
                     in_flight: false,
                 },
             );

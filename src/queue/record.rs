@@ -53,8 +53,23 @@ pub enum RecordError {
 
 /// Everything that goes before the payload parts of a record, checksum included.
 pub fn head(kind: Kind, id: &str, payload: &[&[u8]]) -> Result<Vec<u8>, RecordError> {
+    head_with_tail(kind, id, payload, None)
+}
+
+/// [`head`] of a record whose payload ends with `tail`: its length and the checksum
+/// of its octets, which are not in memory (a body spilled to a file).
+pub fn head_with_tail(
+    kind: Kind,
+    id: &str,
+    payload: &[&[u8]],
+    tail: Option<(u64, &crc32fast::Hasher)>,
+) -> Result<Vec<u8>, RecordError> {
     let id_len = u8::try_from(id.len()).map_err(|_| RecordError::IdTooLong)?;
-    let total: usize = payload.iter().map(|p| p.len()).sum();
+    let tail_len = tail.map_or(0, |(n, _)| n);
+    let total = usize::try_from(tail_len)
+        .ok()
+        .and_then(|t| t.checked_add(payload.iter().map(|p| p.len()).sum()))
+        .unwrap_or(usize::MAX);
     let len = u32::try_from(total).map_err(|_| RecordError::TooLarge(total))?;
     let mut out = Vec::with_capacity(HEAD_LEN + id.len());
     out.extend_from_slice(MAGIC);
@@ -66,6 +81,9 @@ pub fn head(kind: Kind, id: &str, payload: &[&[u8]]) -> Result<Vec<u8>, RecordEr
     crc.update(id.as_bytes());
     for p in payload {
         crc.update(p);
+    }
+    if let Some((_, tail)) = tail {
+        crc.combine(tail);
     }
     out.extend_from_slice(&crc.finalize().to_be_bytes());
     out.extend_from_slice(id.as_bytes());
@@ -229,6 +247,27 @@ mod tests {
             out.extend_from_slice(p);
         }
         out
+    }
+
+    #[test]
+    fn a_tail_checksummed_apart_makes_the_same_record() {
+        let prefix = message_prefix(&serde_json::json!({"a": 1})).unwrap();
+        let (trace, body): (&[u8], &[u8]) = (b"Received: r\r\n", b"Subject: x\r\n\r\nbig\r\n");
+        let whole = record(Kind::Message, "ID1", &[&prefix, trace, body]);
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(body);
+        let mut raw = head_with_tail(
+            Kind::Message,
+            "ID1",
+            &[&prefix, trace],
+            Some((body.len() as u64, &crc)),
+        )
+        .unwrap();
+        raw.extend_from_slice(&prefix);
+        raw.extend_from_slice(trace);
+        raw.extend_from_slice(body);
+        assert_eq!(raw, whole);
+        assert!(decode(&raw).is_some());
     }
 
     #[test]

@@ -13,6 +13,7 @@ use super::spool::{Spool, SpoolError};
 use super::Queue;
 use crate::envelope::{DeliveryState, Envelope, Millis, QueueId, RcptState, Reply};
 use crate::events::{DeliveryReport, Event, Outcome, RcptResult};
+use crate::message::Data;
 use crate::pipeline::{Courier, PlanItem, Router};
 use crate::tasks::CancellationToken;
 
@@ -105,6 +106,12 @@ impl<S: Spool> Queue<S> {
     }
 
     async fn attempt<R: Router, C: Courier>(&self, id: &QueueId, router: &R, courier: &C) {
+        let Some(size) = self.lock().entries.get(id).map(|e| e.envelope.size) else {
+            return;
+        };
+        // The body is in memory for the whole attempt: room for it first, so a burst of
+        // large messages waits here rather than reading them all back at once.
+        let _room = self.sending.take(size).await;
         let Some((env, cached, mut state)) = ({
             let mut idx = self.lock();
             let cached = idx.take_data(id);
@@ -317,7 +324,10 @@ impl<S: Spool> Queue<S> {
         let (dsn_env, dsn_data) =
             dsn::build(kind, env, data, state, rcpts, &self.settings.hostname, now);
         let dsn_id = dsn_env.id.clone();
-        match self.store(dsn_env, Bytes::from(dsn_data)).await {
+        match self
+            .store(dsn_env, Data::Memory(Bytes::from(dsn_data)))
+            .await
+        {
             Ok(()) => {
                 tracing::info!(queue_id = %env.id, dsn_id = %dsn_id, kind = kind.action(), "sender notified");
                 metrics::counter!(crate::telemetry::DSN_SENT_TOTAL, "action" => kind.action())
@@ -362,7 +372,7 @@ impl<S: Spool> Queue<S> {
     async fn load(&self, id: &QueueId) -> Result<Bytes, SpoolError> {
         let spool = self.spool.clone();
         let id = id.clone();
-        tokio::task::spawn_blocking(move || spool.load(&id).map(Bytes::from))
+        tokio::task::spawn_blocking(move || spool.load(&id))
             .await
             .map_err(|e| SpoolError::Io {
                 what: "load task".into(),
@@ -513,7 +523,10 @@ mod tests {
             envelope.received_at = self.queue.now();
             let id = envelope.id.clone();
             self.queue
-                .submit(Submission { envelope, data })
+                .submit(Submission {
+                    envelope,
+                    data: Data::Memory(data),
+                })
                 .await
                 .unwrap();
             id

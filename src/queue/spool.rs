@@ -8,6 +8,7 @@ use std::path::Path;
 use bytes::Bytes;
 
 use crate::envelope::{DeliveryState, Envelope, QueueId};
+use crate::message::Data;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -38,7 +39,7 @@ pub trait Spool: Send + Sync + 'static {
     fn store(
         &self,
         envelope: &Envelope,
-        data: Bytes,
+        data: Data,
     ) -> impl Future<Output = Result<(), SpoolError>> + Send;
     /// Replaces the delivery state atomically and durably.
     fn save_state(
@@ -49,7 +50,7 @@ pub trait Spool: Send + Sync + 'static {
     /// Makes every earlier write durable, removals included (at shutdown).
     fn flush(&self) -> impl Future<Output = Result<(), SpoolError>> + Send;
     /// The message data (as received, with our Received header).
-    fn load(&self, id: &QueueId) -> Result<Vec<u8>, SpoolError>;
+    fn load(&self, id: &QueueId) -> Result<Bytes, SpoolError>;
     /// Removes a message without waiting for the disk: after a crash it may come back
     /// (at least once), never the other way round.
     fn remove(&self, id: &QueueId) -> Result<(), SpoolError>;

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use super::spool::{Recovered, Spool, SpoolError};
 use crate::envelope::{DeliveryState, Envelope, QueueId, Reply};
 use crate::events::SpfOutcome;
+use crate::message::Data;
 use crate::pipeline::{Courier, LegOutcome, PlanItem, Router};
 use crate::regions::{RouteTarget, TlsMode};
 
@@ -47,7 +48,11 @@ impl MemSpool {
 }
 
 impl Spool for MemSpool {
-    async fn store(&self, envelope: &Envelope, data: Bytes) -> Result<(), SpoolError> {
+    async fn store(&self, envelope: &Envelope, data: Data) -> Result<(), SpoolError> {
+        let data = data.to_bytes().map_err(|source| SpoolError::Io {
+            what: "spilled body".into(),
+            source,
+        })?;
         self.lock()
             .insert(envelope.id.clone(), (envelope.clone(), data, None));
         Ok(())
@@ -64,10 +69,10 @@ impl Spool for MemSpool {
         Ok(())
     }
 
-    fn load(&self, id: &QueueId) -> Result<Vec<u8>, SpoolError> {
+    fn load(&self, id: &QueueId) -> Result<Bytes, SpoolError> {
         self.lock()
             .get(id)
-            .map(|m| m.1.to_vec())
+            .map(|m| m.1.clone())
             .ok_or_else(|| SpoolError::NotFound(id.to_string()))
     }
 

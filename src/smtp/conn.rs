@@ -11,10 +11,12 @@ use tokio::time::Instant;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
+use super::body::{Bodies, Body, BodySink};
 use super::command::Stage;
-use super::data::DataReceiver;
+use super::data::{DataError, DataReceiver, LineEndings};
 use super::reply::{common, WireReply};
 use super::session::{Action, Completed, Refusal, Session, SessionConfig, Unproven};
+use crate::budget::Held;
 use crate::envelope::{now_ms, QueueId};
 use crate::events::{Event, EventBus, TenantProof};
 use crate::pipeline::{Intake, SenderPolicy, Submission};
@@ -43,6 +45,8 @@ pub struct Context<I, P> {
     pub session_timeout: Duration,
     /// Octets per second during DATA and BDAT; 0: no minimum.
     pub min_data_rate: u64,
+    /// Where bodies in flight are kept, under `server.ingress_memory`.
+    pub bodies: Arc<Bodies>,
 }
 
 /// How a session's run over one stream ended.
@@ -61,6 +65,10 @@ enum Stop {
     Timeout,
     /// A DATA or BDAT sender fell below `min_data_rate`.
     TooSlow,
+    /// No room in `server.ingress_memory` came within `data_timeout`.
+    Busy,
+    /// The body could not be written to its file.
+    Unwritable,
     Shutdown,
 }
 
@@ -203,23 +211,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
     }
 
-    /// Reads exactly `size` octets into `sink` (or nowhere).
+    /// Reads exactly `size` octets into `chunks` (or nowhere).
     async fn read_chunk(
         &mut self,
         mut size: u64,
-        mut sink: Option<&mut Vec<u8>>,
+        mut chunks: Option<&mut Chunks>,
         timeout: Duration,
         pace: &mut Pace,
     ) -> Result<(), Stop> {
         loop {
             let take = (self.buffered() as u64).min(size) as usize;
-            if let Some(s) = sink.as_deref_mut() {
-                s.extend_from_slice(&self.buf[self.pos..self.pos + take]);
+            if let Some(c) = chunks.as_deref_mut() {
+                let piece = &self.buf[self.pos..self.pos + take];
+                match &mut c.fix {
+                    Some(fix) => fix.feed(piece, c.sink.buffer()),
+                    None => c.sink.buffer().extend_from_slice(piece),
+                }
+                c.sink.settle().await.map_err(unwritable)?;
             }
             self.pos += take;
             size -= take as u64;
             if size == 0 {
                 return Ok(());
+            }
+            if let Some(c) = chunks.as_deref_mut() {
+                let waited = self.room(&mut c.sink, timeout).await?;
+                pace.pause(waited);
             }
             self.fill_paced(timeout, pace).await?;
         }
@@ -228,16 +245,48 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     async fn read_data(
         &mut self,
         rx: &mut DataReceiver,
+        sink: &mut BodySink,
         timeout: Duration,
         pace: &mut Pace,
     ) -> Result<(), Stop> {
         loop {
-            if let Some(n) = rx.feed(&self.buf[self.pos..]) {
-                self.pos += n;
+            let end = rx.feed(&self.buf[self.pos..], sink.buffer());
+            match end {
+                Some(n) => self.pos += n,
+                None => self.pos = self.buf.len(),
+            }
+            sink.settle().await.map_err(unwritable)?;
+            if end.is_some() {
                 return Ok(());
             }
-            self.pos = self.buf.len();
+            let waited = self.room(sink, timeout).await?;
+            pace.pause(waited);
             self.fill_paced(timeout, pace).await?;
+        }
+    }
+
+    /// Room in the ingress memory for the next read. Waiting for it reads nothing
+    /// (the sender meets TCP backpressure); it ends at `timeout`, at the session's
+    /// deadline or at the hard stop.
+    async fn room(&mut self, sink: &mut BodySink, timeout: Duration) -> Result<Duration, Stop> {
+        let deadline = (Instant::now() + timeout).min(self.session_deadline);
+        // Polled to its end or dropped with the session: a room request cut short and
+        // started again could write a body's octets twice.
+        let room = sink.room();
+        tokio::pin!(room);
+        loop {
+            if *self.phase.borrow_and_update() == Phase::Stop {
+                return Err(Stop::Shutdown);
+            }
+            tokio::select! {
+                r = &mut room => return r.map_err(unwritable),
+                _ = tokio::time::sleep_until(deadline) => return Err(Stop::Busy),
+                changed = self.phase.changed() => {
+                    if changed.is_err() {
+                        return Err(Stop::Shutdown);
+                    }
+                }
+            }
         }
     }
 
@@ -293,6 +342,13 @@ impl Pace {
         }
     }
 
+    /// The time a session waited for memory is neither the sender's slowness nor
+    /// its silence.
+    fn pause(&mut self, waited: Duration) {
+        self.start += waited;
+        self.progress_at += waited;
+    }
+
     fn received(&mut self, n: u64, now: Instant) {
         self.received = self.received.saturating_add(n);
         self.since_progress = self.since_progress.saturating_add(n);
@@ -309,6 +365,30 @@ impl Pace {
         }
         let earned = Duration::from_secs_f64(self.received as f64 / self.rate as f64);
         Some(self.start + PACE_GRACE + earned)
+    }
+}
+
+fn unwritable(e: std::io::Error) -> Stop {
+    tracing::error!(error = %e, "cannot write a body in flight to its file");
+    Stop::Unwritable
+}
+
+/// The chunks of one BDAT transaction, kept across its commands.
+struct Chunks {
+    sink: BodySink,
+    /// Line endings made CRLF for a text body; `None` for BINARYMIME.
+    fix: Option<LineEndings>,
+}
+
+impl Chunks {
+    async fn finish(mut self) -> Result<(Result<Body, DataError>, Option<Held>), Stop> {
+        if let Some(fix) = &mut self.fix {
+            if let Err(e) = fix.finish(self.sink.buffer()) {
+                return Ok((Err(e), None));
+            }
+        }
+        let (body, held) = self.sink.finish().await.map_err(unwritable)?;
+        Ok((Ok(body), Some(held)))
     }
 }
 
@@ -337,6 +417,11 @@ where
                     metrics::counter!(crate::telemetry::SESSIONS_TOO_SLOW_TOTAL).increment(1);
                     conn.final_reply(&common::too_slow()).await
                 }
+                Stop::Busy => {
+                    tracing::warn!(client = %session.client_ip(), "no room in server.ingress_memory within data_timeout: closed with 421");
+                    conn.final_reply(&common::memory_busy()).await
+                }
+                Stop::Unwritable => conn.final_reply(&common::body_unwritable()).await,
                 Stop::Shutdown => conn.final_reply(&common::shutting_down()).await,
                 Stop::Eof | Stop::Io => {}
             }
@@ -357,6 +442,8 @@ where
 {
     let ct = ctx.command_timeout;
     let dt = ctx.data_timeout;
+    let policy = session.config().bare_line_endings;
+    let mut chunks: Option<Chunks> = None;
     loop {
         if !conn.has_complete_line() {
             conn.flush(ct).await?;
@@ -385,6 +472,10 @@ where
                 action
             }
         };
+        if !session.chunking() {
+            // Reset, failed or never begun: what was kept belongs to no message.
+            chunks = None;
+        }
         match action {
             Action::Reply(r) => conn.queue_reply(&r),
             Action::Close(r) => {
@@ -410,15 +501,28 @@ where
             Action::ReadData { reply, max } => {
                 conn.queue_reply(&reply);
                 conn.flush(ct).await?;
-                let mut rx = DataReceiver::new(max, session.config().bare_line_endings);
+                let mut rx = DataReceiver::new(max, policy);
+                let mut sink = ctx.bodies.sink();
                 let mut pace = Pace::new(ctx.min_data_rate, Instant::now());
-                conn.read_data(&mut rx, dt, &mut pace).await?;
-                let done = session.data_done(rx.finish(), now_ms());
-                if !complete(conn, session, ctx, done).await? {
+                conn.read_data(&mut rx, &mut sink, dt, &mut pace).await?;
+                let (result, held) = match rx.finish() {
+                    Ok(()) => {
+                        let (body, held) = sink.finish().await.map_err(unwritable)?;
+                        (Ok(body), Some(held))
+                    }
+                    Err(e) => (Err(e), None),
+                };
+                let done = session.data_done(result, now_ms());
+                if !complete(conn, session, ctx, done, held).await? {
                     return Ok(Exit::Closed);
                 }
             }
-            Action::ReadChunk { size, last, keep } => {
+            Action::ReadChunk {
+                size,
+                last,
+                keep,
+                text,
+            } => {
                 if size > 2 * session.config().max_message_size && !keep {
                     // Reading gigabytes only to throw them away helps nobody.
                     conn.final_reply(&WireReply::new(
@@ -429,11 +533,23 @@ where
                     .await;
                     return Ok(Exit::Closed);
                 }
-                let sink = if keep { session.chunk_buffer() } else { None };
+                let kept = keep.then(|| {
+                    chunks.get_or_insert_with(|| Chunks {
+                        sink: ctx.bodies.sink(),
+                        fix: text.then(|| LineEndings::new(policy)),
+                    })
+                });
                 let mut pace = Pace::new(ctx.min_data_rate, Instant::now());
-                conn.read_chunk(size, sink, dt, &mut pace).await?;
-                let done = session.chunk_done(size, last, now_ms());
-                if !complete(conn, session, ctx, done).await? {
+                conn.read_chunk(size, kept, dt, &mut pace).await?;
+                let (body, held) = match (keep && last).then(|| chunks.take()).flatten() {
+                    Some(c) => {
+                        let (body, held) = c.finish().await?;
+                        (Some(body), held)
+                    }
+                    None => (None, None),
+                };
+                let done = session.chunk_done(size, last, body, now_ms());
+                if !complete(conn, session, ctx, done, held).await? {
                     return Ok(Exit::Closed);
                 }
             }
@@ -442,11 +558,13 @@ where
 }
 
 /// Queues a finished message or sends the refusal. False when the session must end.
+/// `held` is the ingress memory the body takes, given back once it is stored.
 async fn complete<S, I, P>(
     conn: &mut Conn<S>,
     session: &mut Session,
     ctx: &Context<I, P>,
     done: Completed,
+    mut held: Option<Held>,
 ) -> Result<bool, Stop>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -458,7 +576,11 @@ where
     loop {
         match done {
             Completed::Prove(unproven) => {
-                done = prove(session, ctx, *unproven).await;
+                let (next, room) = prove(session, ctx, *unproven).await;
+                done = next;
+                if room.is_some() {
+                    held = room;
+                }
                 continue;
             }
             Completed::Reply(r) => {
@@ -477,6 +599,7 @@ where
                 conn.queue_reply(&r);
             }
         }
+        drop(held);
         return Ok(true);
     }
 }
@@ -528,14 +651,44 @@ where
 }
 
 /// Runs the tenant check on a message from a shared range: one log line, the metrics,
-/// an event for onboarding, then the session's decision.
-async fn prove<I, P>(session: &mut Session, ctx: &Context<I, P>, unproven: Unproven) -> Completed {
+/// an event for onboarding, then the session's decision. A body in a file is read back
+/// for the check under the ingress memory budget; that room is returned with the
+/// decision, to be held until the message is stored.
+async fn prove<I, P>(
+    session: &mut Session,
+    ctx: &Context<I, P>,
+    unproven: Unproven,
+) -> (Completed, Option<Held>) {
     let source = unproven.source();
     let now = now_ms();
+    let (loaded, room) = match unproven.body() {
+        Body::Memory(_) => (None, None),
+        Body::Spilled { file, .. } => {
+            let room = ctx.bodies.memory().take(file.len()).await;
+            let file = file.clone();
+            let read = tokio::task::spawn_blocking(move || file.read_all())
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|r| r);
+            match read {
+                Ok(m) => (Some(m), Some(room)),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read a spilled body back for its tenant check");
+                    return (Completed::Reply(common::body_unreadable()), None);
+                }
+            }
+        }
+    };
+    let message: &[u8] = match (&loaded, unproven.body()) {
+        (Some(m), _) => m,
+        (None, Body::Memory(m)) => m,
+        (None, Body::Spilled { .. }) => &[],
+    };
     let binding = ctx
         .tenant
-        .bind(source, unproven.message(), &unproven.recipients(), now)
+        .bind(source, message, &unproven.recipients(), now)
         .await;
+    drop(loaded);
     let range = ctx.tenant.range(source);
     let (name, platform) = range.map_or(("?", "other"), |r| (r.name.as_str(), r.platform.label()));
     let ip = session.client_ip();
@@ -582,7 +735,8 @@ async fn prove<I, P>(session: &mut Session, ctx: &Context<I, P>, unproven: Unpro
             at: now,
         });
     }
-    session.proof_checked(unproven, &binding.verdict, binding.stripped, now)
+    let done = session.proof_checked(unproven, &binding.verdict, binding.stripped, now);
+    (done, room)
 }
 
 fn count_refusal(stage: Stage, action: &Action) {
@@ -668,7 +822,19 @@ mod tests {
             data_timeout: DATA,
             session_timeout: SESSION,
             min_data_rate: 0,
+            bodies: bodies(),
         }
+    }
+
+    fn bodies() -> Arc<Bodies> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("smartrelay-conn-{}-{n}", std::process::id()));
+        Arc::new(Bodies::new(dir, 4 << 20, 1 << 20).unwrap())
+    }
+
+    fn text(d: &crate::message::Data) -> String {
+        String::from_utf8_lossy(&d.to_bytes().unwrap()).into_owned()
     }
 
     /// Runs one session over an in-memory stream; returns the client end, the
@@ -739,10 +905,10 @@ mod tests {
         let taken = intake.taken.lock().unwrap();
         assert_eq!(taken.len(), 1);
         assert_eq!(taken[0].envelope.recipients.len(), 2);
-        assert!(String::from_utf8_lossy(&taken[0].data).ends_with("Subject: x\r\n\r\n.dot\r\n"));
+        assert!(text(&taken[0].data).ends_with("Subject: x\r\n\r\n.dot\r\n"));
     }
 
-    /// BDAT chunks, the last one empty, make one message, byte for byte.
+    /// BDAT chunks make one message, line endings made CRLF as in DATA.
     #[tokio::test(start_paused = true)]
     async fn bdat_chunks_make_one_message() {
         let (mut c, intake, task) = session();
@@ -759,7 +925,7 @@ mod tests {
         assert_eq!(replies(&mut c, 1).await, [221]);
         task.await.unwrap();
         let taken = intake.taken.lock().unwrap();
-        assert!(taken[0].data.ends_with(b"Subject: y\r\n\r\n.body\n"));
+        assert!(text(&taken[0].data).ends_with("Subject: y\r\n\r\n.body\r\n"));
     }
 
     /// A silent client is closed with 421 4.4.2 after `command_timeout`, not before.

@@ -29,11 +29,14 @@ pub enum DataError {
     BareLineEnding,
 }
 
+/// Unstuffs and checks a DATA body; the octets go to a buffer the caller owns (and may
+/// empty between calls, to a file).
 pub struct DataReceiver {
     state: State,
     max: u64,
     policy: BareLineEndings,
-    out: Vec<u8>,
+    /// Octets of the message so far, whatever was taken out of the buffer.
+    len: u64,
     too_big: bool,
     bare_seen: bool,
 }
@@ -44,26 +47,27 @@ impl DataReceiver {
             state: State::LineStart,
             max,
             policy,
-            out: Vec::with_capacity(8192),
+            len: 0,
             too_big: false,
             bare_seen: false,
         }
     }
 
-    /// Consumes input. Returns `Some(n)` when the end of data was found after `n` bytes of
-    /// `input` (what follows belongs to the next command), `None` when all of it was taken.
-    pub fn feed(&mut self, input: &[u8]) -> Option<usize> {
+    /// Consumes input, appending the message's octets to `out`. Returns `Some(n)` when
+    /// the end of data was found after `n` bytes of `input` (what follows belongs to the
+    /// next command), `None` when all of it was taken.
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Option<usize> {
         let mut i = 0;
         while i < input.len() {
             if self.state == State::Mid {
                 // Fast path: copy ordinary bytes up to the next CR or LF in one go.
                 match memchr::memchr2(b'\r', b'\n', &input[i..]) {
                     Some(k) => {
-                        self.emit(&input[i..i + k]);
+                        self.emit(out, &input[i..i + k]);
                         i += k;
                     }
                     None => {
-                        self.emit(&input[i..]);
+                        self.emit(out, &input[i..]);
                         return None;
                     }
                 }
@@ -73,33 +77,33 @@ impl DataReceiver {
             match (self.state, b) {
                 (State::LineStart, b'.') => self.state = State::Dot,
                 (State::LineStart | State::Mid, b'\r') => self.state = State::Cr,
-                (State::LineStart | State::Mid, b'\n') => self.bare(),
+                (State::LineStart | State::Mid, b'\n') => self.bare(out),
                 (State::LineStart | State::Mid, _) => {
-                    self.emit(&[b]);
+                    self.emit(out, &[b]);
                     self.state = State::Mid;
                 }
                 (State::Cr, b'\n') => {
-                    self.emit(b"\r\n");
+                    self.emit(out, b"\r\n");
                     self.state = State::LineStart;
                 }
                 (State::Cr, b'\r') => {
                     // The first CR was bare; the second waits for its LF.
-                    self.bare();
+                    self.bare(out);
                     self.state = State::Cr;
                 }
                 (State::Cr, _) => {
-                    self.bare();
-                    self.content_after_bare(b);
+                    self.bare(out);
+                    self.content_after_bare(out, b);
                 }
                 (State::Dot, b'\r') => self.state = State::DotCr,
                 (State::Dot, b'\n') => {
                     // ".\n" is not an end; keep the dot as written.
-                    self.emit(b".");
-                    self.bare();
+                    self.emit(out, b".");
+                    self.bare(out);
                 }
                 (State::Dot, _) => {
                     // Unstuff: the line's first "." goes, the rest is content.
-                    self.emit(&[b]);
+                    self.emit(out, &[b]);
                     self.state = State::Mid;
                 }
                 (State::DotCr, b'\n') => {
@@ -107,70 +111,146 @@ impl DataReceiver {
                     return Some(i);
                 }
                 (State::DotCr, b'\r') => {
-                    self.emit(b".");
-                    self.bare();
+                    self.emit(out, b".");
+                    self.bare(out);
                     self.state = State::Cr;
                 }
                 (State::DotCr, _) => {
-                    self.emit(b".");
-                    self.bare();
-                    self.content_after_bare(b);
+                    self.emit(out, b".");
+                    self.bare(out);
+                    self.content_after_bare(out, b);
                 }
             }
         }
         None
     }
 
-    /// The message, once `feed` reported the end.
-    pub fn finish(self) -> Result<Vec<u8>, DataError> {
+    /// Whether the message may be kept, once `feed` reported the end.
+    pub fn finish(&self) -> Result<(), DataError> {
         if self.too_big {
             Err(DataError::TooBig)
         } else if self.bare_seen {
             Err(DataError::BareLineEnding)
         } else {
-            Ok(self.out)
+            Ok(())
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.out.len()
+    /// Octets of the message so far.
+    pub fn len(&self) -> u64 {
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.out.is_empty()
+        self.len == 0
     }
 
     /// A bare CR or LF: written as CRLF (normalize) or remembered (reject). It is never a
     /// line start for unstuffing or for the end of data.
-    fn bare(&mut self) {
+    fn bare(&mut self, out: &mut Vec<u8>) {
         match self.policy {
-            BareLineEndings::Normalize => self.emit(b"\r\n"),
+            BareLineEndings::Normalize => self.emit(out, b"\r\n"),
             BareLineEndings::Reject => self.bare_seen = true,
         }
         self.state = State::Mid;
     }
 
-    fn content_after_bare(&mut self, b: u8) {
+    fn content_after_bare(&mut self, out: &mut Vec<u8>, b: u8) {
         match b {
-            b'\n' => self.bare(),
+            b'\n' => self.bare(out),
             _ => {
-                self.emit(&[b]);
+                self.emit(out, &[b]);
                 self.state = State::Mid;
             }
         }
     }
 
-    fn emit(&mut self, bytes: &[u8]) {
+    fn emit(&mut self, out: &mut Vec<u8>, bytes: &[u8]) {
         if self.too_big {
             return;
         }
-        if self.out.len() as u64 + bytes.len() as u64 > self.max {
+        if self.len + bytes.len() as u64 > self.max {
             // Keep reading to the real end so the session stays in step, but store no more.
             self.too_big = true;
-            self.out = Vec::new();
+            out.clear();
             return;
         }
-        self.out.extend_from_slice(bytes);
+        self.len += bytes.len() as u64;
+        out.extend_from_slice(bytes);
+    }
+}
+
+/// Line endings of a BDAT text body (RFC 3030 leaves them to the client, who must send
+/// CRLF): bare CR and bare LF are rewritten to CRLF or make the message refused, as in
+/// DATA. A CR at a chunk's end waits for the next chunk's first octet.
+#[derive(Debug)]
+pub struct LineEndings {
+    policy: BareLineEndings,
+    cr: bool,
+    bare_seen: bool,
+}
+
+impl LineEndings {
+    pub fn new(policy: BareLineEndings) -> LineEndings {
+        LineEndings {
+            policy,
+            cr: false,
+            bare_seen: false,
+        }
+    }
+
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        let mut i = 0;
+        while i < input.len() {
+            if !self.cr {
+                match memchr::memchr2(b'\r', b'\n', &input[i..]) {
+                    Some(k) => {
+                        out.extend_from_slice(&input[i..i + k]);
+                        i += k;
+                    }
+                    None => {
+                        out.extend_from_slice(&input[i..]);
+                        return;
+                    }
+                }
+            }
+            let b = input[i];
+            i += 1;
+            match (self.cr, b) {
+                (true, b'\n') => {
+                    out.extend_from_slice(b"\r\n");
+                    self.cr = false;
+                }
+                (true, b'\r') => self.bare(out),
+                (true, _) => {
+                    self.bare(out);
+                    self.cr = false;
+                    out.push(b);
+                }
+                (false, b'\r') => self.cr = true,
+                (false, _) => self.bare(out),
+            }
+        }
+    }
+
+    /// After the last chunk: a CR still waiting was bare.
+    pub fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), DataError> {
+        if self.cr {
+            self.cr = false;
+            self.bare(out);
+        }
+        if self.bare_seen {
+            Err(DataError::BareLineEnding)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn bare(&mut self, out: &mut Vec<u8>) {
+        match self.policy {
+            BareLineEndings::Normalize => out.extend_from_slice(b"\r\n"),
+            BareLineEndings::Reject => self.bare_seen = true,
+        }
     }
 }
 
@@ -180,8 +260,10 @@ mod tests {
 
     fn run(policy: BareLineEndings, input: &[u8]) -> (Result<Vec<u8>, DataError>, Option<usize>) {
         let mut r = DataReceiver::new(1 << 20, policy);
-        let end = r.feed(input);
-        (r.finish(), end)
+        let mut out = Vec::new();
+        let end = r.feed(input, &mut out);
+        assert_eq!(r.len(), out.len() as u64);
+        (r.finish().map(|()| out), end)
     }
 
     fn body(input: &[u8]) -> Vec<u8> {
@@ -254,9 +336,10 @@ mod tests {
     #[test]
     fn size_enforced_while_reading() {
         let mut r = DataReceiver::new(10, BareLineEndings::Normalize);
-        assert_eq!(r.feed(b"0123456789abcdef\r\n"), None);
-        assert!(r.is_empty(), "nothing kept beyond the limit");
-        assert!(r.feed(b".\r\n").is_some());
+        let mut out = Vec::new();
+        assert_eq!(r.feed(b"0123456789abcdef\r\n", &mut out), None);
+        assert!(out.is_empty(), "nothing kept beyond the limit");
+        assert!(r.feed(b".\r\n", &mut out).is_some());
         assert_eq!(r.finish(), Err(DataError::TooBig));
     }
 
@@ -265,14 +348,55 @@ mod tests {
         let input = b"H: v\r\n\r\n..a\nb\r.\rc\r\n.x\r\n\r\n.\r\n";
         let whole = body(input);
         let mut r = DataReceiver::new(1 << 20, BareLineEndings::Normalize);
+        let mut out = Vec::new();
         let mut ended = None;
         for (i, b) in input.iter().enumerate() {
-            if r.feed(std::slice::from_ref(b)).is_some() {
+            if r.feed(std::slice::from_ref(b), &mut out).is_some() {
                 ended = Some(i + 1);
                 break;
             }
+            // The caller may take what came so far at any point.
+            if i % 5 == 0 {
+                let taken = std::mem::take(&mut out);
+                out.extend_from_slice(&taken);
+            }
         }
         assert_eq!(ended, Some(input.len()));
-        assert_eq!(r.finish().unwrap(), whole);
+        assert_eq!(r.finish(), Ok(()));
+        assert_eq!(out, whole);
+    }
+
+    fn chunks(policy: BareLineEndings, parts: &[&[u8]]) -> Result<Vec<u8>, DataError> {
+        let mut fix = LineEndings::new(policy);
+        let mut out = Vec::new();
+        for p in parts {
+            fix.feed(p, &mut out);
+        }
+        fix.finish(&mut out).map(|()| out)
+    }
+
+    #[test]
+    fn bdat_line_endings_are_normalized_across_chunks() {
+        let n = BareLineEndings::Normalize;
+        assert_eq!(chunks(n, &[b"a\r\nb\r\n"]).unwrap(), b"a\r\nb\r\n");
+        assert_eq!(
+            chunks(n, &[b"a\nb\rc\r\r\n"]).unwrap(),
+            b"a\r\nb\r\nc\r\n\r\n"
+        );
+        // A CRLF split between chunks is one line end, not a bare CR and a bare LF.
+        assert_eq!(
+            chunks(n, &[b"a\r", b"\nb\r", b"x"]).unwrap(),
+            b"a\r\nb\r\nx"
+        );
+        assert_eq!(chunks(n, &[b"end\r"]).unwrap(), b"end\r\n");
+        assert_eq!(chunks(n, &[b"\n.\n"]).unwrap(), b"\r\n.\r\n");
+    }
+
+    #[test]
+    fn bdat_bare_endings_rejected() {
+        let r = BareLineEndings::Reject;
+        assert_eq!(chunks(r, &[b"a\r", b"\nb\r\n"]).unwrap(), b"a\r\nb\r\n");
+        assert_eq!(chunks(r, &[b"a\nb"]), Err(DataError::BareLineEnding));
+        assert_eq!(chunks(r, &[b"a\r"]), Err(DataError::BareLineEnding));
     }
 }

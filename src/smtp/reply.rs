@@ -75,6 +75,27 @@ pub mod common {
     pub fn too_slow() -> WireReply {
         WireReply::new(421, "4.4.2", "Data rate too low, closing connection")
     }
+    pub fn memory_busy() -> WireReply {
+        WireReply::new(
+            421,
+            "4.3.2",
+            "Too much mail in flight, try again later; closing connection",
+        )
+    }
+    pub fn body_unwritable() -> WireReply {
+        WireReply::new(
+            421,
+            "4.3.0",
+            "Cannot hold the message now, try again later; closing connection",
+        )
+    }
+    pub fn body_unreadable() -> WireReply {
+        WireReply::new(
+            451,
+            "4.3.0",
+            "Cannot read the message back now, try again later",
+        )
+    }
     pub fn shutting_down() -> WireReply {
         WireReply::new(421, "4.3.0", "Service shutting down, closing connection")
     }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::body::Body;
 use super::command::{self, Command, CommandError, MailParams};
 use super::data::DataError;
 use super::inspect::{self, Trace};
@@ -16,6 +17,7 @@ use super::reply::{common, WireReply};
 use crate::config::BareLineEndings;
 use crate::envelope::{domain_in, BodyType, ClientInfo, Envelope, Millis, QueueId, Recipient};
 use crate::events::Unbound;
+use crate::message::Data;
 use crate::pipeline::{Backpressure, IntakeError, SenderVerdict, Submission};
 use crate::tenant::Verdict;
 
@@ -77,11 +79,13 @@ pub enum Action {
         reply: WireReply,
         max: u64,
     },
-    /// Read exactly `size` octets of a BDAT chunk; pass them on when `keep`.
+    /// Read exactly `size` octets of a BDAT chunk; pass them on when `keep`, with
+    /// their line endings made CRLF (as DATA's) unless the body is BINARYMIME.
     ReadChunk {
         size: u64,
         last: bool,
         keep: bool,
+        text: bool,
     },
 }
 
@@ -109,7 +113,7 @@ pub enum Completed {
 #[derive(Debug)]
 pub struct Unproven {
     tx: Transaction,
-    body: Vec<u8>,
+    body: Body,
     /// What the header said; read again only if the route header is taken out.
     seen: inspect::Inspection,
     source: usize,
@@ -117,7 +121,7 @@ pub struct Unproven {
 
 impl Unproven {
     /// The message as the client sent it (our `Received:` is not there yet).
-    pub fn message(&self) -> &[u8] {
+    pub fn body(&self) -> &Body {
         &self.body
     }
 
@@ -144,8 +148,9 @@ struct Transaction {
     sender: String,
     params: MailParams,
     recipients: Vec<Recipient>,
-    /// BDAT chunks so far; `Some` once the first chunk arrived.
-    chunks: Option<Vec<u8>>,
+    /// Octets of BDAT chunks so far (the driver keeps them); `Some` once the first
+    /// chunk arrived.
+    chunked: Option<u64>,
     /// A BDAT chunk failed: the rest of this transaction's chunks get this reply.
     failed: Option<WireReply>,
 }
@@ -398,7 +403,7 @@ impl Session {
             sender,
             params,
             recipients: Vec::new(),
-            chunks: None,
+            chunked: None,
             failed: None,
         });
     }
@@ -409,7 +414,7 @@ impl Session {
         let Some(tx) = self.tx.as_mut() else {
             return self.error(common::bad_sequence("Need MAIL before RCPT"));
         };
-        if tx.chunks.is_some() {
+        if tx.chunked.is_some() {
             return self.error(common::bad_sequence("RCPT not allowed after BDAT"));
         }
         if !recipient.is_ascii() && !tx.params.smtputf8 {
@@ -450,7 +455,7 @@ impl Session {
         let Some(tx) = self.tx.as_ref() else {
             return self.error(common::bad_sequence("Need MAIL before DATA"));
         };
-        if tx.chunks.is_some() {
+        if tx.chunked.is_some() {
             return self.error(common::bad_sequence("DATA not allowed after BDAT"));
         }
         if tx.params.body == BodyType::BinaryMime {
@@ -471,6 +476,7 @@ impl Session {
             size,
             last,
             keep: false,
+            text: false,
         };
         let Some(tx) = self.tx.as_mut() else {
             self.errors += 1;
@@ -479,27 +485,39 @@ impl Session {
         if tx.recipients.is_empty() || tx.failed.is_some() {
             return discard;
         }
-        let so_far = tx.chunks.as_ref().map_or(0, |c| c.len() as u64);
+        let so_far = tx.chunked.unwrap_or(0);
         if so_far.saturating_add(size) > max {
             tx.failed = Some(common::size_exceeded());
-            tx.chunks = Some(Vec::new());
+            tx.chunked = Some(so_far);
             return discard;
         }
-        tx.chunks.get_or_insert_with(Vec::new);
+        tx.chunked = Some(so_far + size);
         Action::ReadChunk {
             size,
             last,
             keep: true,
+            text: tx.params.body != BodyType::BinaryMime,
         }
     }
 
-    /// Where a kept chunk's bytes go.
-    pub fn chunk_buffer(&mut self) -> Option<&mut Vec<u8>> {
-        self.tx.as_mut().and_then(|t| t.chunks.as_mut())
+    /// Whether a BDAT transaction is under way whose chunks the driver keeps: when
+    /// not, anything it kept belongs to no transaction any more.
+    pub fn chunking(&self) -> bool {
+        self.tx
+            .as_ref()
+            .is_some_and(|t| t.chunked.is_some() && t.failed.is_none())
     }
 
-    /// A BDAT chunk was read completely (kept or discarded as [`Action::ReadChunk`] said).
-    pub fn chunk_done(&mut self, size: u64, last: bool, now: Millis) -> Completed {
+    /// A BDAT chunk was read completely (kept or discarded as [`Action::ReadChunk`]
+    /// said). After the last kept chunk, `body` is everything the driver kept, or why
+    /// it cannot be.
+    pub fn chunk_done(
+        &mut self,
+        size: u64,
+        last: bool,
+        body: Option<Result<Body, DataError>>,
+        now: Millis,
+    ) -> Completed {
         let Some(tx) = self.tx.as_mut() else {
             return Completed::Reply(common::bad_sequence("Need MAIL before BDAT"));
         };
@@ -521,17 +539,32 @@ impl Session {
                 format!("{size} octets received"),
             ));
         }
-        let tx = self.tx.take().expect("checked above");
-        let body = tx.chunks.clone().unwrap_or_default();
-        self.finish(tx, body, now)
-    }
-
-    /// The DATA body ended (CRLF.CRLF) with this result.
-    pub fn data_done(&mut self, result: Result<Vec<u8>, DataError>, now: Millis) -> Completed {
         let Some(tx) = self.tx.take() else {
             return Completed::Reply(common::bad_sequence("No transaction"));
         };
+        self.body_done(tx, body.unwrap_or(Ok(Body::Memory(Vec::new()))), now)
+    }
+
+    /// The DATA body ended (CRLF.CRLF) with this result.
+    pub fn data_done(&mut self, result: Result<Body, DataError>, now: Millis) -> Completed {
+        let Some(tx) = self.tx.take() else {
+            return Completed::Reply(common::bad_sequence("No transaction"));
+        };
+        self.body_done(tx, result, now)
+    }
+
+    fn body_done(
+        &mut self,
+        tx: Transaction,
+        result: Result<Body, DataError>,
+        now: Millis,
+    ) -> Completed {
         match result {
+            // Nothing to relay: no header, no From (RFC 5322 §3.6), no message.
+            Ok(body) if body.is_empty() => {
+                self.errors += 1;
+                Completed::Reply(WireReply::new(554, "5.6.0", "Empty message"))
+            }
             Ok(body) => self.finish(tx, body, now),
             Err(DataError::TooBig) => {
                 self.errors += 1;
@@ -548,8 +581,8 @@ impl Session {
         }
     }
 
-    fn finish(&mut self, tx: Transaction, body: Vec<u8>, now: Millis) -> Completed {
-        let seen = inspect::inspect(&body);
+    fn finish(&mut self, tx: Transaction, body: Body, now: Millis) -> Completed {
+        let seen = look(&body);
         if seen.received_count > self.cfg.hop_limit {
             self.errors += 1;
             return Completed::Reply(WireReply::new(
@@ -584,7 +617,8 @@ impl Session {
         match verdict {
             Verdict::Proven(_) => match stripped {
                 Some(body) => {
-                    let seen = inspect::inspect(&body);
+                    let body = Body::Memory(body);
+                    let seen = look(&body);
                     self.submission(unproven.tx, body, seen, now)
                 }
                 None => self.submission(unproven.tx, unproven.body, unproven.seen, now),
@@ -604,7 +638,7 @@ impl Session {
     fn submission(
         &mut self,
         tx: Transaction,
-        body: Vec<u8>,
+        body: Body,
         seen: inspect::Inspection,
         now: Millis,
     ) -> Completed {
@@ -621,9 +655,19 @@ impl Session {
             single_recipient: (tx.recipients.len() == 1).then(|| tx.recipients[0].address.as_str()),
             now,
         });
-        let mut data = Vec::with_capacity(trace.len() + body.len());
-        data.extend_from_slice(&trace);
-        data.extend_from_slice(&body);
+        let size = trace.len() as u64 + body.len();
+        let data = match body {
+            Body::Memory(body) => {
+                let mut data = Vec::with_capacity(trace.len() + body.len());
+                data.extend_from_slice(&trace);
+                data.extend_from_slice(&body);
+                Data::Memory(Bytes::from(data))
+            }
+            Body::Spilled { file, .. } => Data::Spilled {
+                prefix: Bytes::from(trace),
+                file,
+            },
+        };
         let envelope = Envelope {
             id,
             sender: tx.sender,
@@ -638,16 +682,13 @@ impl Session {
                 tls: self.tls.clone(),
             },
             received_at: now,
-            size: data.len() as u64,
+            size,
             message_id: seen.message_id,
             flags: seen.flags,
             generated_dsn: false,
             system: false,
         };
-        Completed::Submit(Box::new(Submission {
-            envelope,
-            data: Bytes::from(data),
-        }))
+        Completed::Submit(Box::new(Submission { envelope, data }))
     }
 
     /// The queue's answer for a submitted message.
@@ -674,6 +715,16 @@ impl Session {
 }
 
 /// The client's word for a message that proved nothing: what rule, never the details.
+/// What the header says, and whether any octet is 8-bit (seen while a spilled body
+/// was written).
+fn look(body: &Body) -> inspect::Inspection {
+    let mut seen = inspect::inspect(body.head());
+    if let Body::Spilled { eight_bit, .. } = body {
+        seen.flags.eight_bit = *eight_bit;
+    }
+    seen
+}
+
 fn unbound_text(kind: Unbound) -> &'static str {
     match kind {
         Unbound::NoProof => "Message refused: it is not bound to this organization (no DKIM signature of its domains, tenant id or route header)",
@@ -737,6 +788,13 @@ mod tests {
 
     fn session() -> Session {
         session_with(cfg())
+    }
+
+    fn memory(d: &Data) -> &[u8] {
+        match d {
+            Data::Memory(b) => b,
+            Data::Spilled { .. } => panic!("a test body spilled"),
+        }
     }
 
     fn code(a: Action) -> u16 {
@@ -824,7 +882,9 @@ mod tests {
             s.command(b"DATA", Ok(())),
             Action::ReadData { .. }
         ));
-        let Completed::Submit(sub) = s.data_done(Ok(b"Subject: x\r\n\r\n".to_vec()), 0) else {
+        let Completed::Submit(sub) =
+            s.data_done(Ok(Body::Memory(b"Subject: x\r\n\r\n".to_vec())), 0)
+        else {
             panic!()
         };
         assert_eq!(
@@ -885,9 +945,10 @@ mod tests {
             "RCPT TO:<b@x.test> NOTIFY=FAILURE,DELAY ORCPT=rfc822;b@x.test",
         );
         cmd(&mut s, "DATA");
-        let Completed::Submit(sub) =
-            s.data_done(Ok(b"Message-ID: <m@x>\r\n\r\nhi\r\n".to_vec()), 1_000_000)
-        else {
+        let Completed::Submit(sub) = s.data_done(
+            Ok(Body::Memory(b"Message-ID: <m@x>\r\n\r\nhi\r\n".to_vec())),
+            1_000_000,
+        ) else {
             panic!()
         };
         let env = &sub.envelope;
@@ -904,9 +965,9 @@ mod tests {
         );
         assert_eq!(env.recipients[0].orcpt.as_deref(), Some("rfc822;b@x.test"));
         assert_eq!(env.message_id.as_deref(), Some("m@x"));
-        assert!(sub.data.starts_with(b"Received: from c.test ([127.0.0.1])"));
-        assert!(sub.data.ends_with(b"\r\nMessage-ID: <m@x>\r\n\r\nhi\r\n"));
-        assert_eq!(env.size, sub.data.len() as u64);
+        assert!(memory(&sub.data).starts_with(b"Received: from c.test ([127.0.0.1])"));
+        assert!(memory(&sub.data).ends_with(b"\r\nMessage-ID: <m@x>\r\n\r\nhi\r\n"));
+        assert_eq!(env.size, sub.data.len());
         assert!(!s.in_transaction());
     }
 
@@ -922,25 +983,27 @@ mod tests {
             Action::ReadChunk {
                 size: 5,
                 last: false,
-                keep: true
+                keep: true,
+                text: false
             }
         );
-        s.chunk_buffer().unwrap().extend_from_slice(b"A: b\r");
-        assert!(matches!(s.chunk_done(5, false, 0), Completed::Reply(r) if r.code == 250));
+        assert!(s.chunking());
+        assert!(matches!(s.chunk_done(5, false, None, 0), Completed::Reply(r) if r.code == 250));
         assert_eq!(cmd(&mut s, "RCPT TO:<c@x.test>"), 503);
         assert_eq!(
             s.command(b"BDAT 5 LAST", Ok(())),
             Action::ReadChunk {
                 size: 5,
                 last: true,
-                keep: true
+                keep: true,
+                text: false
             }
         );
-        s.chunk_buffer().unwrap().extend_from_slice(b"\n\r\n\0\xff");
-        let Completed::Submit(sub) = s.chunk_done(5, true, 0) else {
+        let kept = Body::Memory(b"A: b\r\n\r\n\0\xff".to_vec());
+        let Completed::Submit(sub) = s.chunk_done(5, true, Some(Ok(kept)), 0) else {
             panic!()
         };
-        assert!(sub.data.ends_with(b"A: b\r\n\r\n\0\xff"));
+        assert!(memory(&sub.data).ends_with(b"A: b\r\n\r\n\0\xff"));
         assert_eq!(sub.envelope.body, BodyType::BinaryMime);
     }
 
@@ -955,30 +1018,63 @@ mod tests {
             Action::ReadChunk {
                 size: 900,
                 last: false,
-                keep: true
+                keep: true,
+                text: true
             }
         );
-        s.chunk_buffer().unwrap().extend_from_slice(&[b'x'; 900]);
-        assert!(matches!(s.chunk_done(900, false, 0), Completed::Reply(r) if r.code == 250));
+        assert!(matches!(s.chunk_done(900, false, None, 0), Completed::Reply(r) if r.code == 250));
         assert_eq!(
             s.command(b"BDAT 200", Ok(())),
             Action::ReadChunk {
                 size: 200,
                 last: false,
-                keep: false
+                keep: false,
+                text: false
             }
         );
-        assert!(matches!(s.chunk_done(200, false, 0), Completed::Reply(r) if r.code == 552));
+        assert!(!s.chunking(), "the driver drops what it kept");
+        assert!(matches!(s.chunk_done(200, false, None, 0), Completed::Reply(r) if r.code == 552));
         assert_eq!(
             s.command(b"BDAT 1 LAST", Ok(())),
             Action::ReadChunk {
                 size: 1,
                 last: true,
-                keep: false
+                keep: false,
+                text: false
             }
         );
-        assert!(matches!(s.chunk_done(1, true, 0), Completed::Reply(r) if r.code == 552));
+        assert!(matches!(s.chunk_done(1, true, None, 0), Completed::Reply(r) if r.code == 552));
         assert!(!s.in_transaction());
+    }
+
+    #[test]
+    fn an_empty_message_is_refused() {
+        let mut s = session();
+        cmd(&mut s, "EHLO c.test");
+        cmd(&mut s, "MAIL FROM:<a@example.test>");
+        cmd(&mut s, "RCPT TO:<b@x.test>");
+        assert!(matches!(
+            s.command(b"BDAT 0 LAST", Ok(())),
+            Action::ReadChunk {
+                size: 0,
+                last: true,
+                keep: true,
+                text: true
+            }
+        ));
+        let Completed::Reply(r) = s.chunk_done(0, true, Some(Ok(Body::Memory(Vec::new()))), 0)
+        else {
+            panic!()
+        };
+        assert_eq!((r.code, r.esc), (554, "5.6.0"));
+        assert!(!s.in_transaction());
+        cmd(&mut s, "MAIL FROM:<a@example.test>");
+        cmd(&mut s, "RCPT TO:<b@x.test>");
+        cmd(&mut s, "DATA");
+        let Completed::Reply(r) = s.data_done(Ok(Body::Memory(Vec::new())), 0) else {
+            panic!()
+        };
+        assert_eq!(r.code, 554);
     }
 
     #[test]
@@ -990,10 +1086,11 @@ mod tests {
             Action::ReadChunk {
                 size: 3,
                 last: true,
-                keep: false
+                keep: false,
+                text: false
             }
         );
-        assert!(matches!(s.chunk_done(3, true, 0), Completed::Reply(r) if r.code == 503));
+        assert!(matches!(s.chunk_done(3, true, None, 0), Completed::Reply(r) if r.code == 503));
     }
 
     #[test]
@@ -1005,14 +1102,14 @@ mod tests {
         cmd(&mut s, "DATA");
         let body = "Received: x\r\n".repeat(5) + "\r\nbody\r\n";
         assert!(matches!(
-            s.data_done(Ok(body.into_bytes()), 0),
+            s.data_done(Ok(Body::Memory(body.into_bytes())), 0),
             Completed::Submit(_)
         ));
         cmd(&mut s, "MAIL FROM:<a@example.test>");
         cmd(&mut s, "RCPT TO:<b@x.test>");
         cmd(&mut s, "DATA");
         let body = "Received: x\r\n".repeat(6) + "\r\nbody\r\n";
-        let Completed::Reply(r) = s.data_done(Ok(body.into_bytes()), 0) else {
+        let Completed::Reply(r) = s.data_done(Ok(Body::Memory(body.into_bytes())), 0) else {
             panic!()
         };
         assert_eq!((r.code, r.esc), (554, "5.4.6"));

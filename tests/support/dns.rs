@@ -1,6 +1,7 @@
 //! A real authoritative DNS server (hickory-server) on 127.0.0.1, serving zones given as
 //! zone-file text, over UDP and TCP. Names containing "slow" are never answered, so
-//! timeouts can be tested against a live server.
+//! timeouts can be tested against a live server. Every question asked is logged, so a
+//! test can count what the relay looked up.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -17,6 +18,7 @@ use hickory_server::Server;
 pub struct Dns {
     pub addr: SocketAddr,
     stop: Option<std::sync::mpsc::Sender<()>>,
+    asked: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Dns {
@@ -30,6 +32,12 @@ impl Dns {
     #[allow(dead_code)]
     pub fn start_on(addr: SocketAddr, zones: &[(&str, &str)]) -> Dns {
         Dns::serve(zones, Some(addr))
+    }
+
+    /// The names asked so far, in order (lower case, with the final dot).
+    #[allow(dead_code)]
+    pub fn asked(&self) -> Vec<String> {
+        self.asked.lock().unwrap().clone()
     }
 
     fn serve(zones: &[(&str, &str)], fixed: Option<SocketAddr>) -> Dns {
@@ -115,6 +123,8 @@ impl Dns {
                 .unwrap();
             catalog.upsert(LowerName::new(&name), vec![Arc::new(handler)]);
         }
+        let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = asked.clone();
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
         std::thread::spawn(move || {
@@ -142,7 +152,7 @@ impl Dns {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 };
-                let mut server = Server::new(Slow(catalog));
+                let mut server = Server::new(Slow(catalog, log));
                 server.register_socket(udp);
                 server.register_listener(tcp, Duration::from_secs(5), 65_535);
                 addr_tx.send(addr).unwrap();
@@ -158,6 +168,7 @@ impl Dns {
         Dns {
             addr: addr_rx.recv().unwrap(),
             stop: Some(stop_tx),
+            asked,
         }
     }
 }
@@ -168,8 +179,8 @@ impl Drop for Dns {
     }
 }
 
-/// Answers through the catalog, except for names with "slow" in them.
-struct Slow(Catalog);
+/// Answers through the catalog, except for names with "slow" in them; logs each name.
+struct Slow(Catalog, Arc<std::sync::Mutex<Vec<String>>>);
 
 #[async_trait::async_trait]
 impl RequestHandler for Slow {
@@ -179,6 +190,8 @@ impl RequestHandler for Slow {
         response_handle: R,
     ) -> ResponseInfo {
         if let Ok(info) = request.request_info() {
+            let name = info.query.name().to_string().to_ascii_lowercase();
+            self.1.lock().unwrap().push(name);
             if info.query.name().to_string().contains("slow") {
                 tokio::time::sleep(Duration::from_secs(60)).await;
             }

@@ -86,6 +86,7 @@ def main():
     p.add_argument("--key")
     p.add_argument("--no-smtputf8", action="store_true")
     p.add_argument("--auth", help="require AUTH with USER:PASS")
+    p.add_argument("--data-size-limit", type=int, default=33554432, help="octets (aiosmtpd's default: 32 MiB)")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     replies = {}
@@ -117,6 +118,7 @@ def main():
         enable_SMTPUTF8=not args.no_smtputf8,
         decode_data=False,
         ident="upstream.test ESMTP",
+        data_size_limit=args.data_size_limit,
         **auth,
     )
     controller.start()

@@ -12,8 +12,12 @@ use super::{
     lock_index, segment_name, Copy, Faults, Job, Locations, Segment, Span, Step, CLOSE_EMPTY_BYTES,
     IDLE_SYNC, KEEP_BUFFER, MAX_BATCH, MAX_BATCH_BYTES,
 };
+use crate::message::Spill;
 use crate::queue::record::Kind;
 use crate::queue::spool::SpoolError;
+
+/// Octets of a spilled body copied into a segment at a time.
+const COPY_CHUNK: usize = 1 << 20;
 
 /// The segment new records go to.
 struct Current {
@@ -30,6 +34,10 @@ pub(super) struct Committer {
     next_seq: u64,
     segment_bytes: u64,
     buf: Vec<u8>,
+    /// Bodies in files that go into the batch at these offsets of `buf`.
+    tails: Vec<(usize, Arc<Spill>)>,
+    /// Where a spilled body passes on its way into a segment.
+    scratch: Vec<u8>,
     /// Segments with appends that were not synced (removals, copies).
     unsynced: Vec<(u64, Arc<File>)>,
     /// Copies were appended since the last sync: the segments they emptied stay.
@@ -57,6 +65,8 @@ impl Committer {
             next_seq,
             segment_bytes,
             buf: Vec::new(),
+            tails: Vec::new(),
+            scratch: Vec::new(),
             unsynced: Vec::new(),
             copies_unsynced: false,
             compactor,
@@ -190,9 +200,12 @@ impl Committer {
     /// segment is cut back, so nothing that was refused is found at the next start.
     fn append(&mut self, durable: bool) -> std::io::Result<(u64, u64)> {
         let buf = std::mem::take(&mut self.buf);
-        let result = self.write_out(&buf, durable);
+        let tails = std::mem::take(&mut self.tails);
+        let result = self.write_out(&buf, &tails, durable);
         self.buf = buf;
         self.buf.clear();
+        // The spilled files go with their last handle, once the sessions let go too.
+        drop(tails);
         // One large message must not keep its size in memory for good.
         self.buf.shrink_to(KEEP_BUFFER);
         let full = self
@@ -206,8 +219,13 @@ impl Committer {
         result
     }
 
-    fn write_out(&mut self, buf: &[u8], durable: bool) -> std::io::Result<(u64, u64)> {
-        if buf.is_empty() {
+    fn write_out(
+        &mut self,
+        buf: &[u8],
+        tails: &[(usize, Arc<Spill>)],
+        durable: bool,
+    ) -> std::io::Result<(u64, u64)> {
+        if buf.is_empty() && tails.is_empty() {
             // A barrier alone: earlier appends may still be unsynced.
             if durable {
                 self.sync_unsynced()?;
@@ -218,19 +236,21 @@ impl Committer {
         let cur = self.current()?;
         let base = cur.len;
         let (seq, file) = (cur.seq, cur.file.clone());
-        let written = file.write_all_at(buf, base).and_then(|()| {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let written = write_pieces(&file, base, buf, tails, &mut scratch);
+        self.scratch = scratch;
+        let written = written.and_then(|len| {
             if !self.unsynced.iter().any(|(s, _)| *s == seq) {
                 self.unsynced.push((seq, file.clone()));
             }
             if durable {
-                self.sync_unsynced()
-            } else {
-                Ok(())
+                self.sync_unsynced()?;
             }
+            Ok(len)
         });
         match written {
-            Ok(()) => {
-                let len = base + buf.len() as u64;
+            Ok(written) => {
+                let len = base + written;
                 if let Some(cur) = self.current.as_mut() {
                     cur.len = len;
                 }
@@ -258,12 +278,18 @@ impl Committer {
 
     fn commit(&mut self, batch: &mut Vec<Job>) {
         self.buf.clear();
+        self.tails.clear();
         let mut offsets = Vec::with_capacity(batch.len());
+        let mut spilled = 0u64;
         for job in batch.iter() {
-            offsets.push(self.buf.len() as u64);
-            if let Job::Write { parts, .. } = job {
+            offsets.push(self.buf.len() as u64 + spilled);
+            if let Job::Write { parts, tail, .. } = job {
                 for p in parts {
                     self.buf.extend_from_slice(p);
+                }
+                if let Some(t) = tail {
+                    self.tails.push((self.buf.len(), t.clone()));
+                    spilled += t.len();
                 }
             }
         }
@@ -400,4 +426,41 @@ impl Committer {
             self.faults.step(Step::SegmentDeleted);
         }
     }
+}
+
+/// Writes `buf` at `base` with each spilled body copied in at its place; returns the
+/// octets written.
+fn write_pieces(
+    file: &File,
+    base: u64,
+    buf: &[u8],
+    tails: &[(usize, Arc<Spill>)],
+    scratch: &mut Vec<u8>,
+) -> std::io::Result<u64> {
+    let mut at = base;
+    let mut from = 0;
+    for (to, spill) in tails {
+        let piece = buf
+            .get(from..*to)
+            .ok_or_else(|| std::io::Error::other("tail outside the batch"))?;
+        file.write_all_at(piece, at)?;
+        at += piece.len() as u64;
+        from = *to;
+        scratch.resize(COPY_CHUNK, 0);
+        let mut done = 0u64;
+        while done < spill.len() {
+            let n = usize::try_from((spill.len() - done).min(COPY_CHUNK as u64))
+                .map_err(std::io::Error::other)?;
+            let chunk = &mut scratch[..n];
+            spill.read_at(chunk, done)?;
+            file.write_all_at(chunk, at)?;
+            done += n as u64;
+            at += n as u64;
+        }
+    }
+    let rest = buf
+        .get(from..)
+        .ok_or_else(|| std::io::Error::other("tail outside the batch"))?;
+    file.write_all_at(rest, at)?;
+    Ok(at + rest.len() as u64 - base)
 }

@@ -67,6 +67,7 @@ use tokio::sync::oneshot;
 use super::record::{self, Kind, Record};
 use super::spool::{Recovered, Spool, SpoolError};
 use crate::envelope::{DeliveryState, Envelope, QueueId};
+use crate::message::{Data, Spill};
 use committer::Committer;
 use compactor::Compactor;
 #[cfg(test)]
@@ -203,6 +204,8 @@ enum Job {
     Write {
         record: Option<(Kind, QueueId)>,
         parts: [Bytes; 3],
+        /// A body in a file, appended after `parts`.
+        tail: Option<Arc<Spill>>,
         done: Option<oneshot::Sender<Result<(), SpoolError>>>,
     },
     /// A compaction pass: copies to append unless their message changed meanwhile.
@@ -347,11 +350,13 @@ impl FileSpool {
         &self,
         record: Option<(Kind, QueueId)>,
         parts: [Bytes; 3],
+        tail: Option<Arc<Spill>>,
     ) -> Result<(), SpoolError> {
         let (done, wait) = oneshot::channel();
         self.send(Job::Write {
             record,
             parts,
+            tail,
             done: Some(done),
         })?;
         wait.await.map_err(|_| stopped())?
@@ -367,7 +372,7 @@ impl FileSpool {
         Some((file, span))
     }
 
-    fn read_message(&self, id: &QueueId) -> Result<(Envelope, Vec<u8>), SpoolError> {
+    fn read_message(&self, id: &QueueId) -> Result<(Envelope, Bytes), SpoolError> {
         let (file, span) = self
             .locate(id, false)
             .ok_or_else(|| SpoolError::NotFound(id.to_string()))?;
@@ -376,12 +381,16 @@ impl FileSpool {
             reason,
         };
         let raw = read_span(&file, span).map_err(corrupt)?;
-        let Some((rec, _)) = record::decode(&raw) else {
+        let Some((rec, len)) = record::decode(&raw) else {
             self.set_aside(id, &raw, "checksum mismatch");
             return Err(corrupt("checksum mismatch".into()));
         };
         match parse_message(&rec, id) {
-            Ok(m) => Ok(m),
+            // The data ends the record: hand out that part of the read without a copy.
+            Ok((envelope, data)) => {
+                let from = len - data.len();
+                Ok((envelope, Bytes::from(raw).slice(from..len)))
+            }
             Err(reason) => {
                 self.set_aside(id, &raw, &reason);
                 Err(corrupt(reason))
@@ -412,10 +421,10 @@ fn read_span(file: &File, span: Span) -> Result<Vec<u8>, String> {
     Ok(raw)
 }
 
-fn parse_message(rec: &Record<'_>, id: &QueueId) -> Result<(Envelope, Vec<u8>), String> {
+fn parse_message<'a>(rec: &Record<'a>, id: &QueueId) -> Result<(Envelope, &'a [u8]), String> {
     let (json, data) = record::split_message(rec.payload).ok_or("truncated envelope")?;
     let envelope = parse_envelope(json, id, data.len() as u64)?;
-    Ok((envelope, data.to_vec()))
+    Ok((envelope, data))
 }
 
 fn parse_envelope(json: &[u8], id: &QueueId, data_len: u64) -> Result<Envelope, String> {
@@ -451,7 +460,12 @@ impl Drop for FileSpool {
 impl Job {
     fn len(&self) -> usize {
         match self {
-            Job::Write { parts, .. } => parts.iter().map(Bytes::len).sum(),
+            Job::Write { parts, tail, .. } => {
+                parts.iter().map(Bytes::len).sum::<usize>()
+                    + tail
+                        .as_ref()
+                        .map_or(0, |t| usize::try_from(t.len()).unwrap_or(usize::MAX))
+            }
             Job::Copy { copies, .. } => copies.iter().map(|c| c.raw.len()).sum(),
         }
     }
@@ -465,14 +479,24 @@ fn unrecordable(id: &QueueId) -> impl FnOnce(record::RecordError) -> SpoolError 
 }
 
 impl Spool for FileSpool {
-    async fn store(&self, envelope: &Envelope, data: Bytes) -> Result<(), SpoolError> {
+    async fn store(&self, envelope: &Envelope, data: Data) -> Result<(), SpoolError> {
         let id = &envelope.id;
         let prefix = record::message_prefix(envelope).map_err(unrecordable(id))?;
-        let head = record::head(Kind::Message, id.as_str(), &[&prefix, &data])
-            .map_err(unrecordable(id))?;
+        let (data, tail) = match data {
+            Data::Memory(b) => (b, None),
+            Data::Spilled { prefix, file } => (prefix, Some(file)),
+        };
+        let head = record::head_with_tail(
+            Kind::Message,
+            id.as_str(),
+            &[&prefix, &data],
+            tail.as_ref().map(|t| (t.len(), t.crc())),
+        )
+        .map_err(unrecordable(id))?;
         self.commit(
             Some((Kind::Message, id.clone())),
             [Bytes::from(head), Bytes::from(prefix), data],
+            tail,
         )
         .await
     }
@@ -486,16 +510,17 @@ impl Spool for FileSpool {
         self.commit(
             Some((Kind::State, id.clone())),
             [Bytes::from(head), Bytes::from(json), Bytes::new()],
+            None,
         )
         .await
     }
 
     async fn flush(&self) -> Result<(), SpoolError> {
-        self.commit(None, [Bytes::new(), Bytes::new(), Bytes::new()])
+        self.commit(None, [Bytes::new(), Bytes::new(), Bytes::new()], None)
             .await
     }
 
-    fn load(&self, id: &QueueId) -> Result<Vec<u8>, SpoolError> {
+    fn load(&self, id: &QueueId) -> Result<Bytes, SpoolError> {
         self.read_message(id).map(|(_, data)| data)
     }
 
@@ -504,6 +529,7 @@ impl Spool for FileSpool {
         self.send(Job::Write {
             record: Some((Kind::Removed, id.clone())),
             parts: [Bytes::from(head), Bytes::new(), Bytes::new()],
+            tail: None,
             done: None,
         })
     }

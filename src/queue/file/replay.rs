@@ -34,7 +34,7 @@ pub fn snapshot(dir: &Path) -> Result<Vec<(Envelope, Vec<u8>)>, SpoolError> {
         let raw = read_span(&seg.file, loc.msg).map_err(corrupt)?;
         let (rec, _) = record::decode(&raw).ok_or_else(|| corrupt("checksum mismatch".into()))?;
         let (_, data) = parse_message(&rec, &id).map_err(corrupt)?;
-        out.push((envelope, data));
+        out.push((envelope, data.to_vec()));
     }
     out.sort_by(|a, b| a.0.id.as_str().cmp(b.0.id.as_str()));
     Ok(out)

@@ -2,6 +2,7 @@
 //! fault injection at every step of the committer.
 
 use super::*;
+use crate::message::Data;
 
 fn envelope(data: &[u8]) -> Envelope {
     let mut e = Envelope::for_test("a@example.test", &["b@x.test"], data.len() as u64);
@@ -82,8 +83,14 @@ async fn store_load_state_remove_and_reopen() {
     let gone = envelope(b"y");
     {
         let spool = FileSpool::open(&dir).unwrap();
-        spool.store(&env, Bytes::from_static(data)).await.unwrap();
-        spool.store(&gone, Bytes::from_static(b"y")).await.unwrap();
+        spool
+            .store(&env, Data::Memory(Bytes::from_static(data)))
+            .await
+            .unwrap();
+        spool
+            .store(&gone, Data::Memory(Bytes::from_static(b"y")))
+            .await
+            .unwrap();
         assert_eq!(spool.load(&env.id).unwrap(), data);
         let mut st = DeliveryState::new(1, 5);
         st.attempts = 3;
@@ -101,6 +108,52 @@ async fn store_load_state_remove_and_reopen() {
     assert_eq!(spool.load(&env.id).unwrap(), data);
 }
 
+/// A body in a file: the record is the same as if it had been in memory, it is read
+/// back whole after a restart, and it goes into one batch with small messages.
+#[tokio::test]
+async fn a_spilled_body_is_stored_from_its_file() {
+    let dir = tempdir("spilled");
+    let mut body = b"Subject: big\r\n\r\n".to_vec();
+    while body.len() < (3 << 20) + 17 {
+        body.extend_from_slice(b"0123456789 spilled body line\r\n");
+    }
+    fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("body");
+    fs::write(&path, &body).unwrap();
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&body);
+    let spill = Arc::new(Spill::new(
+        File::open(&path).unwrap(),
+        path.clone(),
+        body.len() as u64,
+        crc,
+    ));
+    let trace: &[u8] = b"Received: from c.test\r\n";
+    let mut whole = trace.to_vec();
+    whole.extend_from_slice(&body);
+    let big = envelope(&whole);
+    let small = envelope(b"s\r\n");
+    {
+        let spool = FileSpool::open(&dir).unwrap();
+        let data = Data::Spilled {
+            prefix: Bytes::from_static(trace),
+            file: spill,
+        };
+        let (a, b) = tokio::join!(
+            spool.store(&big, data),
+            spool.store(&small, Data::Memory(Bytes::from_static(b"s\r\n")))
+        );
+        a.unwrap();
+        b.unwrap();
+        assert!(!path.exists(), "the file goes once the spool has its copy");
+        assert_eq!(spool.load(&big.id).unwrap(), whole);
+        assert_eq!(spool.load(&small.id).unwrap(), &b"s\r\n"[..]);
+    }
+    let spool = FileSpool::open(&dir).unwrap();
+    assert_eq!(recovered(&spool).len(), 2);
+    assert_eq!(spool.load(&big.id).unwrap(), whole);
+}
+
 #[tokio::test]
 async fn second_instance_is_locked_out() {
     let dir = tempdir("lock");
@@ -115,7 +168,7 @@ async fn interrupted_writes_are_skipped_and_unreadable_records_set_aside() {
     {
         let spool = FileSpool::open(&dir).unwrap();
         spool
-            .store(&ok, Bytes::from_static(b"ok\r\n"))
+            .store(&ok, Data::Memory(Bytes::from_static(b"ok\r\n")))
             .await
             .unwrap();
     }
@@ -159,7 +212,7 @@ async fn concurrent_stores_are_all_committed() {
             let s = spool.clone();
             tokio::spawn(async move {
                 let e = envelope(b"x\r\n");
-                s.store(&e, Bytes::from_static(b"x\r\n"))
+                s.store(&e, Data::Memory(Bytes::from_static(b"x\r\n")))
                     .await
                     .map(|_| e.id)
             })
@@ -186,13 +239,13 @@ async fn old_segments_are_deleted_or_compacted() {
     // Ten segments' worth of 4 KiB messages; the first one stays queued.
     let big = Bytes::from(vec![b'x'; 4 << 10]);
     let kept = envelope(&big);
-    spool.store(&kept, big.clone()).await.unwrap();
+    spool.store(&kept, Data::Memory(big.clone())).await.unwrap();
     let mut st = DeliveryState::new(1, 5);
     st.attempts = 2;
     spool.save_state(&kept.id, &st).await.unwrap();
     for _ in 0..160 {
         let e = envelope(&big);
-        spool.store(&e, big.clone()).await.unwrap();
+        spool.store(&e, Data::Memory(big.clone())).await.unwrap();
         spool.remove(&e.id).unwrap();
     }
     // The kept message's segment is nearly all dead: it is copied forward and
@@ -227,7 +280,7 @@ async fn interleaved_traffic_survives_rolling_compaction_and_restart() {
                     let body =
                         Bytes::from(format!("w{w} n{n} {}", "x".repeat((seed % 900) as usize)));
                     let e = envelope(&body);
-                    s.store(&e, body.clone()).await.unwrap();
+                    s.store(&e, Data::Memory(body.clone())).await.unwrap();
                     match seed >> 60 {
                         // Deferred: a state or two, and it stays.
                         0..=2 => {
@@ -294,7 +347,7 @@ async fn a_failed_write_is_taken_back() {
     let spool = FileSpool::open(&dir).unwrap();
     let ok = envelope(b"y\r\n");
     spool
-        .store(&ok, Bytes::from_static(b"y\r\n"))
+        .store(&ok, Data::Memory(Bytes::from_static(b"y\r\n")))
         .await
         .unwrap();
     // Make the open segment refuse writes, as a full disk would.
@@ -313,7 +366,7 @@ async fn a_failed_write_is_taken_back() {
     }
     let bad = envelope(b"x\r\n");
     assert!(spool
-        .store(&bad, Bytes::from_static(b"x\r\n"))
+        .store(&bad, Data::Memory(Bytes::from_static(b"x\r\n")))
         .await
         .is_err());
     assert_eq!(fs::metadata(&seg).unwrap().len(), len);
@@ -335,7 +388,7 @@ async fn live_backlog_is_not_copied_and_a_delivered_one_shrinks() {
     let mut ids = Vec::new();
     for _ in 0..300 {
         let e = envelope(&body);
-        spool.store(&e, body.clone()).await.unwrap();
+        spool.store(&e, Data::Memory(body.clone())).await.unwrap();
         ids.push(e.id);
     }
     spool.flush().await.unwrap();
@@ -388,7 +441,7 @@ async fn compaction_killed_at_any_step_loses_nothing() {
         for n in 0..400u32 {
             let body = Bytes::from(format!("{n} {}", "z".repeat((n as usize * 37) % 900)));
             let e = envelope(&body);
-            if spool.store(&e, body.clone()).await.is_err() {
+            if spool.store(&e, Data::Memory(body.clone())).await.is_err() {
                 never_acked.insert(e.id, body);
                 continue;
             }
@@ -459,7 +512,7 @@ async fn a_message_whose_data_never_reached_the_disk_is_set_aside() {
         let spool = FileSpool::open(&dir).unwrap();
         let ok = envelope(b"ok\r\n");
         spool
-            .store(&ok, Bytes::from_static(b"ok\r\n"))
+            .store(&ok, Data::Memory(Bytes::from_static(b"ok\r\n")))
             .await
             .unwrap();
     }
