@@ -11,6 +11,9 @@
 #   postfix     smtp-source -> Postfix (fsync) -> smtp-sink
 #   smartrelay  smtp-source -> smartrelay (fsync) -> smtp-sink
 #   smartrelay, trusted-sender recording off (its cost)
+#   smartrelay with the default limits, and with three rules (sender, sender domain,
+#   client) that the load stays under: what counting costs (every other variant runs
+#   with limits = [])
 # For each: accept rate (until smtp-source is done) and end-to-end rate (until the sink
 # has every message). Then RSS with 1,000 idle sessions and the trusted-list export of
 # 100,000 entries. Everything talks to 127.0.0.1 only. Results: benches/results.md.
@@ -60,8 +63,26 @@ variant_relay() {
 }
 median() { python3 -c "import statistics,sys; print('%.0f' % statistics.median(float(x) for x in sys.argv[1:]))" "$@"; }
 
+# Three rules the load stays under (every message counted under each).
+THREE_LIMITS='[[limits]]
+name = "sender-burst"
+key = "sender"
+messages = "1000000/1m"
+action = "defer"
+
+[[limits]]
+name = "domain-hourly"
+key = "sender_domain"
+recipients = "10000000/1h"
+action = "hold"
+
+[[limits]]
+name = "client-burst"
+key = "client"
+messages = "1000000/1m"
+action = "defer"'
 declare -A ACC E2E
-VARIANTS="direct postfix relay notrusted"
+VARIANTS="direct postfix relay notrusted defaultlimits threelimits"
 [ -n "${BASELINE_BIN:-}" ] && VARIANTS="$VARIANTS baseline"
 for round in $(seq "$ROUNDS"); do
   for v in $VARIANTS; do
@@ -72,6 +93,8 @@ for round in $(seq "$ROUNDS"); do
       relay) read -r a e < <(variant_relay relay true "$round") ;;
       notrusted) read -r a e < <(variant_relay notrusted false "$round") ;;
       baseline) read -r a e < <(RELAY_BIN=$BASELINE_BIN variant_relay baseline true "$round") ;;
+      defaultlimits) read -r a e < <(LIMITS_TOML="# limits: the defaults" variant_relay defaultlimits true "$round") ;;
+      threelimits) read -r a e < <(LIMITS_TOML=$THREE_LIMITS variant_relay threelimits true "$round") ;;
     esac
     ACC[$v]="${ACC[$v]:-} $a"; E2E[$v]="${E2E[$v]:-} $e"
     printf 'round %d %-10s accept %6s/s  end-to-end %6s/s\n' "$round" "$v" "$a" "$e"
@@ -83,6 +106,8 @@ done
   P_ACC=$(median ${ACC[postfix]}); P_E2E=$(median ${E2E[postfix]})
   R_ACC=$(median ${ACC[relay]}); R_E2E=$(median ${E2E[relay]})
   T_ACC=$(median ${ACC[notrusted]}); T_E2E=$(median ${E2E[notrusted]})
+  L_ACC=$(median ${ACC[defaultlimits]}); L_E2E=$(median ${E2E[defaultlimits]})
+  M_ACC=$(median ${ACC[threelimits]}); M_E2E=$(median ${E2E[threelimits]})
   if [ -n "${BASELINE_BIN:-}" ]; then
     B_ACC=$(median ${ACC[baseline]}); B_E2E=$(median ${E2E[baseline]})
   fi
@@ -138,6 +163,8 @@ direct source-to-sink ceiling measured in the same run.
 | smtp-source -> Postfix -> smtp-sink | $P_ACC | $P_E2E | 1.00 | 1.00 | $(ratio "$P_E2E" "$D_E2E") |
 | smtp-source -> smartrelay -> smtp-sink | $R_ACC | $R_E2E | $(ratio "$R_ACC" "$P_ACC") | $(ratio "$R_E2E" "$P_E2E") | $(ratio "$R_E2E" "$D_E2E") |
 | same, trusted-list recording off | $T_ACC | $T_E2E | $(ratio "$T_ACC" "$P_ACC") | $(ratio "$T_E2E" "$P_E2E") | $(ratio "$T_E2E" "$D_E2E") |
+| same, default limits (sender-daily, sender-bounces) | $L_ACC | $L_E2E | $(ratio "$L_ACC" "$P_ACC") | $(ratio "$L_E2E" "$P_E2E") | $(ratio "$L_E2E" "$D_E2E") |
+| same, three limits (sender, sender domain, client) | $M_ACC | $M_E2E | $(ratio "$M_ACC" "$P_ACC") | $(ratio "$M_E2E" "$P_E2E") | $(ratio "$M_E2E" "$D_E2E") |
 $(if [ -n "${BASELINE_BIN:-}" ]; then echo "| same, baseline binary \`$BASELINE_BIN\` | $B_ACC | $B_E2E | $(ratio "$B_ACC" "$P_ACC") | $(ratio "$B_E2E" "$P_E2E") | $(ratio "$B_E2E" "$D_E2E") |"; fi)
 
 Per-round end-to-end rates varied $RANGE_R/s for smartrelay and $RANGE_P/s for Postfix. The
@@ -145,6 +172,7 @@ virtual disk's sync latency varies from minute to minute, so the variants altern
 within each round and medians are reported.
 
 $(if [ -n "${BASELINE_BIN:-}" ]; then echo "- This build against the baseline binary, same run: accept $(ratio "$R_ACC" "$B_ACC"), end-to-end $(ratio "$R_E2E" "$B_E2E")."; fi)
+- Limits against \`limits = []\` (the smartrelay row), same run: default limits accept $(ratio "$L_ACC" "$R_ACC"), end-to-end $(ratio "$L_E2E" "$R_E2E"); three limits accept $(ratio "$M_ACC" "$R_ACC"), end-to-end $(ratio "$M_E2E" "$R_E2E").
 - Trusted-list recording costs $(python3 -c "print('%.1f' % (100*(1-$R_E2E/$T_E2E)))") % of end-to-end throughput; rounds of the same variant differ by up to $SPREAD %.
 - RSS: ${RSS_BEFORE} kB at rest; ${RSS_IDLE} kB with 1,000 idle sessions open.
 - \`smartrelay trusted export --format csv\` of $EXPORT_LINES entries: ${EXPORT_S} s.

@@ -115,6 +115,8 @@ impl Client {
 
 fn node_cfg(dir: &Path, sink: &str, port: u16) -> Cfg {
     Cfg::new(dir, sink)
+        // Thousands from one sender: no limits, stated.
+        .set("", "limits", "[]")
         .set("server", "listen", &format!("[\"127.0.0.1:{port}\"]"))
         .set("queue", "min_free", "0")
 }

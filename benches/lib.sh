@@ -53,7 +53,10 @@ start_relay() {
   local name=$1 sinkport=$2 trusted=$3 dir=$WORK/$1
   mkdir -p "$dir"
   local port admin; port=$(free_port); admin=$(free_port)
+  # Benchmarks send thousands from one sender: limits are stated, never the defaults.
   cat >"$dir/smartrelay.toml" <<EOF
+${LIMITS_TOML:-limits = []}
+
 [server]
 hostname = "relay.bench"
 listen = ["127.0.0.1:$port"]

@@ -80,6 +80,8 @@ fn node(dir: &std::path::Path, name: &str, sink: &str, pg: &Pg) -> Relay {
     let d = dir.join(name);
     std::fs::create_dir_all(&d).expect("node dir");
     let cfg = Cfg::new(&d, sink)
+        // Thousands from one sender: no limits, stated.
+        .set("", "limits", "[]")
         .set(
             "server",
             "listen",
@@ -108,7 +110,7 @@ fn main() {
         let cfg = smartrelay::config::StoreConfig {
             kind: smartrelay::config::StoreKind::Postgres,
             url: Some(pg.url()),
-            url_env: None,
+            ..Default::default()
         };
         let shared = smartrelay::store::Postgres::new(&cfg).expect("pool");
         shared

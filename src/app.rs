@@ -17,7 +17,9 @@ use crate::config::{Config, StoreKind};
 use crate::deliver::connection::ClientSettings;
 use crate::deliver::pool::PoolSettings;
 use crate::deliver::Deliverer;
-use crate::events::{EventBus, EventKind};
+use crate::events::{Event, EventBus, EventKind};
+use crate::limits::gate::Limited;
+use crate::limits::{self, Limits};
 use crate::live::Live;
 use crate::queue::file::FileSpool;
 use crate::queue::retry::RetryPolicy;
@@ -88,6 +90,10 @@ fn session_config(cfg: &Config) -> SessionConfig {
         tls_required: cfg.tls.as_ref().is_some_and(|t| t.require),
         check_sender: cfg.routing.spf_aware
             && cfg.routing.on_unauthorized == crate::config::OnUnauthorized::Reject,
+        limits: cfg
+            .limits
+            .iter()
+            .any(|l| l.action == crate::config::LimitAction::Defer),
     }
 }
 
@@ -101,11 +107,12 @@ pub struct Options {
 }
 
 type SpfRoutes = SpfRouter<SpfService<HickoryDns>>;
-type Ingress = Listener<Queue<FileSpool>, SpfRoutes>;
+type Intake = Limited<Queue<FileSpool>>;
+type Ingress = Listener<Intake, SpfRoutes>;
 
 /// What the rules of a session are built from, at start and at each reload.
 struct Parts {
-    queue: Arc<Queue<FileSpool>>,
+    intake: Arc<Intake>,
     bus: EventBus,
     dkim_dns: TokioResolver,
     /// The memory of DKIM signatures that proved a message (`access.dkim_replay`).
@@ -120,7 +127,7 @@ impl Parts {
         cfg: &Config,
         sources: Arc<SharedSources>,
         router: Arc<SpfRoutes>,
-    ) -> Result<Rules<Queue<FileSpool>, SpfRoutes>, TlsError> {
+    ) -> Result<Rules<Intake, SpfRoutes>, TlsError> {
         // Read from disk each time: a reload is how a rotated certificate is picked up.
         let tls = match &cfg.tls {
             Some(t) => Some(acceptor(&t.cert, &t.key)?),
@@ -145,7 +152,7 @@ impl Parts {
         Ok(Rules {
             context: Arc::new(Context {
                 cfg: Arc::new(session_config(cfg)),
-                intake: self.queue.clone(),
+                intake: self.intake.clone(),
                 policy: router,
                 events: self.bus.clone(),
                 tenant,
@@ -261,7 +268,13 @@ pub async fn run(
     // never waits on it.
     let trusted_rx = trusted_store
         .as_ref()
-        .map(|_| bus.subscribe(8192, true, &[EventKind::Delivery]));
+        .map(|_| bus.subscribe(8192, true, &[EventKind::Delivery, EventKind::Restriction]));
+    // Bounces count toward the limits from the delivery reports.
+    let limits_rx = cfg
+        .limits
+        .iter()
+        .any(|l| l.bounces.is_some())
+        .then(|| bus.subscribe(8192, false, &[EventKind::Delivery]));
 
     let queue = Queue::recover(
         spool,
@@ -382,8 +395,24 @@ pub async fn run(
     })?;
     let bodies = Arc::new(bodies);
     spawn_ingress_gauge(&tasks, bodies.clone(), cfg.server.ingress_memory);
+    let limits = Arc::new(Limits::new(
+        &cfg.limits,
+        match &shared_store {
+            None => limits::Store::open(&cfg.admin.database)?,
+            Some(pg) => limits::Store::shared(pg.clone()),
+        },
+        bus.clone(),
+    ));
+    start_limits(
+        &tasks,
+        &limits,
+        &queue,
+        limits_rx,
+        cfg.store.sync_interval.0,
+    )
+    .await;
     let parts = Parts {
-        queue: queue.clone(),
+        intake: Arc::new(Limited::new(queue.clone(), limits.clone())),
         bus: bus.clone(),
         dkim_dns: dns_for_dkim,
         signatures,
@@ -419,6 +448,7 @@ pub async fn run(
         config: Live::from_arc(cfg.clone()),
         reloads: reloads.clone(),
         queue: queue.clone(),
+        limits: limits.clone(),
         spf,
         deliverer: deliverer.clone(),
         activity: activity.clone(),
@@ -724,6 +754,56 @@ fn spawn_pruner(tasks: &Tasks, store: trusted::Store, retention: Duration, every
 }
 
 /// Until the shared database has answered once, its schema is applied every 5 s.
+/// The limits' first sync (restrictions from the store), the restrictions the held
+/// mail itself records, then a sync every `every` (lifts made elsewhere settle this
+/// node's held mail), the bounce counter and the hourly pruner.
+async fn start_limits(
+    tasks: &Tasks,
+    limits: &Arc<Limits>,
+    queue: &Arc<Queue<FileSpool>>,
+    bounces: Option<tokio::sync::mpsc::Receiver<Arc<Event>>>,
+    every: Duration,
+) {
+    if limits.is_empty() {
+        return;
+    }
+    for (reason, since) in queue.hold_reasons() {
+        limits.restore(&reason, since);
+    }
+    let sync = {
+        let (limits, queue) = (limits.clone(), queue.clone());
+        move || {
+            let (limits, queue) = (limits.clone(), queue.clone());
+            async move {
+                for l in limits.sync().await {
+                    queue.settle_held(l.key, &l.value, l.how).await;
+                }
+            }
+        }
+    };
+    sync().await;
+    tasks.every(every, sync);
+    let pruning = limits.clone();
+    tasks.every(Duration::from_secs(3600), move || {
+        let limits = pruning.clone();
+        async move {
+            if let Err(e) = limits.prune().await {
+                tracing::warn!(error = %e, "limits not pruned");
+            }
+        }
+    });
+    if let Some(mut rx) = bounces {
+        let limits = limits.clone();
+        tasks.spawn(async move {
+            while let Some(ev) = rx.recv().await {
+                if let Event::Delivery(report) = ev.as_ref() {
+                    limits.delivered(report);
+                }
+            }
+        });
+    }
+}
+
 fn spawn_ingress_gauge(tasks: &Tasks, bodies: Arc<Bodies>, budget: u64) {
     tasks.every(Duration::from_secs(1), move || {
         let held = budget.saturating_sub(bodies.memory().available());

@@ -11,9 +11,10 @@ use serde_json::Value;
 
 use smartrelay::config::{Config, Dur, LogFormat};
 use smartrelay::envelope::now_ms;
+use smartrelay::envelope::rfc3339;
 use smartrelay::spf::hickory::HickoryDns;
 use smartrelay::spf::{Severity, SpfService};
-use smartrelay::trusted::export::{csv_row, parse_since, read_addresses, rfc3339, CSV_HEADER};
+use smartrelay::trusted::export::{csv_row, parse_since, read_addresses, CSV_HEADER};
 use smartrelay::trusted::{Filter, Store};
 
 const DEFAULT_CONFIG: &str = "config/smartrelay.toml";
@@ -48,6 +49,13 @@ pub enum Command {
     Queue {
         #[command(subcommand)]
         action: QueueCmd,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Key values a limit restricted, and the levers on their held mail.
+    Restricted {
+        #[command(subcommand)]
+        action: RestrictedCmd,
         #[command(flatten)]
         remote: Remote,
     },
@@ -134,6 +142,23 @@ pub enum QueueCmd {
 }
 
 #[derive(Subcommand)]
+pub enum RestrictedCmd {
+    /// The restricted key values, with the rule that fired and the mail held here.
+    List,
+    /// Lift the restriction, start its counts again and deliver its held mail.
+    Release {
+        /// `sender=alice@contoso.test`, `sender_domain=contoso.test` or `client=192.0.2.7`.
+        key_value: String,
+    },
+    /// Lift the restriction and delete its held mail, without a DSN (after securing the
+    /// account).
+    Discard {
+        /// `sender=alice@contoso.test`, `sender_domain=contoso.test` or `client=192.0.2.7`.
+        key_value: String,
+    },
+}
+
+#[derive(Subcommand)]
 pub enum SpfCmd {
     /// Validate a domain's SPF record against the gateway's rules.
     Check {
@@ -208,6 +233,9 @@ pub enum TrustedCmd {
         /// Only entries seen since (2026-11-01, RFC 3339, or 7d).
         #[arg(long)]
         since: Option<String>,
+        /// Also the entries a restricted sender taught (origin `suspect`).
+        #[arg(long)]
+        include_suspect: bool,
     },
     /// Add addresses from a CSV file (first column), gathered elsewhere.
     Import { file: PathBuf },
@@ -386,6 +414,65 @@ pub fn queue(action: QueueCmd, remote: Remote) -> Result<()> {
         QueueCmd::Flush => println!("{} message(s) scheduled for delivery now", v["rescheduled"]),
         QueueCmd::Remove { id } => println!("{id} removed"),
         _ => print_json(&v),
+    }
+    Ok(())
+}
+
+pub fn restricted(action: RestrictedCmd, remote: Remote) -> Result<()> {
+    let api = Api::new(&remote)?;
+    let lift = |path: &str, kv: &str| -> Result<Value> {
+        let (key, value) = smartrelay::limits::rules::parse_key_value(kv).with_context(|| {
+            format!("`{kv}`: want key=value with key sender, sender_domain or client")
+        })?;
+        let body = serde_json::json!({ "key": key.label(), "value": value });
+        Ok(api.post_json(path, &body)?.1)
+    };
+    let v = match &action {
+        RestrictedCmd::List => api.call("GET", "/api/v1/restricted")?.1,
+        RestrictedCmd::Release { key_value } => lift("/api/v1/restricted/release", key_value)?,
+        RestrictedCmd::Discard { key_value } => lift("/api/v1/restricted/discard", key_value)?,
+    };
+    if remote.json {
+        print_json(&v);
+        return Ok(());
+    }
+    match action {
+        RestrictedCmd::List => {
+            let rows = v.as_array().cloned().unwrap_or_default();
+            println!(
+                "{:<14}  {:<36}  {:<16}  {:<20}  {:>5}",
+                "KEY", "VALUE", "LIMIT", "SINCE", "HELD"
+            );
+            for r in &rows {
+                println!(
+                    "{:<14}  {:<36}  {:<16}  {:<20}  {:>5}",
+                    r["key"].as_str().unwrap_or(""),
+                    r["value"].as_str().unwrap_or(""),
+                    r["limit"].as_str().unwrap_or(""),
+                    r["since"].as_str().unwrap_or(""),
+                    r["held"]
+                );
+            }
+            println!("{} restricted key value(s)", rows.len());
+        }
+        RestrictedCmd::Release { .. } | RestrictedCmd::Discard { .. } => {
+            let was = if v["restricted"].as_bool() == Some(true) {
+                "restriction lifted"
+            } else {
+                "was not restricted"
+            };
+            println!(
+                "{}={}: {was}; {} held message(s) {} on this node",
+                v["key"].as_str().unwrap_or(""),
+                v["value"].as_str().unwrap_or(""),
+                v["messages"],
+                v["action"].as_str().map_or("", |a| if a == "release" {
+                    "released"
+                } else {
+                    "discarded"
+                })
+            );
+        }
     }
     Ok(())
 }
@@ -705,7 +792,11 @@ pub async fn trusted(action: TrustedCmd, config: &Path) -> Result<()> {
         }
     };
     match action {
-        TrustedCmd::Export { format, since } => {
+        TrustedCmd::Export {
+            format,
+            since,
+            include_suspect,
+        } => {
             let since = since
                 .as_deref()
                 .map(|s| parse_since(s, now_ms()))
@@ -725,6 +816,7 @@ pub async fn trusted(action: TrustedCmd, config: &Path) -> Result<()> {
                         since,
                         limit: 10_000,
                         cursor: cursor.take(),
+                        include_suspect,
                         ..Filter::default()
                     })
                     .await?;

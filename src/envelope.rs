@@ -23,6 +23,15 @@ pub fn rfc5322_date(ms: Millis) -> String {
     mail_parser::DateTime::from_timestamp((ms / 1000) as i64).to_rfc822()
 }
 
+/// `2026-11-29T16:40:06Z`
+pub fn rfc3339(ms: Millis) -> String {
+    let d = mail_parser::DateTime::from_timestamp((ms / 1000) as i64);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        d.year, d.month, d.day, d.hour, d.minute, d.second
+    )
+}
+
 /// Queue identifier: 13 hex digits of microseconds then 7 of a per-process counter, so IDs
 /// sort by arrival and never repeat within a process (the spool lock keeps it to one).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -177,6 +186,70 @@ pub struct ContentFlags {
 }
 
 /// The envelope fixed at ingress, stored beside the message data.
+/// What a rule counts by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitKey {
+    /// The envelope MAIL FROM address.
+    Sender,
+    /// Its domain.
+    SenderDomain,
+    /// The client's address (the PROXY header's, behind a balancer).
+    Client,
+}
+
+impl LimitKey {
+    pub fn label(self) -> &'static str {
+        match self {
+            LimitKey::Sender => "sender",
+            LimitKey::SenderDomain => "sender_domain",
+            LimitKey::Client => "client",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<LimitKey> {
+        match text {
+            "sender" => Some(LimitKey::Sender),
+            "sender_domain" => Some(LimitKey::SenderDomain),
+            "client" => Some(LimitKey::Client),
+            _ => None,
+        }
+    }
+}
+
+/// What becomes of the mail held under one key value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Settle {
+    /// Delivered as if never held; its lifetime counts from now.
+    Release,
+    /// Removed without delivery and without a DSN.
+    Discard,
+}
+
+impl Settle {
+    pub fn label(self) -> &'static str {
+        match self {
+            Settle::Release => "released",
+            Settle::Discard => "discarded",
+        }
+    }
+}
+
+/// Why a message is held: never tried until it is released.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum HoldReason {
+    /// An operator held it (`POST /api/v1/queue/{id}/hold`).
+    Manual,
+    /// A `[[limits]]` rule fired for this key value, or it was already restricted.
+    Limit {
+        limit: String,
+        key: LimitKey,
+        value: String,
+    },
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Envelope {
     pub id: QueueId,
@@ -207,6 +280,9 @@ pub struct Envelope {
     /// it, so its recipients never become trusted senders.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub system: bool,
+    /// Held from the start (a limit): stays queued, undelivered, until released.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<HoldReason>,
 }
 
 impl Envelope {
@@ -239,6 +315,7 @@ impl Envelope {
             flags: ContentFlags::default(),
             generated_dsn: false,
             system: false,
+            held: None,
         }
     }
 
@@ -327,6 +404,13 @@ pub struct DeliveryState {
     pub next_attempt: Millis,
     #[serde(default)]
     pub held: bool,
+    /// Why, while `held` (absent in states written before reasons were kept: manual).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_reason: Option<HoldReason>,
+    /// When the message's lifetime (`queue.max_age`) counts from, when not its arrival:
+    /// the release of a hold, which never eats into it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Millis>,
     #[serde(default)]
     pub delay_dsn_sent: bool,
 }
@@ -338,6 +422,8 @@ impl DeliveryState {
             attempts: 0,
             next_attempt: now,
             held: false,
+            hold_reason: None,
+            since: None,
             delay_dsn_sent: false,
         }
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::envelope::{ContentFlags, Millis, QueueId, Reply};
+use crate::envelope::{ContentFlags, LimitKey, Millis, QueueId, Reply, Settle};
 
 /// Why a connection was turned away before its first command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -150,6 +150,8 @@ pub struct DeliveryReport {
     pub generated_dsn: bool,
     /// The relay's own mail (see `Envelope::system`).
     pub system: bool,
+    /// Where the message came from (the limits count bounces by client too).
+    pub client: IpAddr,
     /// `None` when no route was taken (SPF refused the smart hosts, or the message
     /// expired).
     pub route: Option<String>,
@@ -194,6 +196,22 @@ pub enum Event {
         sender: String,
         at: Millis,
     },
+    /// A limit restricted a key value: its later mail is held. What it taught the
+    /// trusted list since `window_start` is suspect.
+    Restricted {
+        key: LimitKey,
+        value: String,
+        limit: String,
+        window_start: Millis,
+        at: Millis,
+    },
+    /// An administrator released or discarded a restricted key value's mail.
+    Lifted {
+        key: LimitKey,
+        value: String,
+        how: Settle,
+        at: Millis,
+    },
 }
 
 /// What an event is about, for subscribing to some kinds only.
@@ -204,6 +222,8 @@ pub enum EventKind {
     Routed,
     Delivery,
     TenantCheck,
+    /// `Restricted` and `Lifted`.
+    Restriction,
 }
 
 impl EventKind {
@@ -213,6 +233,7 @@ impl EventKind {
         EventKind::Routed,
         EventKind::Delivery,
         EventKind::TenantCheck,
+        EventKind::Restriction,
     ];
 }
 
@@ -224,6 +245,7 @@ impl Event {
             Event::Routed { .. } => EventKind::Routed,
             Event::Delivery(_) => EventKind::Delivery,
             Event::TenantCheck { .. } => EventKind::TenantCheck,
+            Event::Restricted { .. } | Event::Lifted { .. } => EventKind::Restriction,
         }
     }
 }
@@ -408,6 +430,7 @@ mod tests {
         let delivery = || {
             Event::Delivery(DeliveryReport {
                 id: QueueId::generate(),
+                client: std::net::IpAddr::from([127, 0, 0, 1]),
                 sender: String::new(),
                 flags: ContentFlags::default(),
                 generated_dsn: false,

@@ -1,6 +1,7 @@
 //! smartrelay: an SMTP outbound relay to the gateway's regional smart hosts.
 //!
-//! Stages in the order a message passes through them: `smtp` (ingress), `queue`
+//! Stages in the order a message passes through them: `smtp` (ingress), `limits` (how
+//! much a sender may send: deferred, or accepted and held), `queue`
 //! (durable spool and scheduler), `route` (SPF-aware choice of smart hosts), `deliver`
 //! (upstream client pool), with `tenant` beside ingress (proof that mail from a shared
 //! platform is the organization's); then `spf` (record parser and validator), `store` (SQLite or
@@ -27,6 +28,7 @@ pub mod tasks;
 pub mod telemetry;
 
 pub mod deliver;
+pub mod limits;
 pub mod queue;
 pub mod route;
 pub mod smtp;

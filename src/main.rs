@@ -61,6 +61,9 @@ fn dispatch(args: Cli) -> Result<ExitCode> {
             cli::onboarding(action, remote).map(|_| ExitCode::SUCCESS)
         }
         Command::Reload { remote } => cli::reload(remote).map(|_| ExitCode::SUCCESS),
+        Command::Restricted { action, remote } => {
+            cli::restricted(action, remote).map(|_| ExitCode::SUCCESS)
+        }
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

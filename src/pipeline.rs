@@ -9,6 +9,7 @@
 //! stage names a later stage's types; `app` plugs the implementations together.
 
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,11 +66,34 @@ impl Backpressure {
     }
 }
 
+/// What a session counts against the rate limits before it accepts a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    /// A MAIL: one more message.
+    Message,
+    /// A RCPT: one more recipient.
+    Recipient,
+}
+
+/// A rate limit that defers the command (`451 4.7.1`); the reply names the limit, never
+/// the address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deferral {
+    pub limit: String,
+}
+
 /// smtp → queue: make a message durable. `Ok` means it is on disk, fsynced.
 pub trait Intake: Send + Sync + 'static {
     fn submit(&self, msg: Submission) -> impl Future<Output = Result<(), IntakeError>> + Send;
     /// Whether the queue takes new mail now; sessions answer 452 at MAIL when not.
     fn admission(&self) -> Result<(), Backpressure>;
+    /// Counts one more `unit` from `sender` (empty for `<>`) at `client` against the
+    /// rate limits, or says which one defers it (then nothing is counted). Without
+    /// limits, everything is admitted.
+    fn count(&self, unit: Unit, sender: &str, client: IpAddr) -> Result<(), Deferral> {
+        let _ = (unit, sender, client);
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

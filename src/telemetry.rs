@@ -76,6 +76,8 @@ metrics! {
         "Octets of bodies in flight that sessions hold in memory (at most server.ingress_memory)";
     INGRESS_MEMORY_WAIT_SECONDS: Histogram(Seconds) = "smartrelay_ingress_memory_wait_seconds",
         "Time a session waited, reading nothing, for room in server.ingress_memory";
+    LIMIT_EXCEEDED_TOTAL: Counter = "smartrelay_limit_exceeded_total",
+        "Times a [[limits]] rule was exceeded, by rule and action (defer: a 451; hold: a key value restricted)";
     MESSAGES_ACCEPTED_TOTAL: Counter = "smartrelay_messages_accepted_total",
         "Messages queued (250 after fsync)";
     MESSAGES_EXPIRED_TOTAL: Counter = "smartrelay_messages_expired_total",
@@ -100,6 +102,10 @@ metrics! {
         "Messages whose body was left on disk because the memory budget was spent";
     QUEUE_CACHED_BYTES: Gauge(Bytes) = "smartrelay_queue_cached_bytes",
         "Octets of message bodies kept in memory for their first attempt";
+    QUEUE_HELD_AT_INTAKE_TOTAL: Counter = "smartrelay_queue_held_at_intake_total",
+        "Messages accepted and held at once (a limit fired, or the key value was restricted)";
+    QUEUE_HELD_MESSAGES: Gauge = "smartrelay_queue_held_messages",
+        "Messages held (by an operator or a limit): queued, never tried until released";
     QUEUE_MESSAGES: Gauge = "smartrelay_queue_messages",
         "Messages in the queue";
     QUEUE_OLDEST_AGE_SECONDS: Gauge(Seconds) = "smartrelay_queue_oldest_age_seconds",
@@ -114,6 +120,8 @@ metrics! {
         "Failed spool writes (the client got 452)";
     RECEIVED_BYTES_TOTAL: Counter(Bytes) = "smartrelay_received_bytes_total",
         "Octets of message data queued";
+    RESTRICTED_KEYS: Gauge = "smartrelay_restricted_keys",
+        "Key values restricted by a limit: their mail is held until an administrator acts";
     ROUTING_DECISIONS_TOTAL: Counter = "smartrelay_routing_decisions_total",
         "Routing decisions by route and SPF outcome";
     SESSION_PANICS_TOTAL: Counter = "smartrelay_session_panics_total",

@@ -15,10 +15,10 @@ use serde::Deserialize;
 use super::guard::{self, SessionInfo};
 use super::onboarding::{self, StepState};
 use super::{trusted_api, Admin};
+use crate::envelope::rfc3339;
 use crate::envelope::{now_ms, Millis};
 use crate::spf::walk::Node;
 use crate::spf::Severity;
-use crate::trusted::export::rfc3339;
 
 pub(crate) fn html_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -299,6 +299,7 @@ async fn render(st: &Admin, session: &SessionInfo) -> Response {
         }
         b.push_str("</table>");
     }
+    restricted_section(&mut b, &st, &csrf);
     b.push_str("<h2 id=\"trusted\">Trusted senders</h2>");
     match trusted_api::stats_of(&st).await {
         Ok(t) => {
@@ -325,6 +326,38 @@ async fn render(st: &Admin, session: &SessionInfo) -> Response {
     }
     let _ = write!(b, "<p><small>Rendered {}.</small></p>", rfc3339(now_ms()));
     Html(page_shell("smartrelay onboarding", &b)).into_response()
+}
+
+/// The key values a limit restricted, each with Release and Discard.
+fn restricted_section(b: &mut String, st: &Admin, csrf: &str) {
+    let rows = super::limits_api::restricted_views(st);
+    let _ = write!(
+        b,
+        "<h2 id=\"restricted\">Restricted senders</h2><p id=\"restricted-count\">{} restricted: their mail is accepted and held. Release delivers it; Discard deletes it without a bounce (after securing the account).</p>",
+        rows.len()
+    );
+    if rows.is_empty() {
+        return;
+    }
+    b.push_str("<table><tr><th>Key</th><th>Value</th><th>Limit</th><th>Since</th><th>Held here</th><th></th></tr>");
+    for r in &rows {
+        let (key, value) = (r.key.label(), html_escape(&r.value));
+        let form = |action: &str, label: &str| {
+            format!(
+                "<form method=\"post\" action=\"/api/v1/restricted/{action}\" style=\"display:inline\">{csrf}<input type=\"hidden\" name=\"key\" value=\"{key}\"><input type=\"hidden\" name=\"value\" value=\"{value}\"><button type=\"submit\" class=\"{action}\">{label}</button></form>"
+            )
+        };
+        let _ = write!(
+            b,
+            "<tr><td>{key}</td><td>{value}</td><td>{}</td><td>{}</td><td>{}</td><td>{} {}</td></tr>",
+            html_escape(&r.limit),
+            html_escape(&r.since),
+            r.held,
+            form("release", "Release"),
+            form("discard", "Discard")
+        );
+    }
+    b.push_str("</table>");
 }
 
 fn count_table(b: &mut String, title: &str, rows: &[super::activity::Count]) {

@@ -7,6 +7,7 @@ pub mod activity;
 pub mod dashboard;
 pub mod guard;
 pub mod instructions;
+pub mod limits_api;
 pub mod metrics;
 pub mod onboarding;
 pub mod queue_api;
@@ -43,6 +44,8 @@ pub struct AdminState {
     pub config: Live<Config>,
     pub reloads: Reloads,
     pub queue: Arc<Queue<FileSpool>>,
+    /// `[[limits]]`: the rules' counts and the restricted key values.
+    pub limits: Arc<crate::limits::Limits>,
     pub spf: Arc<SpfService<HickoryDns>>,
     pub deliverer: Arc<Deliverer>,
     pub activity: Arc<Activity>,
@@ -131,6 +134,10 @@ pub fn router(state: Admin) -> Router {
             post(access_api::refresh),
         )
         .route("/api/v1/reload", post(reload_api::reload))
+        .route("/api/v1/limits", get(limits_api::limits))
+        .route("/api/v1/restricted", get(limits_api::restricted))
+        .route("/api/v1/restricted/release", post(limits_api::release))
+        .route("/api/v1/restricted/discard", post(limits_api::discard))
         .route("/api/v1/trusted-senders", get(trusted_api::list))
         .route("/api/v1/trusted-senders/stats", get(trusted_api::stats))
         .route("/logout", post(dashboard::logout))

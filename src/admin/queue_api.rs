@@ -1,10 +1,11 @@
 //! `/api/v1/queue`: what is queued, and the operator's levers (flush, hold, release,
 //! remove).
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
+use serde::Deserialize;
 use serde_json::json;
 
 use super::{Admin, ApiError};
@@ -22,9 +23,24 @@ fn queue_error(e: QueueError) -> ApiError {
     }
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// Only held (`true`) or only not held (`false`) messages.
+    held: Option<bool>,
+    /// Only this envelope sender (case-insensitive; empty for `<>`).
+    sender: Option<String>,
+}
+
 /// The spool is per node: the answer names the node (`server.hostname`) it lists.
-pub async fn list(State(st): State<Admin>) -> impl IntoResponse {
-    let messages = st.queue.list();
+pub async fn list(State(st): State<Admin>, Query(q): Query<ListQuery>) -> impl IntoResponse {
+    let mut messages = st.queue.list();
+    if let Some(held) = q.held {
+        messages.retain(|m| m.held == held);
+    }
+    if let Some(sender) = &q.sender {
+        messages.retain(|m| m.sender.eq_ignore_ascii_case(sender.trim()));
+    }
     let node = st.config().server.hostname.clone();
     Json(json!({ "node": node, "count": messages.len(), "messages": messages }))
 }

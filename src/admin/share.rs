@@ -353,6 +353,7 @@ async fn queue_share(st: &Admin, ask: ShareRequest) -> Result<ShareReply, Refuse
         },
         generated_dsn: false,
         system: true,
+        held: None,
     };
     st.queue
         .submit(Submission {

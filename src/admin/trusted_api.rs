@@ -22,6 +22,9 @@ pub struct ListQuery {
     min_count: Option<u64>,
     limit: Option<usize>,
     cursor: Option<String>,
+    /// Entries a restricted sender taught too.
+    #[serde(default)]
+    include_suspect: bool,
 }
 
 fn store(st: &Admin) -> Result<Store, ApiError> {
@@ -48,6 +51,7 @@ pub async fn list(
         min_count: q.min_count,
         limit: q.limit.unwrap_or(1000),
         cursor: q.cursor.filter(|s| !s.is_empty()),
+        include_suspect: q.include_suspect,
     };
     let page = store.list(filter).await.map_err(|e| match e {
         TrustedError::Invalid(m) => ApiError::bad_request(m),

@@ -6,6 +6,7 @@
 
 mod access;
 mod delivery;
+mod limits;
 mod routing;
 mod server;
 mod state;
@@ -17,12 +18,14 @@ use serde::Deserialize;
 
 use access::{resolve_access, RawAccess};
 use delivery::{validate_delivery, validate_queue};
+use limits::resolve_limits;
 use routing::{resolve_routing, RawRouting};
 use server::validate_server;
 
 pub use crate::dur::Dur;
 pub use access::{AccessConfig, DkimReplayConfig, RouteHeader, SharedPlatform, SharedRange};
 pub use delivery::{DeliveryConfig, DnsConfig, QueueConfig};
+pub use limits::{default_limits, LimitAction, LimitConfig, LimitKey};
 pub use routing::{OnUnauthorized, RoutingConfig};
 pub use server::{BareLineEndings, ProxyProtocolConfig, ServerConfig, TlsConfig};
 pub use state::{AdminConfig, LogConfig, LogFormat, StoreConfig, StoreKind, TrustedConfig};
@@ -67,6 +70,8 @@ struct RawConfig {
     store: StoreConfig,
     #[serde(default)]
     log: LogConfig,
+    /// Absent: the default rules; `[]`: none.
+    limits: Option<Vec<LimitConfig>>,
 }
 
 /// The whole, validated configuration.
@@ -84,6 +89,7 @@ pub struct Config {
     pub trusted: TrustedConfig,
     pub store: StoreConfig,
     pub log: LogConfig,
+    pub limits: Vec<LimitConfig>,
 }
 
 impl Config {
@@ -110,6 +116,13 @@ impl Config {
         validate_queue(&raw.queue).map_err(|(k, m)| invalid(k, m))?;
         let routing = resolve_routing(raw.routing).map_err(|(k, m)| invalid(&k, m))?;
         validate_delivery(&raw.delivery).map_err(|(k, m)| invalid(k, m))?;
+        let limits = resolve_limits(raw.limits).map_err(|(k, m)| invalid(&k, m))?;
+        if raw.store.sync_interval.0.is_zero() {
+            return Err(invalid(
+                "store.sync_interval",
+                "must be longer than zero".into(),
+            ));
+        }
         if let Some(admin_listen) = raw.admin.listen {
             let has_token = raw.admin.token.as_deref().is_some_and(|t| !t.is_empty());
             if !admin_listen.ip().is_loopback() && !has_token {
@@ -174,6 +187,7 @@ impl Config {
             trusted: raw.trusted,
             store: raw.store,
             log: raw.log,
+            limits,
         })
     }
 

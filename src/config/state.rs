@@ -93,15 +93,28 @@ pub enum StoreKind {
     Postgres,
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     pub kind: StoreKind,
+    /// How often the limits' counters and restrictions are exchanged with the store.
+    pub sync_interval: Dur,
     /// `postgres://user@host:port/db`; the password from `PGPASSWORD` when the URL has
     /// none.
     pub url: Option<String>,
     /// An environment variable holding the whole URL (secrets stay out of the file).
     pub url_env: Option<String>,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            kind: StoreKind::Sqlite,
+            sync_interval: Dur(Duration::from_secs(1)),
+            url: None,
+            url_env: None,
+        }
+    }
 }
 
 impl StoreConfig {

@@ -184,6 +184,7 @@ pub fn build(
         },
         generated_dsn: true,
         system: false,
+        held: None,
     };
     (envelope, out)
 }

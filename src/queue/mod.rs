@@ -4,6 +4,7 @@
 
 pub mod dsn;
 pub mod file;
+mod hold;
 pub mod record;
 pub mod retry;
 pub mod scheduler;
@@ -22,7 +23,9 @@ use serde::Serialize;
 use tokio::sync::{mpsc, Notify, Semaphore};
 
 use crate::budget::MemoryBudget;
-use crate::envelope::{now_ms, DeliveryState, Envelope, Millis, QueueId, RcptState, Reply};
+use crate::envelope::{
+    now_ms, DeliveryState, Envelope, HoldReason, Millis, QueueId, RcptState, Reply,
+};
 use crate::events::EventBus;
 use crate::message::Data;
 use crate::pipeline::{Backpressure, Intake, IntakeError, Submission};
@@ -183,6 +186,8 @@ pub struct QueueItem {
     pub attempts: u32,
     pub next_attempt: Millis,
     pub held: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hold_reason: Option<HoldReason>,
     pub in_flight: bool,
     pub recipients: Vec<RecipientView>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -252,7 +257,10 @@ impl<S: Spool> Queue<S> {
         // A message never attempted goes in arrival order; a deferred one keeps its
         // schedule (a greylisting upstream would refuse an early retry).
         let state = r.state.unwrap_or_else(|| {
-            DeliveryState::new(r.envelope.recipients.len(), r.envelope.received_at)
+            let mut state = DeliveryState::new(r.envelope.recipients.len(), r.envelope.received_at);
+            state.held = r.envelope.held.is_some();
+            state.hold_reason = r.envelope.held.clone();
+            state
         });
         let id = r.envelope.id.clone();
         let mut idx = self.lock();
@@ -337,6 +345,12 @@ impl<S: Spool> Queue<S> {
             let id = env.id.clone();
             idx.schedule(&id, now);
             let rcpts = env.recipients.len();
+            let mut state = DeliveryState::new(rcpts, now);
+            if let Some(reason) = &env.held {
+                state.held = true;
+                state.hold_reason = Some(reason.clone());
+                metrics::counter!(crate::telemetry::QUEUE_HELD_AT_INTAKE_TOTAL).increment(1);
+            }
             let keep = cached
                 .as_ref()
                 .is_some_and(|d| idx.may_cache(d.len() as u64, self.settings.memory_budget));
@@ -347,7 +361,7 @@ impl<S: Spool> Queue<S> {
                 id,
                 Queued {
                     envelope: env,
-                    state: DeliveryState::new(rcpts, now),
+                    state,
                     data: cached.filter(|_| keep),
                     in_flight: false,
                 },
@@ -400,37 +414,6 @@ impl<S: Spool> Queue<S> {
         n
     }
 
-    pub async fn hold(&self, id: &QueueId) -> Result<QueueItem, QueueError> {
-        self.set_held(id, true).await
-    }
-
-    pub async fn release(&self, id: &QueueId) -> Result<QueueItem, QueueError> {
-        self.set_held(id, false).await
-    }
-
-    async fn set_held(&self, id: &QueueId, held: bool) -> Result<QueueItem, QueueError> {
-        let state = {
-            let mut idx = self.lock();
-            let e = idx
-                .entries
-                .get_mut(id)
-                .ok_or_else(|| QueueError::NotFound(id.to_string()))?;
-            e.state.held = held;
-            if !held {
-                e.state.next_attempt = self.now();
-            }
-            let st = e.state.clone();
-            if !held {
-                idx.schedule(id, st.next_attempt);
-            }
-            st
-        };
-        self.spool.save_state(id, &state).await?;
-        self.wake.notify_one();
-        self.show(id)
-            .ok_or_else(|| QueueError::NotFound(id.to_string()))
-    }
-
     /// Deletes a message without delivering it and without a DSN (an operator's call).
     pub async fn remove(&self, id: &QueueId) -> Result<(), QueueError> {
         if self.lock().remove(id).is_none() {
@@ -465,7 +448,13 @@ impl<S: Spool> Queue<S> {
         let now = self.now();
         let mut rcpts = 0usize;
         let mut oldest = now;
+        let mut held = 0usize;
         for e in idx.entries.values() {
+            if e.state.held {
+                // Waiting on a person, not on delivery: not the queue's age.
+                held += 1;
+                continue;
+            }
             rcpts += e
                 .state
                 .rcpts
@@ -475,6 +464,7 @@ impl<S: Spool> Queue<S> {
             oldest = oldest.min(e.envelope.received_at);
         }
         metrics::gauge!(crate::telemetry::QUEUE_MESSAGES).set(idx.entries.len() as f64);
+        metrics::gauge!(crate::telemetry::QUEUE_HELD_MESSAGES).set(held as f64);
         metrics::gauge!(crate::telemetry::QUEUE_CACHED_BYTES).set(idx.cached as f64);
         metrics::gauge!(crate::telemetry::QUEUE_RECIPIENTS).set(rcpts as f64);
         metrics::gauge!(crate::telemetry::QUEUE_OLDEST_AGE_SECONDS)
@@ -492,6 +482,11 @@ fn view(e: &Queued) -> QueueItem {
         attempts: e.state.attempts,
         next_attempt: e.state.next_attempt,
         held: e.state.held,
+        // A hold from before reasons were kept is an operator's.
+        hold_reason: e
+            .state
+            .held
+            .then(|| e.state.hold_reason.clone().unwrap_or(HoldReason::Manual)),
         in_flight: e.in_flight,
         recipients: env
             .recipients

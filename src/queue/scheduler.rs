@@ -148,7 +148,12 @@ impl<S: Spool> Queue<S> {
         }
         state.attempts += 1;
         let now_after = self.now();
-        if !state.pending().is_empty() && self.settings.retry.expired(env.received_at, now_after) {
+        if !state.pending().is_empty()
+            && self
+                .settings
+                .retry
+                .expired(state.since.unwrap_or(env.received_at), now_after)
+        {
             reports.push(expire(&env, &mut state, now_after));
         }
         self.send_dsns(&env, &data, &mut state, now).await;
@@ -247,6 +252,7 @@ impl<S: Spool> Queue<S> {
             flags: env.flags,
             generated_dsn: env.generated_dsn,
             system: env.system,
+            client: env.client.ip,
             route: route_name,
             host,
             at,
@@ -282,7 +288,10 @@ impl<S: Spool> Queue<S> {
             .collect();
         if !state.delay_dsn_sent
             && !delayed.is_empty()
-            && self.settings.retry.delay_warning_due(env.received_at, now)
+            && self
+                .settings
+                .retry
+                .delay_warning_due(state.since.unwrap_or(env.received_at), now)
             && self
                 .inject_dsn(DsnKind::Delayed, env, data, state, &delayed, now)
                 .await
@@ -430,6 +439,7 @@ fn expire(env: &Envelope, state: &mut DeliveryState, now: Millis) -> DeliveryRep
         flags: env.flags,
         generated_dsn: env.generated_dsn,
         system: env.system,
+        client: env.client.ip,
         route: None,
         host: None,
         at: now,

@@ -19,7 +19,7 @@ use super::session::{Action, Completed, Refusal, Session, SessionConfig, Unprove
 use crate::budget::Held;
 use crate::envelope::{now_ms, QueueId};
 use crate::events::{Event, EventBus, TenantProof};
-use crate::pipeline::{Intake, SenderPolicy, Submission};
+use crate::pipeline::{Intake, SenderPolicy, Submission, Unit};
 use crate::tenant::{TenantBinder, Verdict};
 
 /// Server-wide state of a graceful stop.
@@ -476,6 +476,38 @@ where
             // Reset, failed or never begun: what was kept belongs to no message.
             chunks = None;
         }
+        let mut action = action;
+        // The answers of the sender policy and of the limits lead to a next step.
+        loop {
+            match action {
+                Action::CheckSender(domain) => {
+                    let verdict = ctx.policy.check_sender(&domain).await;
+                    action = session.sender_checked(verdict);
+                    if let Action::Reply(r) = &action {
+                        if r.code >= 500 {
+                            count("mail", r);
+                        }
+                    }
+                    continue;
+                }
+                Action::Count { unit, sender } => {
+                    let counted = ctx.intake.count(unit, &sender, session.client_ip());
+                    let r = session.counted(counted);
+                    if r.code >= 400 {
+                        count(
+                            match unit {
+                                Unit::Message => "mail",
+                                Unit::Recipient => "rcpt",
+                            },
+                            &r,
+                        );
+                    }
+                    action = Action::Reply(r);
+                }
+                other => action = other,
+            }
+            break;
+        }
         match action {
             Action::Reply(r) => conn.queue_reply(&r),
             Action::Close(r) => {
@@ -490,14 +522,8 @@ where
                 conn.pos = conn.buf.len();
                 return Ok(Exit::StartTls);
             }
-            Action::CheckSender(domain) => {
-                let verdict = ctx.policy.check_sender(&domain).await;
-                let r = session.sender_checked(verdict);
-                if r.code >= 500 {
-                    count("mail", &r);
-                }
-                conn.queue_reply(&r);
-            }
+            // Answered above.
+            Action::CheckSender(_) | Action::Count { .. } => {}
             Action::ReadData { reply, max } => {
                 conn.queue_reply(&reply);
                 conn.flush(ct).await?;

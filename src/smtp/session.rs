@@ -18,7 +18,7 @@ use crate::config::BareLineEndings;
 use crate::envelope::{domain_in, BodyType, ClientInfo, Envelope, Millis, QueueId, Recipient};
 use crate::events::Unbound;
 use crate::message::Data;
-use crate::pipeline::{Backpressure, IntakeError, SenderVerdict, Submission};
+use crate::pipeline::{Backpressure, Deferral, IntakeError, SenderVerdict, Submission, Unit};
 use crate::tenant::Verdict;
 
 /// What a session is allowed to do; fixed per listener.
@@ -40,6 +40,8 @@ pub struct SessionConfig {
     pub tls_required: bool,
     /// Ask the sender policy (SPF) at MAIL FROM before accepting.
     pub check_sender: bool,
+    /// Count each MAIL and RCPT against the rate limits before accepting it.
+    pub limits: bool,
 }
 
 impl SessionConfig {
@@ -60,6 +62,7 @@ impl SessionConfig {
             starttls: false,
             tls_required: false,
             check_sender: false,
+            limits: false,
         }
     }
 }
@@ -74,6 +77,12 @@ pub enum Action {
     StartTls(WireReply),
     /// Ask the sender policy about this domain, then call [`Session::sender_checked`].
     CheckSender(String),
+    /// Count one more `unit` from `sender` against the rate limits, then call
+    /// [`Session::counted`].
+    Count {
+        unit: Unit,
+        sender: String,
+    },
     /// Send the 354 and read a DATA body of at most `max` octets.
     ReadData {
         reply: WireReply,
@@ -163,8 +172,10 @@ pub struct Session {
     helo: Option<String>,
     esmtp: bool,
     tx: Option<Transaction>,
-    /// MAIL FROM waiting for the sender policy's verdict.
+    /// MAIL FROM waiting for the sender policy's verdict or the limits' count.
     pending_mail: Option<(String, MailParams)>,
+    /// RCPT TO waiting for the limits' count.
+    pending_rcpt: Option<Recipient>,
     errors: u32,
     /// Why the last command was refused, when the driver counts it apart: for its
     /// metrics, which must not guess it from the reply code.
@@ -196,6 +207,7 @@ impl Session {
             esmtp: false,
             tx: None,
             pending_mail: None,
+            pending_rcpt: None,
             errors: 0,
             refusal: None,
         }
@@ -377,24 +389,65 @@ impl Session {
                 return Action::CheckSender(domain);
             }
         }
+        self.sender_ok(sender, params)
+    }
+
+    /// The sender passed every check but the limits: they count it last, so that a
+    /// MAIL refused for another reason counts nothing.
+    fn sender_ok(&mut self, sender: String, params: MailParams) -> Action {
+        if self.cfg.limits {
+            let count = Action::Count {
+                unit: Unit::Message,
+                sender: sender.clone(),
+            };
+            self.pending_mail = Some((sender, params));
+            return count;
+        }
         self.open_transaction(sender, params);
         Action::Reply(WireReply::new(250, "2.1.0", "Sender ok"))
     }
 
     /// The sender policy's answer to [`Action::CheckSender`].
-    pub fn sender_checked(&mut self, verdict: SenderVerdict) -> WireReply {
+    pub fn sender_checked(&mut self, verdict: SenderVerdict) -> Action {
         let Some((sender, params)) = self.pending_mail.take() else {
-            return common::bad_sequence("No MAIL pending");
+            return Action::Reply(common::bad_sequence("No MAIL pending"));
         };
         match verdict {
-            SenderVerdict::Accept => {
-                self.open_transaction(sender, params);
-                WireReply::new(250, "2.1.0", "Sender ok")
-            }
+            SenderVerdict::Accept => self.sender_ok(sender, params),
             SenderVerdict::Reject(why) => {
                 self.errors += 1;
-                WireReply::new(550, "5.7.1", why)
+                Action::Reply(WireReply::new(550, "5.7.1", why))
             }
+        }
+    }
+
+    /// The limits' answer to [`Action::Count`].
+    pub fn counted(&mut self, result: Result<(), Deferral>) -> WireReply {
+        let deferred = |d: Deferral| {
+            WireReply::new(
+                451,
+                "4.7.1",
+                format!("Sending rate limit {} reached, try again later", d.limit),
+            )
+        };
+        if let Some((sender, params)) = self.pending_mail.take() {
+            return match result {
+                Ok(()) => {
+                    self.open_transaction(sender, params);
+                    WireReply::new(250, "2.1.0", "Sender ok")
+                }
+                Err(d) => deferred(d),
+            };
+        }
+        let (Some(recipient), Some(tx)) = (self.pending_rcpt.take(), self.tx.as_mut()) else {
+            return common::bad_sequence("Nothing to count");
+        };
+        match result {
+            Ok(()) => {
+                tx.recipients.push(recipient);
+                WireReply::new(250, "2.1.5", "Recipient ok")
+            }
+            Err(d) => deferred(d),
         }
     }
 
@@ -441,11 +494,20 @@ impl Session {
             .iter()
             .any(|r| same_address(&r.address, &address));
         if !duplicate {
-            tx.recipients.push(Recipient {
+            let recipient = Recipient {
                 address,
                 notify: params.notify,
                 orcpt: params.orcpt,
-            });
+            };
+            if self.cfg.limits {
+                let sender = tx.sender.clone();
+                self.pending_rcpt = Some(recipient);
+                return Action::Count {
+                    unit: Unit::Recipient,
+                    sender,
+                };
+            }
+            tx.recipients.push(recipient);
         }
         Action::Reply(WireReply::new(250, "2.1.5", "Recipient ok"))
     }
@@ -687,6 +749,7 @@ impl Session {
             flags: seen.flags,
             generated_dsn: false,
             system: false,
+            held: None,
         };
         Completed::Submit(Box::new(Submission { envelope, data }))
     }
@@ -1145,16 +1208,18 @@ mod tests {
             s.command(b"MAIL FROM:<a@Example.test>", Ok(())),
             Action::CheckSender("example.test".into())
         );
-        let r = s.sender_checked(SenderVerdict::Reject(
+        let Action::Reply(r) = s.sender_checked(SenderVerdict::Reject(
             "publish include:eu._netblocks.mimecast.com".into(),
-        ));
+        )) else {
+            panic!()
+        };
         assert_eq!((r.code, r.esc), (550, "5.7.1"));
         assert!(!s.in_transaction());
         assert!(matches!(
             s.command(b"MAIL FROM:<a@example.test>", Ok(())),
             Action::CheckSender(_)
         ));
-        assert_eq!(s.sender_checked(SenderVerdict::Accept).code, 250);
+        assert_eq!(code(s.sender_checked(SenderVerdict::Accept)), 250);
         assert!(s.in_transaction());
         assert_eq!(cmd(&mut s, "RSET"), 250);
         assert_eq!(

@@ -71,6 +71,13 @@ pub const TRUSTED: Schema = Schema {
          CREATE INDEX pairs_last_seen ON pairs(last_seen);
          CREATE TABLE daily(day BIGINT PRIMARY KEY, added BIGINT NOT NULL, deliveries BIGINT NOT NULL);
          CREATE TABLE trusted_meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+    }, Migration {
+        // A restricted key value's recent recipients: `origin` 'suspect', and which
+        // restriction marked them (`sender=alice@contoso.test`), for release or discard.
+        sqlite: "ALTER TABLE recipients ADD COLUMN suspect TEXT;
+         CREATE INDEX recipients_suspect ON recipients(suspect);",
+        postgres: "ALTER TABLE recipients ADD COLUMN suspect TEXT;
+         CREATE INDEX recipients_suspect ON recipients(suspect);",
     }],
 };
 
@@ -134,5 +141,52 @@ pub const SIGNATURES: Schema = Schema {
     }],
 };
 
+/// The limits' counters (one GCRA cell per rule, measure and key value, `tat` in
+/// microseconds of the Unix clock) and the restricted key values with what became of
+/// them (`state`: restricted, released, discarded), each row stamped when it last
+/// changed so nodes take only what changed. In `admin.database` on one node.
+pub const LIMITS: Schema = Schema {
+    name: "limits",
+    probe: "limit_counters",
+    migrations: &[Migration {
+        sqlite: "CREATE TABLE limit_counters(
+            rule TEXT NOT NULL,
+            measure TEXT NOT NULL,
+            value TEXT NOT NULL,
+            tat INTEGER NOT NULL,
+            updated INTEGER NOT NULL,
+            PRIMARY KEY(rule, measure, value)) WITHOUT ROWID;
+         CREATE INDEX limit_counters_updated ON limit_counters(updated);
+         CREATE TABLE restricted(
+            key TEXT NOT NULL,
+            value TEXT NOT NULL,
+            rule TEXT NOT NULL,
+            since INTEGER NOT NULL,
+            count INTEGER NOT NULL,
+            state TEXT NOT NULL,
+            updated INTEGER NOT NULL,
+            PRIMARY KEY(key, value)) WITHOUT ROWID;
+         CREATE INDEX restricted_updated ON restricted(updated);",
+        postgres: "CREATE TABLE limit_counters(
+            rule TEXT NOT NULL,
+            measure TEXT NOT NULL,
+            value TEXT NOT NULL,
+            tat BIGINT NOT NULL,
+            updated BIGINT NOT NULL,
+            PRIMARY KEY(rule, measure, value));
+         CREATE INDEX limit_counters_updated ON limit_counters(updated);
+         CREATE TABLE restricted(
+            key TEXT NOT NULL,
+            value TEXT NOT NULL,
+            rule TEXT NOT NULL,
+            since BIGINT NOT NULL,
+            count BIGINT NOT NULL,
+            state TEXT NOT NULL,
+            updated BIGINT NOT NULL,
+            PRIMARY KEY(key, value));
+         CREATE INDEX restricted_updated ON restricted(updated);",
+    }],
+};
+
 /// Every schema PostgreSQL holds, in the order they are migrated.
-pub const ALL: &[&Schema] = &[&TRUSTED, &STATE, &SIGNATURES];
+pub const ALL: &[&Schema] = &[&TRUSTED, &STATE, &SIGNATURES, &LIMITS];

@@ -8,15 +8,6 @@ use crate::envelope::Millis;
 
 pub const CSV_HEADER: &str = "address,domain,count,first_seen,last_seen,senders,origin";
 
-/// `2026-11-29T16:40:06Z`
-pub fn rfc3339(ms: Millis) -> String {
-    let d = mail_parser::DateTime::from_timestamp((ms / 1000) as i64);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-        d.year, d.month, d.day, d.hour, d.minute, d.second
-    )
-}
-
 /// Parses `2026-11-01`, `2026-11-01T12:00:00Z`, or a duration back from now (`7d`).
 pub fn parse_since(text: &str, now: Millis) -> Result<Millis, String> {
     let t = text.trim();
@@ -67,8 +58,8 @@ pub fn csv_row(e: &TrustedRecipient) -> String {
         csv_field(&e.address),
         csv_field(&e.domain),
         e.count,
-        rfc3339(e.first_seen),
-        rfc3339(e.last_seen),
+        crate::envelope::rfc3339(e.first_seen),
+        crate::envelope::rfc3339(e.last_seen),
         e.senders,
         e.origin.label()
     )

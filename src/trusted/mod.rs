@@ -16,9 +16,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::envelope::Millis;
+use crate::envelope::{Millis, Settle};
 use model::{Counts, Query};
-pub use model::{Filter, Origin, Page, Stats, TrustedError, TrustedRecipient};
+pub use model::{Filter, Origin, Page, Stats, Suspected, TrustedError, TrustedRecipient};
 use policy::Observation;
 pub use policy::TrustPolicy;
 
@@ -40,6 +40,20 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         addresses: Vec<String>,
         now: Millis,
+    ) -> impl Future<Output = Result<u64, TrustedError>> + Send;
+    /// Marks `suspect` (tagged `tag`) the learned entries first seen since `since` that
+    /// the `suspected` senders wrote to; returns how many.
+    fn mark_suspect(
+        &self,
+        suspected: Suspected,
+        tag: String,
+        since: Millis,
+    ) -> impl Future<Output = Result<u64, TrustedError>> + Send;
+    /// A release makes the entries tagged `tag` learned again; a discard deletes them.
+    fn clear_suspect(
+        &self,
+        tag: String,
+        how: Settle,
     ) -> impl Future<Output = Result<u64, TrustedError>> + Send;
 }
 
@@ -98,6 +112,25 @@ impl Store {
             Store::Postgres(p) => p.counts().await?,
         };
         Ok(counts.stats(now, learning_days))
+    }
+
+    pub async fn mark_suspect(
+        &self,
+        suspected: Suspected,
+        tag: String,
+        since: Millis,
+    ) -> Result<u64, TrustedError> {
+        match self {
+            Store::Sqlite(s) => s.mark_suspect(suspected, tag, since).await,
+            Store::Postgres(p) => p.mark_suspect(suspected, tag, since).await,
+        }
+    }
+
+    pub async fn clear_suspect(&self, tag: String, how: Settle) -> Result<u64, TrustedError> {
+        match self {
+            Store::Sqlite(s) => s.clear_suspect(tag, how).await,
+            Store::Postgres(p) => p.clear_suspect(tag, how).await,
+        }
     }
 
     /// Adds addresses gathered elsewhere (anything that is not an address is skipped);

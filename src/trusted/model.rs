@@ -29,6 +29,9 @@ pub enum Origin {
     Learned,
     /// `smartrelay trusted import`.
     Imported,
+    /// Learned from a sender a limit then restricted, within the rule's window: left
+    /// out of listings and exports unless asked for, until a release clears it.
+    Suspect,
 }
 
 impl Origin {
@@ -36,6 +39,7 @@ impl Origin {
         match self {
             Origin::Learned => "learned",
             Origin::Imported => "imported",
+            Origin::Suspect => "suspect",
         }
     }
 
@@ -43,9 +47,19 @@ impl Origin {
     pub fn parse(text: &str) -> Origin {
         match text {
             "imported" => Origin::Imported,
+            "suspect" => Origin::Suspect,
             _ => Origin::Learned,
         }
     }
+}
+
+/// The senders a restriction was for, as the list records them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Suspected {
+    /// One address (lower case).
+    Sender(String),
+    /// Every address at a domain (lower case).
+    Domain(String),
 }
 
 /// One external address on the list.
@@ -71,6 +85,8 @@ pub struct Filter {
     pub limit: usize,
     /// Address after which the page starts (the last address of the previous page).
     pub cursor: Option<String>,
+    /// Suspect entries too (`include_suspect`).
+    pub include_suspect: bool,
 }
 
 /// A filter in the form both backends query with: sender and domain normalized as
@@ -83,6 +99,7 @@ pub struct Query {
     pub min_count: Option<i64>,
     pub cursor: Option<String>,
     pub limit: usize,
+    pub include_suspect: bool,
 }
 
 impl Query {
@@ -104,6 +121,7 @@ impl Query {
             min_count: f.min_count.map(|c| c as i64),
             cursor: f.cursor,
             limit: f.limit.clamp(1, 100_000),
+            include_suspect: f.include_suspect,
         })
     }
 

@@ -7,9 +7,11 @@ use std::collections::BTreeMap;
 
 use std::sync::Arc;
 
-use super::model::{Counts, Origin, Page, Query, TrustedError, TrustedRecipient, DAY_MS};
+use super::model::{
+    Counts, Origin, Page, Query, Suspected, TrustedError, TrustedRecipient, DAY_MS,
+};
 use super::policy::Observation;
-use crate::envelope::Millis;
+use crate::envelope::{Millis, Settle};
 use crate::store::{values_list, Postgres, ROWS_PER_STATEMENT as CHUNK};
 use tokio_postgres::types::ToSql;
 
@@ -165,6 +167,7 @@ impl super::Backend for PgTrusted {
              FROM pairs p JOIN recipients r ON r.address = p.recipient
              WHERE p.sender = $1 AND ($2::TEXT IS NULL OR r.domain = $2) AND ($3::BIGINT IS NULL OR p.last_seen >= $3)
                AND ($4::BIGINT IS NULL OR p.count >= $4) AND ($5::TEXT IS NULL OR r.address > $5 COLLATE \"C\")
+               AND ($7 OR r.origin <> 'suspect')
              ORDER BY r.address COLLATE \"C\" LIMIT $6"
         } else {
             "SELECT r.address, r.domain, r.count, r.first_seen, r.last_seen,
@@ -172,6 +175,7 @@ impl super::Backend for PgTrusted {
              FROM recipients r
              WHERE $1::TEXT IS NULL AND ($2::TEXT IS NULL OR r.domain = $2) AND ($3::BIGINT IS NULL OR r.last_seen >= $3)
                AND ($4::BIGINT IS NULL OR r.count >= $4) AND ($5::TEXT IS NULL OR r.address > $5 COLLATE \"C\")
+               AND ($7 OR r.origin <> 'suspect')
              ORDER BY r.address COLLATE \"C\" LIMIT $6"
         };
         let c = self.pg.client().await?;
@@ -185,6 +189,7 @@ impl super::Backend for PgTrusted {
                     &q.min_count,
                     &q.cursor,
                     &q.take(),
+                    &q.include_suspect,
                 ],
             )
             .await?;
@@ -254,5 +259,56 @@ impl super::Backend for PgTrusted {
         }
         tx.commit().await?;
         Ok(added)
+    }
+
+    async fn mark_suspect(
+        &self,
+        suspected: Suspected,
+        tag: String,
+        since: Millis,
+    ) -> Result<u64, TrustedError> {
+        let (sql, who) = match suspected {
+            Suspected::Sender(s) => (
+                "UPDATE recipients SET origin = 'suspect', suspect = $1
+                 WHERE origin = 'learned' AND first_seen >= $2
+                   AND address IN (SELECT recipient FROM pairs WHERE lower(sender) = $3)",
+                s,
+            ),
+            Suspected::Domain(d) => (
+                "UPDATE recipients SET origin = 'suspect', suspect = $1
+                 WHERE origin = 'learned' AND first_seen >= $2
+                   AND address IN (SELECT recipient FROM pairs
+                                   WHERE lower(right(sender, length($3) + 1)) = '@' || $3)",
+                d,
+            ),
+        };
+        let c = self.pg.client().await?;
+        Ok(c.execute(sql, &[&tag, &(since as i64), &who]).await?)
+    }
+
+    async fn clear_suspect(&self, tag: String, how: Settle) -> Result<u64, TrustedError> {
+        let mut c = self.pg.client().await?;
+        let tx = c.transaction().await?;
+        let n = match how {
+            Settle::Release => {
+                tx.execute(
+                    "UPDATE recipients SET origin = 'learned', suspect = NULL WHERE suspect = $1",
+                    &[&tag],
+                )
+                .await?
+            }
+            Settle::Discard => {
+                tx.execute(
+                    "DELETE FROM pairs WHERE recipient IN
+                     (SELECT address FROM recipients WHERE suspect = $1)",
+                    &[&tag],
+                )
+                .await?;
+                tx.execute("DELETE FROM recipients WHERE suspect = $1", &[&tag])
+                    .await?
+            }
+        };
+        tx.commit().await?;
+        Ok(n)
     }
 }

@@ -117,6 +117,7 @@ mod tests {
     fn report(sender: &str, results: &[(&str, Outcome)]) -> DeliveryReport {
         DeliveryReport {
             id: QueueId::generate(),
+            client: std::net::IpAddr::from([127, 0, 0, 1]),
             sender: sender.into(),
             flags: ContentFlags::default(),
             generated_dsn: false,

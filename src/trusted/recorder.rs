@@ -1,6 +1,9 @@
 //! Feeds the store from the delivery events off the hot path: observations are batched
 //! (one transaction per `batch_size` or `flush_interval`), and what is pending is written
-//! when the event stream closes at shutdown.
+//! when the event stream closes at shutdown. A restriction marks what its sender taught
+//! the list recently as suspect (and again after each batch while it stands, for the
+//! deliveries still in flight when it came); a release clears the mark, a discard
+//! deletes those entries.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,7 +11,8 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 use super::policy::{Observation, TrustPolicy};
-use super::Store;
+use super::{Store, Suspected};
+use crate::envelope::{LimitKey, Millis, Settle};
 use crate::events::Event;
 use crate::live::Live;
 
@@ -25,6 +29,7 @@ pub async fn record(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut pending: Vec<Observation> = Vec::new();
+    let mut suspects: Vec<Suspect> = Vec::new();
     // After a failed write the store is left alone for a while: events keep being
     // drained into `pending`, so the bus never backs up into deliveries.
     let mut retry_at: Option<tokio::time::Instant> = None;
@@ -38,10 +43,15 @@ pub async fn record(
             break;
         };
         let mut batch = Vec::new();
+        let mut restrictions = Vec::new();
         let policy = policy.get();
         for ev in &events {
             collect(&policy, ev, &mut batch);
+            if matches!(ev.as_ref(), Event::Restricted { .. } | Event::Lifted { .. }) {
+                restrictions.push(ev.clone());
+            }
         }
+        let learned = !batch.is_empty();
         pending.extend(batch);
         let over = pending.len().saturating_sub(buffer_limit);
         if over > 0 {
@@ -61,13 +71,94 @@ pub async fn record(
                 Some(now + RETRY_AFTER)
             };
         }
+        for ev in restrictions {
+            apply(&store, &ev, &mut suspects).await;
+        }
+        if learned && retry_at.is_none() {
+            for s in &suspects {
+                mark(&store, s).await;
+            }
+        }
         // Once this moves, every delivery up to here is in the list (or excluded by
         // policy): what a test or an operator waits for instead of a sleep.
+        let deliveries = events
+            .iter()
+            .filter(|e| matches!(e.as_ref(), Event::Delivery(_)))
+            .count();
         metrics::counter!(crate::telemetry::TRUSTED_DELIVERIES_RECORDED_TOTAL)
-            .increment(events.len() as u64);
+            .increment(deliveries as u64);
     }
     // Stopping: one last try for what waited on the store.
     flush(&store, &mut pending).await;
+}
+
+/// A restriction in force, as the list matches its senders.
+struct Suspect {
+    suspected: Suspected,
+    tag: String,
+    since: Millis,
+}
+
+async fn mark(store: &Store, s: &Suspect) {
+    match store
+        .mark_suspect(s.suspected.clone(), s.tag.clone(), s.since)
+        .await
+    {
+        Ok(0) => {}
+        Ok(n) => {
+            tracing::info!(restriction = %s.tag, entries = n, "trusted entries marked suspect")
+        }
+        Err(e) => tracing::error!(error = %e, restriction = %s.tag, "suspect entries not marked"),
+    }
+}
+
+async fn apply(store: &Store, ev: &Event, suspects: &mut Vec<Suspect>) {
+    match ev {
+        Event::Restricted {
+            key,
+            value,
+            window_start,
+            ..
+        } => {
+            let suspected = match key {
+                LimitKey::Sender => Suspected::Sender(value.clone()),
+                LimitKey::SenderDomain => Suspected::Domain(value.clone()),
+                // The list does not know which server wrote what.
+                LimitKey::Client => return,
+            };
+            let s = Suspect {
+                suspected,
+                tag: tag(*key, value),
+                since: *window_start,
+            };
+            mark(store, &s).await;
+            suspects.retain(|o| o.tag != s.tag);
+            suspects.push(s);
+        }
+        Event::Lifted {
+            key, value, how, ..
+        } => {
+            let t = tag(*key, value);
+            suspects.retain(|o| o.tag != t);
+            match store.clear_suspect(t.clone(), *how).await {
+                Ok(n) => {
+                    if *how == Settle::Discard {
+                        metrics::gauge!(crate::telemetry::TRUSTED_ENTRIES).decrement(n as f64);
+                    }
+                    tracing::info!(restriction = %t, entries = n, "suspect trusted entries {}", how.label());
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, restriction = %t, "suspect entries not cleared")
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// How a restriction names the entries it marked: `sender=alice@contoso.test`.
+fn tag(key: LimitKey, value: &str) -> String {
+    format!("{}={value}", key.label())
 }
 
 fn collect(policy: &TrustPolicy, ev: &Event, batch: &mut Vec<Observation>) {

@@ -7,9 +7,11 @@ use std::sync::Arc;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::model::{Counts, Origin, Page, Query, TrustedError, TrustedRecipient, DAY_MS};
+use super::model::{
+    Counts, Origin, Page, Query, Suspected, TrustedError, TrustedRecipient, DAY_MS,
+};
 use super::policy::Observation;
-use crate::envelope::Millis;
+use crate::envelope::{Millis, Settle};
 use crate::store::schema;
 use crate::store::sqlite::Db;
 
@@ -87,7 +89,59 @@ impl super::Backend for SqliteTrusted {
             })
             .await?)
     }
+
+    async fn mark_suspect(
+        &self,
+        suspected: Suspected,
+        tag: String,
+        since: Millis,
+    ) -> Result<u64, TrustedError> {
+        Ok(self
+            .db
+            .run(move |c| {
+                let (sql, who) = match suspected {
+                    Suspected::Sender(s) => (MARK_SENDER, s),
+                    Suspected::Domain(d) => (MARK_DOMAIN, d),
+                };
+                c.execute(sql, params![tag, since as i64, who])
+                    .map(|n| n as u64)
+            })
+            .await?)
+    }
+
+    async fn clear_suspect(&self, tag: String, how: Settle) -> Result<u64, TrustedError> {
+        Ok(self
+            .db
+            .run(move |c| {
+                let tx = c.transaction()?;
+                let n = match how {
+                    Settle::Release => tx.execute(
+                        "UPDATE recipients SET origin = 'learned', suspect = NULL WHERE suspect = ?1",
+                        [&tag],
+                    )?,
+                    Settle::Discard => {
+                        tx.execute(
+                            "DELETE FROM pairs WHERE recipient IN
+                             (SELECT address FROM recipients WHERE suspect = ?1)",
+                            [&tag],
+                        )?;
+                        tx.execute("DELETE FROM recipients WHERE suspect = ?1", [&tag])?
+                    }
+                };
+                tx.commit()?;
+                Ok(n as u64)
+            })
+            .await?)
+    }
 }
+
+const MARK_SENDER: &str = "UPDATE recipients SET origin = 'suspect', suspect = ?1
+     WHERE origin = 'learned' AND first_seen >= ?2
+       AND address IN (SELECT recipient FROM pairs WHERE lower(sender) = ?3)";
+const MARK_DOMAIN: &str = "UPDATE recipients SET origin = 'suspect', suspect = ?1
+     WHERE origin = 'learned' AND first_seen >= ?2
+       AND address IN (SELECT recipient FROM pairs
+                       WHERE lower(substr(sender, -(length(?3) + 1))) = '@' || ?3)";
 
 /// One transaction per batch; returns how many addresses are new.
 fn record(c: &mut Connection, batch: &[Observation]) -> Result<u64, rusqlite::Error> {
@@ -141,6 +195,7 @@ fn list(c: &mut Connection, q: &Query) -> Result<Vec<TrustedRecipient>, rusqlite
          FROM pairs p JOIN recipients r ON r.address = p.recipient
          WHERE p.sender = ?1 AND (?2 IS NULL OR r.domain = ?2) AND (?3 IS NULL OR p.last_seen >= ?3)
            AND (?4 IS NULL OR p.count >= ?4) AND (?5 IS NULL OR r.address > ?5)
+           AND (?7 OR r.origin <> 'suspect')
          ORDER BY r.address LIMIT ?6"
     } else {
         "SELECT r.address, r.domain, r.count, r.first_seen, r.last_seen,
@@ -148,11 +203,20 @@ fn list(c: &mut Connection, q: &Query) -> Result<Vec<TrustedRecipient>, rusqlite
          FROM recipients r
          WHERE ?1 IS NULL AND (?2 IS NULL OR r.domain = ?2) AND (?3 IS NULL OR r.last_seen >= ?3)
            AND (?4 IS NULL OR r.count >= ?4) AND (?5 IS NULL OR r.address > ?5)
+           AND (?7 OR r.origin <> 'suspect')
          ORDER BY r.address LIMIT ?6"
     };
     let mut st = c.prepare(sql)?;
     let rows = st.query_map(
-        params![q.sender, q.domain, q.since, q.min_count, q.cursor, q.take()],
+        params![
+            q.sender,
+            q.domain,
+            q.since,
+            q.min_count,
+            q.cursor,
+            q.take(),
+            q.include_suspect
+        ],
         |r| {
             Ok(TrustedRecipient {
                 address: r.get(0)?,

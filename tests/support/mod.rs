@@ -69,6 +69,7 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 pub struct Cfg {
     pub dir: PathBuf,
     sections: Vec<(String, Vec<(String, String)>)>,
+    tail: String,
 }
 
 impl Cfg {
@@ -77,6 +78,7 @@ impl Cfg {
         let mut c = Cfg {
             dir: dir.to_owned(),
             sections: Vec::new(),
+            tail: String::new(),
         };
         c = c
             .set("server", "hostname", "\"relay.test\"")
@@ -123,15 +125,29 @@ impl Cfg {
         self
     }
 
+    /// TOML appended as it is, after the sections: arrays of tables (`[[limits]]`).
+    #[allow(dead_code)]
+    pub fn append(mut self, toml: &str) -> Cfg {
+        self.tail.push_str(toml);
+        self.tail.push('\n');
+        self
+    }
+
+    /// Section "" holds top-level keys (`limits = []`), written before every table.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        for (s, kvs) in &self.sections {
-            out.push_str(&format!("[{s}]\n"));
+        let top = self.sections.iter().filter(|(s, _)| s.is_empty());
+        let tables = self.sections.iter().filter(|(s, _)| !s.is_empty());
+        for (s, kvs) in top.chain(tables) {
+            if !s.is_empty() {
+                out.push_str(&format!("[{s}]\n"));
+            }
             for (k, v) in kvs {
                 out.push_str(&format!("{k} = {v}\n"));
             }
             out.push('\n');
         }
+        out.push_str(&self.tail);
         out
     }
 

@@ -325,6 +325,8 @@ fn aggregate(events: &[Arc<Event>]) -> Batch {
                     bump(r.at, "reply", normalize_reply(&res.reply.to_string()));
                 }
             }
+            Event::Restricted { limit, at, .. } => bump(*at, "restricted", limit.clone()),
+            Event::Lifted { how, at, .. } => bump(*at, "lifted", how.label().into()),
         }
     }
     b.flow = flow;
@@ -488,6 +490,7 @@ mod tests {
             }),
             Arc::new(Event::Delivery(DeliveryReport {
                 id: QueueId::generate(),
+                client: std::net::IpAddr::from([127, 0, 0, 1]),
                 sender: "a@example.test".into(),
                 flags: Default::default(),
                 generated_dsn: false,
