@@ -108,9 +108,11 @@ listen = "127.0.0.1:%d"
 database = "%s/state.sqlite3"
 [trusted]
 database = "%s/trusted.sqlite3"
+[tracking]
+database = "%s/tracking.sqlite3"
 [log]
 level = "warn"
-""" % (self.port, self.spool, sink_port, self.admin, self.dir, self.dir))
+""" % (self.port, self.spool, sink_port, self.admin, self.dir, self.dir, self.dir))
         self.started = time.time()
         self.proc = subprocess.Popen([BIN, "run", "--config", self.config],
                                      stdout=subprocess.DEVNULL,

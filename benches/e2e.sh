@@ -11,6 +11,7 @@
 #   postfix     smtp-source -> Postfix (fsync) -> smtp-sink
 #   smartrelay  smtp-source -> smartrelay (fsync) -> smtp-sink
 #   smartrelay, trusted-sender recording off (its cost)
+#   smartrelay, message tracking off (its cost)
 #   smartrelay with the default limits, and with three rules (sender, sender domain,
 #   client) that the load stays under: what counting costs (every other variant runs
 #   with limits = [])
@@ -82,7 +83,7 @@ key = "client"
 messages = "1000000/1m"
 action = "defer"'
 declare -A ACC E2E
-VARIANTS="direct postfix relay notrusted defaultlimits threelimits"
+VARIANTS="direct postfix relay notrusted notracking defaultlimits threelimits"
 [ -n "${BASELINE_BIN:-}" ] && VARIANTS="$VARIANTS baseline"
 for round in $(seq "$ROUNDS"); do
   for v in $VARIANTS; do
@@ -93,6 +94,7 @@ for round in $(seq "$ROUNDS"); do
       relay) read -r a e < <(variant_relay relay true "$round") ;;
       notrusted) read -r a e < <(variant_relay notrusted false "$round") ;;
       baseline) read -r a e < <(RELAY_BIN=$BASELINE_BIN variant_relay baseline true "$round") ;;
+      notracking) read -r a e < <(TRACKING=false variant_relay notracking true "$round") ;;
       defaultlimits) read -r a e < <(LIMITS_TOML="# limits: the defaults" variant_relay defaultlimits true "$round") ;;
       threelimits) read -r a e < <(LIMITS_TOML=$THREE_LIMITS variant_relay threelimits true "$round") ;;
     esac
@@ -106,6 +108,7 @@ done
   P_ACC=$(median ${ACC[postfix]}); P_E2E=$(median ${E2E[postfix]})
   R_ACC=$(median ${ACC[relay]}); R_E2E=$(median ${E2E[relay]})
   T_ACC=$(median ${ACC[notrusted]}); T_E2E=$(median ${E2E[notrusted]})
+  K_ACC=$(median ${ACC[notracking]}); K_E2E=$(median ${E2E[notracking]})
   L_ACC=$(median ${ACC[defaultlimits]}); L_E2E=$(median ${E2E[defaultlimits]})
   M_ACC=$(median ${ACC[threelimits]}); M_E2E=$(median ${E2E[threelimits]})
   if [ -n "${BASELINE_BIN:-}" ]; then
@@ -163,6 +166,7 @@ direct source-to-sink ceiling measured in the same run.
 | smtp-source -> Postfix -> smtp-sink | $P_ACC | $P_E2E | 1.00 | 1.00 | $(ratio "$P_E2E" "$D_E2E") |
 | smtp-source -> smartrelay -> smtp-sink | $R_ACC | $R_E2E | $(ratio "$R_ACC" "$P_ACC") | $(ratio "$R_E2E" "$P_E2E") | $(ratio "$R_E2E" "$D_E2E") |
 | same, trusted-list recording off | $T_ACC | $T_E2E | $(ratio "$T_ACC" "$P_ACC") | $(ratio "$T_E2E" "$P_E2E") | $(ratio "$T_E2E" "$D_E2E") |
+| same, message tracking off | $K_ACC | $K_E2E | $(ratio "$K_ACC" "$P_ACC") | $(ratio "$K_E2E" "$P_E2E") | $(ratio "$K_E2E" "$D_E2E") |
 | same, default limits (sender-daily, sender-bounces) | $L_ACC | $L_E2E | $(ratio "$L_ACC" "$P_ACC") | $(ratio "$L_E2E" "$P_E2E") | $(ratio "$L_E2E" "$D_E2E") |
 | same, three limits (sender, sender domain, client) | $M_ACC | $M_E2E | $(ratio "$M_ACC" "$P_ACC") | $(ratio "$M_E2E" "$P_E2E") | $(ratio "$M_E2E" "$D_E2E") |
 $(if [ -n "${BASELINE_BIN:-}" ]; then echo "| same, baseline binary \`$BASELINE_BIN\` | $B_ACC | $B_E2E | $(ratio "$B_ACC" "$P_ACC") | $(ratio "$B_E2E" "$P_E2E") | $(ratio "$B_E2E" "$D_E2E") |"; fi)
@@ -172,6 +176,7 @@ virtual disk's sync latency varies from minute to minute, so the variants altern
 within each round and medians are reported.
 
 $(if [ -n "${BASELINE_BIN:-}" ]; then echo "- This build against the baseline binary, same run: accept $(ratio "$R_ACC" "$B_ACC"), end-to-end $(ratio "$R_E2E" "$B_E2E")."; fi)
+- Message tracking on (the smartrelay row) against \`tracking.enabled = false\`, same run: accept $(ratio "$R_ACC" "$K_ACC"), end-to-end $(ratio "$R_E2E" "$K_E2E").
 - Limits against \`limits = []\` (the smartrelay row), same run: default limits accept $(ratio "$L_ACC" "$R_ACC"), end-to-end $(ratio "$L_E2E" "$R_E2E"); three limits accept $(ratio "$M_ACC" "$R_ACC"), end-to-end $(ratio "$M_E2E" "$R_E2E").
 - Trusted-list recording costs $(python3 -c "print('%.1f' % (100*(1-$R_E2E/$T_E2E)))") % of end-to-end throughput; rounds of the same variant differ by up to $SPREAD %.
 - RSS: ${RSS_BEFORE} kB at rest; ${RSS_IDLE} kB with 1,000 idle sessions open.

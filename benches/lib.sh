@@ -81,6 +81,9 @@ database = "$dir/state.sqlite3"
 [trusted]
 enabled = $trusted
 database = "$dir/trusted.sqlite3"
+[tracking]
+enabled = ${TRACKING:-true}
+database = "$dir/tracking.sqlite3"
 [log]
 level = "warn"
 EOF

@@ -40,6 +40,7 @@ use crate::tenant::dkim::DkimVerifier;
 use crate::tenant::replay::{self, ReplayGuard};
 use crate::tenant::sources::{self, Resolved, SharedSources};
 use crate::tenant::TenantBinder;
+use crate::tracking;
 use crate::trusted::TrustedError;
 use crate::trusted::{self, TrustPolicy};
 use hickory_resolver::TokioResolver;
@@ -238,6 +239,11 @@ pub async fn run(
         None => replay::Store::open(&cfg.admin.database)?,
         Some(pg) => replay::Store::shared(pg.clone()),
     };
+    let tracking_store = match (&shared_store, cfg.tracking.enabled) {
+        (_, false) => None,
+        (None, true) => Some(tracking::Store::open(&cfg.tracking.database)?),
+        (Some(pg), true) => Some(tracking::Store::shared(pg.clone())),
+    };
     let trusted_store = match (&shared_store, cfg.trusted.enabled) {
         (_, false) => None,
         (None, true) => Some(trusted::Store::open(&cfg.trusted.database)?),
@@ -269,6 +275,20 @@ pub async fn run(
     let trusted_rx = trusted_store
         .as_ref()
         .map(|_| bus.subscribe(8192, true, &[EventKind::Delivery, EventKind::Restriction]));
+    // Tracking follows each message; deliveries wait for it rather than lose its lines.
+    let tracking_rx = tracking_store.as_ref().map(|_| {
+        bus.subscribe(
+            65_536,
+            true,
+            &[
+                EventKind::Accepted,
+                EventKind::Refused,
+                EventKind::Routed,
+                EventKind::Delivery,
+                EventKind::Lifecycle,
+            ],
+        )
+    });
     // Bounces count toward the limits from the delivery reports.
     let limits_rx = cfg
         .limits
@@ -329,6 +349,22 @@ pub async fn run(
         scheduling.clone(),
     ));
     let activity_task = tokio::spawn(activity.clone().record(activity_rx, stop_rx.clone()));
+    let tracking_task = match (&tracking_store, tracking_rx) {
+        (Some(store), Some(rx)) => {
+            spawn_tracking_pruner(&tasks, store.clone(), cfg.tracking.retention.0);
+            let keep = tracking::model::Keep {
+                node: cfg.server.hostname.clone(),
+                subjects: cfg.tracking.subjects,
+            };
+            Some(tokio::spawn(tracking::recorder::record(
+                store.clone(),
+                keep,
+                rx,
+                stop_rx.clone(),
+            )))
+        }
+        _ => None,
+    };
     let mut trust = None;
     let trusted_task = match (&trusted_store, trusted_rx) {
         (Some(store), Some(rx)) => {
@@ -453,6 +489,7 @@ pub async fn run(
         deliverer: deliverer.clone(),
         activity: activity.clone(),
         trusted: trusted_store.clone(),
+        tracking: tracking_store.clone(),
         shared_store: shared_store.clone(),
         metrics,
         shared_sources: sources.clone(),
@@ -546,6 +583,9 @@ pub async fn run(
     // The recorders flush what they hold, then the periodic tasks stop.
     let _ = stop_tx.send(true);
     if let Some(t) = trusted_task {
+        let _ = t.await;
+    }
+    if let Some(t) = tracking_task {
         let _ = t.await;
     }
     let _ = ranges_task.await;
@@ -809,6 +849,19 @@ fn spawn_ingress_gauge(tasks: &Tasks, bodies: Arc<Bodies>, budget: u64) {
         let held = budget.saturating_sub(bodies.memory().available());
         async move {
             metrics::gauge!(crate::telemetry::INGRESS_MEMORY_BYTES).set(held as f64);
+        }
+    });
+}
+
+fn spawn_tracking_pruner(tasks: &Tasks, store: tracking::Store, retention: Duration) {
+    tasks.every(Duration::from_secs(3600), move || {
+        let store = store.clone();
+        async move {
+            match store.prune(retention).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(messages = n, "tracking records pruned"),
+                Err(e) => tracing::warn!(error = %e, "tracking records not pruned"),
+            }
         }
     });
 }

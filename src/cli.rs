@@ -52,6 +52,30 @@ pub enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// What happened to a message (tracking), from the running instance: one match
+    /// prints its timeline, several one line each.
+    Trace {
+        #[arg(long)]
+        message_id: Option<String>,
+        #[arg(long)]
+        queue_id: Option<String>,
+        #[arg(long)]
+        sender: Option<String>,
+        #[arg(long)]
+        recipient: Option<String>,
+        /// queued, deferred, delivered, bounced, held, expired, removed, refused, partial.
+        #[arg(long)]
+        status: Option<String>,
+        /// 2h (ago), 2026-12-01 or RFC 3339.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// Key values a limit restricted, and the levers on their held mail.
     Restricted {
         #[command(subcommand)]
@@ -416,6 +440,118 @@ pub fn queue(action: QueueCmd, remote: Remote) -> Result<()> {
         _ => print_json(&v),
     }
     Ok(())
+}
+
+/// What `trace` searches by.
+pub struct TraceSearch {
+    pub message_id: Option<String>,
+    pub queue_id: Option<String>,
+    pub sender: Option<String>,
+    pub recipient: Option<String>,
+    pub status: Option<String>,
+    pub since: Option<String>,
+    pub until: Option<String>,
+    pub limit: usize,
+}
+
+pub fn trace(search: TraceSearch, remote: Remote) -> Result<()> {
+    let api = Api::new(&remote)?;
+    let mut q: Vec<(&str, String)> = [
+        ("message_id", &search.message_id),
+        ("queue_id", &search.queue_id),
+        ("sender", &search.sender),
+        ("recipient", &search.recipient),
+        ("status", &search.status),
+        ("since", &search.since),
+        ("until", &search.until),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| v.clone().map(|v| (k, v)))
+    .collect();
+    q.push(("limit", search.limit.to_string()));
+    let query = serde_urlencoded::to_string(&q).context("the search")?;
+    let (_, found) = api.call("GET", &format!("/api/v1/messages?{query}"))?;
+    let messages = found["messages"].as_array().cloned().unwrap_or_default();
+    if messages.len() == 1 {
+        let id = messages[0]["queue_id"].as_str().unwrap_or("");
+        let (_, record) = api.call("GET", &format!("/api/v1/messages/{id}"))?;
+        if remote.json {
+            print_json(&record);
+        } else {
+            print_timeline(&record);
+        }
+        return Ok(());
+    }
+    if remote.json {
+        print_json(&found);
+        return Ok(());
+    }
+    for m in &messages {
+        let rcpts: Vec<String> = m["recipients"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|r| {
+                        format!(
+                            "{} {}",
+                            r["address"].as_str().unwrap_or(""),
+                            r["status"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!(
+            "{}  {}  {:<20}  {:<10}  from=<{}>  to={}  message-id={}",
+            when(&m["received_at"]),
+            m["queue_id"].as_str().unwrap_or(""),
+            m["node"].as_str().unwrap_or(""),
+            m["status"].as_str().unwrap_or(""),
+            m["sender"].as_str().unwrap_or(""),
+            rcpts.join(", "),
+            m["message_id"].as_str().unwrap_or("-"),
+        );
+    }
+    println!("{} message(s)", messages.len());
+    Ok(())
+}
+
+fn print_timeline(r: &Value) {
+    let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
+    println!("{} on {}: {}", s("queue_id"), s("node"), s("status"));
+    println!(
+        "  received {} from {} (HELO {}, TLS {}), proof {}",
+        when(&r["received_at"]),
+        s("client"),
+        s("helo"),
+        r["tls"].as_str().unwrap_or("none"),
+        s("proof")
+    );
+    println!(
+        "  from=<{}> message-id={} size={}",
+        s("sender"),
+        r["message_id"].as_str().unwrap_or("-"),
+        r["size"]
+    );
+    if let Some(subject) = r["subject"].as_str() {
+        println!("  subject: {subject}");
+    }
+    for e in r["events"].as_array().into_iter().flatten() {
+        let mut line = format!(
+            "  {}  {:<9}",
+            when(&e["at"]),
+            e["type"].as_str().unwrap_or("")
+        );
+        if let Some(rcpt) = e["recipient"].as_str() {
+            line.push_str(&format!("  {rcpt}"));
+        }
+        for k in ["route", "host", "reply", "dsn_id", "action", "spf"] {
+            if let Some(v) = e[k].as_str() {
+                line.push_str(&format!("  {k}={v}"));
+            }
+        }
+        println!("{line}");
+    }
 }
 
 pub fn restricted(action: RestrictedCmd, remote: Remote) -> Result<()> {

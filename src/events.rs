@@ -8,7 +8,9 @@ use std::sync::Arc;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::envelope::{ContentFlags, LimitKey, Millis, QueueId, Reply, Settle};
+use crate::envelope::{
+    domain_of, ContentFlags, HoldReason, LimitKey, Millis, QueueId, Reply, Settle,
+};
 
 /// Why a connection was turned away before its first command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -60,6 +62,8 @@ impl SpfOutcome {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TenantProof {
+    /// From the organization's own ranges: nothing more to prove.
+    Dedicated,
     Dkim,
     TenantId,
     Header,
@@ -70,6 +74,7 @@ pub enum TenantProof {
 impl TenantProof {
     pub fn label(self) -> &'static str {
         match self {
+            TenantProof::Dedicated => "dedicated",
             TenantProof::Dkim => "dkim",
             TenantProof::TenantId => "tenant_id",
             TenantProof::Header => "header",
@@ -152,6 +157,12 @@ pub struct DeliveryReport {
     pub system: bool,
     /// Where the message came from (the limits count bounces by client too).
     pub client: IpAddr,
+    /// The upstream session was encrypted.
+    pub tls: bool,
+    /// How long the attempt took, connection included.
+    pub duration_ms: u64,
+    /// Given up on at `queue.max_age` (the results say bounced), not tried.
+    pub expired: bool,
     /// `None` when no route was taken (SPF refused the smart hosts, or the message
     /// expired).
     pub route: Option<String>,
@@ -159,6 +170,54 @@ pub struct DeliveryReport {
     pub host: Option<String>,
     pub at: Millis,
     pub results: Vec<RcptResult>,
+}
+
+/// What tracking keeps of a message taken into the queue.
+#[derive(Debug, Clone, Serialize)]
+pub struct Accepted {
+    pub id: QueueId,
+    pub ip: IpAddr,
+    pub helo: String,
+    /// The TLS version of the client's session, when it had one.
+    pub tls: Option<String>,
+    pub proof: TenantProof,
+    /// Empty for `<>`.
+    pub sender: String,
+    pub message_id: Option<String>,
+    /// Only with `tracking.subjects`.
+    pub subject: Option<String>,
+    pub recipients: Vec<String>,
+    pub size: u64,
+    /// Held at intake (a limit).
+    pub held: Option<HoldReason>,
+    pub at: Millis,
+}
+
+impl Accepted {
+    pub fn sender_domain(&self) -> String {
+        if self.sender.is_empty() {
+            String::new()
+        } else {
+            domain_of(&self.sender).to_ascii_lowercase()
+        }
+    }
+}
+
+/// A message refused after its content was read. Its id has the queue-id form though
+/// it was never queued.
+#[derive(Debug, Clone, Serialize)]
+pub struct RefusedMessage {
+    pub id: QueueId,
+    pub ip: IpAddr,
+    pub helo: String,
+    pub tls: Option<String>,
+    pub sender: String,
+    pub message_id: Option<String>,
+    pub subject: Option<String>,
+    pub recipients: Vec<String>,
+    pub size: u64,
+    pub reply: Reply,
+    pub at: Millis,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -169,14 +228,11 @@ pub enum Event {
         at: Millis,
         refused: Option<RefusalReason>,
     },
-    Accepted {
-        id: QueueId,
-        ip: IpAddr,
-        sender_domain: String,
-        recipients: usize,
-        size: u64,
-        at: Millis,
-    },
+    /// A message on disk (the client has its 250).
+    Accepted(Box<Accepted>),
+    /// A message refused after its content was read (tenant proof, replay, size, a
+    /// loop): never queued, but tracked.
+    Refused(Box<RefusedMessage>),
     Routed {
         id: QueueId,
         route: String,
@@ -194,6 +250,30 @@ pub enum Event {
         ip: IpAddr,
         /// Envelope sender, empty for `<>`.
         sender: String,
+        at: Millis,
+    },
+    /// A DSN of ours about message `id` was queued as `dsn_id`.
+    Dsn {
+        id: QueueId,
+        dsn_id: QueueId,
+        /// `failed`, `delayed` or `delivered`.
+        action: &'static str,
+        at: Millis,
+    },
+    /// An operator or a limit held a queued message (one held at intake says so in
+    /// its `Accepted`).
+    Held {
+        id: QueueId,
+        reason: HoldReason,
+        at: Millis,
+    },
+    Released {
+        id: QueueId,
+        at: Millis,
+    },
+    /// Removed without delivery: by an operator, or a limit's discard.
+    Removed {
+        id: QueueId,
         at: Millis,
     },
     /// A limit restricted a key value: its later mail is held. What it taught the
@@ -224,6 +304,10 @@ pub enum EventKind {
     TenantCheck,
     /// `Restricted` and `Lifted`.
     Restriction,
+    Refused,
+    /// What happened to a queued message besides delivery: `Dsn`, `Held`, `Released`,
+    /// `Removed`.
+    Lifecycle,
 }
 
 impl EventKind {
@@ -234,6 +318,8 @@ impl EventKind {
         EventKind::Delivery,
         EventKind::TenantCheck,
         EventKind::Restriction,
+        EventKind::Refused,
+        EventKind::Lifecycle,
     ];
 }
 
@@ -241,7 +327,12 @@ impl Event {
     pub fn kind(&self) -> EventKind {
         match self {
             Event::Connection { .. } => EventKind::Connection,
-            Event::Accepted { .. } => EventKind::Accepted,
+            Event::Accepted(_) => EventKind::Accepted,
+            Event::Refused(_) => EventKind::Refused,
+            Event::Dsn { .. }
+            | Event::Held { .. }
+            | Event::Released { .. }
+            | Event::Removed { .. } => EventKind::Lifecycle,
             Event::Routed { .. } => EventKind::Routed,
             Event::Delivery(_) => EventKind::Delivery,
             Event::TenantCheck { .. } => EventKind::TenantCheck,
@@ -431,6 +522,9 @@ mod tests {
             Event::Delivery(DeliveryReport {
                 id: QueueId::generate(),
                 client: std::net::IpAddr::from([127, 0, 0, 1]),
+                tls: false,
+                duration_ms: 0,
+                expired: false,
                 sender: String::new(),
                 flags: ContentFlags::default(),
                 generated_dsn: false,

@@ -35,4 +35,5 @@ pub mod smtp;
 pub mod spf;
 pub mod store;
 pub mod tenant;
+pub mod tracking;
 pub mod trusted;

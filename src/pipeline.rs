@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::envelope::{Envelope, Reply};
-use crate::events::SpfOutcome;
+use crate::envelope::{Envelope, HoldReason, Reply};
+use crate::events::{SpfOutcome, TenantProof};
 use crate::message::Data;
 use crate::regions::{GatewayInclude, RouteTarget};
 
@@ -26,6 +26,17 @@ use crate::regions::{GatewayInclude, RouteTarget};
 pub struct Submission {
     pub envelope: Envelope,
     pub data: Data,
+    /// What made it the organization's (for tracking; the queue does not keep it).
+    pub proof: TenantProof,
+    /// Its Subject, for tracking when `tracking.subjects` is on.
+    pub subject: Option<String>,
+}
+
+/// What the queue did with a submission beyond storing it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stored {
+    /// Held at once (a limit), not to be delivered until released.
+    pub held: Option<HoldReason>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,7 +95,7 @@ pub struct Deferral {
 
 /// smtp → queue: make a message durable. `Ok` means it is on disk, fsynced.
 pub trait Intake: Send + Sync + 'static {
-    fn submit(&self, msg: Submission) -> impl Future<Output = Result<(), IntakeError>> + Send;
+    fn submit(&self, msg: Submission) -> impl Future<Output = Result<Stored, IntakeError>> + Send;
     /// Whether the queue takes new mail now; sessions answer 452 at MAIL when not.
     fn admission(&self) -> Result<(), Backpressure>;
     /// Counts one more `unit` from `sender` (empty for `<>`) at `client` against the

@@ -154,6 +154,12 @@ metrics! {
         "Messages from shared-platform ranges checked for tenant proof, by platform and proof (dkim, tenant_id, header, none)";
     TLS_CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS: Gauge(Seconds) = "smartrelay_tls_certificate_expiry_timestamp_seconds",
         "notAfter of the certificate served for STARTTLS and implicit TLS, in seconds since the epoch";
+    TRACKING_EVENTS_DROPPED_TOTAL: Counter = "smartrelay_tracking_events_dropped_total",
+        "Tracking changes dropped because the tracking store could not be written for too long";
+    TRACKING_EVENTS_TOTAL: Counter = "smartrelay_tracking_events_total",
+        "Changes to message records taken from the event bus (a line of a timeline, a recipient's status)";
+    TRACKING_WRITE_SECONDS: Histogram(Seconds) = "smartrelay_tracking_write_seconds",
+        "Time to write one batch of tracking changes";
     TRUSTED_BUFFERED_OBSERVATIONS: Gauge = "smartrelay_trusted_buffered_observations",
         "Trusted-list observations waiting for the store (a PostgreSQL outage)";
     TRUSTED_DELIVERIES_RECORDED_TOTAL: Counter = "smartrelay_trusted_deliveries_recorded_total",

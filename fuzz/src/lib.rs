@@ -189,7 +189,7 @@ pub fn bdat(data: &[u8]) {
                             assert!(no_bare_line_endings(data), "bare CR or LF stored");
                         }
                     }
-                    Completed::Reply(_) | Completed::Prove(_) => {}
+                    Completed::Reply(_) | Completed::Refused { .. } | Completed::Prove(_) => {}
                 }
             }
             Action::ReadData { .. } => {

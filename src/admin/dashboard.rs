@@ -35,7 +35,7 @@ pub(crate) fn html_escape(s: &str) -> String {
     out
 }
 
-fn when(ms: Millis) -> String {
+pub(crate) fn when(ms: Millis) -> String {
     if ms == 0 {
         "never".into()
     } else {
@@ -55,7 +55,7 @@ code,pre{background:#f0f0f0;padding:.1em .3em}pre{padding:.5em;white-space:pre-w
 .error{color:#c62828}.warning{color:#ef6c00}.info{color:#555}.notify{background:#ffebee}
 form{display:inline}button{margin:.3em 0}";
 
-fn page_shell(title: &str, body: &str) -> String {
+pub(crate) fn page_shell(title: &str, body: &str) -> String {
     format!(
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{}</title><style>{STYLE}</style></head><body>{body}</body></html>",
         html_escape(title)
@@ -178,7 +178,7 @@ async fn render(st: &Admin, session: &SessionInfo) -> Response {
     let cfg = st.config();
     let _ = write!(
         b,
-        "<h1>smartrelay on {}</h1>",
+        "<h1>smartrelay on {}</h1><p><a href=\"/messages\" id=\"messages-link\">Messages: what happened to a message</a></p>",
         html_escape(&cfg.server.hostname)
     );
     let overview = match onboarding::overview(&st).await {
@@ -279,8 +279,7 @@ async fn render(st: &Admin, session: &SessionInfo) -> Response {
         for q in queue.iter().take(25) {
             let _ = write!(
                 b,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                q.id,
+                "<tr><td><a href=\"/messages/{id}\">{id}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
                 html_escape(if q.sender.is_empty() { "<>" } else { &q.sender }),
                 q.recipients.len(),
                 q.attempts,
@@ -294,7 +293,8 @@ async fn render(st: &Admin, session: &SessionInfo) -> Response {
                         .as_ref()
                         .map(|r| r.to_string())
                         .unwrap_or_default()
-                )
+                ),
+                id = q.id,
             );
         }
         b.push_str("</table>");

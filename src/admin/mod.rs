@@ -8,6 +8,7 @@ pub mod dashboard;
 pub mod guard;
 pub mod instructions;
 pub mod limits_api;
+pub mod messages;
 pub mod metrics;
 pub mod onboarding;
 pub mod queue_api;
@@ -50,6 +51,8 @@ pub struct AdminState {
     pub deliverer: Arc<Deliverer>,
     pub activity: Arc<Activity>,
     pub trusted: Option<crate::trusted::Store>,
+    /// `None` with `tracking.enabled = false`.
+    pub tracking: Option<crate::tracking::Store>,
     /// The shared database, when `store.kind = "postgres"`: `/readyz` pings it.
     pub shared_store: Option<crate::store::Postgres>,
     pub metrics: PrometheusHandle,
@@ -134,6 +137,10 @@ pub fn router(state: Admin) -> Router {
             post(access_api::refresh),
         )
         .route("/api/v1/reload", post(reload_api::reload))
+        .route("/api/v1/messages", get(messages::search))
+        .route("/api/v1/messages/{id}", get(messages::show))
+        .route("/messages", get(messages::page))
+        .route("/messages/{id}", get(messages::timeline))
         .route("/api/v1/limits", get(limits_api::limits))
         .route("/api/v1/restricted", get(limits_api::restricted))
         .route("/api/v1/restricted/release", post(limits_api::release))

@@ -15,6 +15,7 @@ use super::{Admin, ApiError};
 use crate::envelope::{
     now_ms, rfc5322_date, BodyType, ClientInfo, ContentFlags, Envelope, QueueId, Recipient,
 };
+use crate::events::TenantProof;
 use crate::message::Data;
 use crate::pipeline::{Intake, Submission};
 use crate::spf::validate::Report;
@@ -359,6 +360,8 @@ async fn queue_share(st: &Admin, ask: ShareRequest) -> Result<ShareReply, Refuse
         .submit(Submission {
             envelope,
             data: Data::Memory(Bytes::from(data)),
+            proof: TenantProof::Dedicated,
+            subject: None,
         })
         .await
         .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;

@@ -28,7 +28,9 @@ pub use delivery::{DeliveryConfig, DnsConfig, QueueConfig};
 pub use limits::{default_limits, LimitAction, LimitConfig, LimitKey};
 pub use routing::{OnUnauthorized, RoutingConfig};
 pub use server::{BareLineEndings, ProxyProtocolConfig, ServerConfig, TlsConfig};
-pub use state::{AdminConfig, LogConfig, LogFormat, StoreConfig, StoreKind, TrustedConfig};
+pub use state::{
+    AdminConfig, LogConfig, LogFormat, StoreConfig, StoreKind, TrackingConfig, TrustedConfig,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -67,6 +69,8 @@ struct RawConfig {
     #[serde(default)]
     trusted: TrustedConfig,
     #[serde(default)]
+    tracking: TrackingConfig,
+    #[serde(default)]
     store: StoreConfig,
     #[serde(default)]
     log: LogConfig,
@@ -87,6 +91,7 @@ pub struct Config {
     pub dns: DnsConfig,
     pub admin: AdminConfig,
     pub trusted: TrustedConfig,
+    pub tracking: TrackingConfig,
     pub store: StoreConfig,
     pub log: LogConfig,
     pub limits: Vec<LimitConfig>,
@@ -117,6 +122,12 @@ impl Config {
         let routing = resolve_routing(raw.routing).map_err(|(k, m)| invalid(&k, m))?;
         validate_delivery(&raw.delivery).map_err(|(k, m)| invalid(k, m))?;
         let limits = resolve_limits(raw.limits).map_err(|(k, m)| invalid(&k, m))?;
+        if raw.tracking.retention.0.is_zero() {
+            return Err(invalid(
+                "tracking.retention",
+                "must be longer than zero".into(),
+            ));
+        }
         if raw.store.sync_interval.0.is_zero() {
             return Err(invalid(
                 "store.sync_interval",
@@ -185,6 +196,7 @@ impl Config {
             dns: raw.dns,
             admin: raw.admin,
             trusted: raw.trusted,
+            tracking: raw.tracking,
             store: raw.store,
             log: raw.log,
             limits,

@@ -46,6 +46,31 @@ impl Default for AdminConfig {
     }
 }
 
+/// `[tracking]`: the record of every message's life, searchable by id, sender and
+/// recipient.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrackingConfig {
+    pub enabled: bool,
+    /// Records of messages received longer ago are pruned (hourly).
+    pub retention: Dur,
+    /// Keep each message's Subject (personal data: off by default).
+    pub subjects: bool,
+    /// The SQLite file on one node; with `[store] kind = "postgres"` the shared database.
+    pub database: PathBuf,
+}
+
+impl Default for TrackingConfig {
+    fn default() -> Self {
+        TrackingConfig {
+            enabled: true,
+            retention: Dur(Duration::from_secs(30 * 86_400)),
+            subjects: false,
+            database: "var/tracking.sqlite3".into(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrustedConfig {

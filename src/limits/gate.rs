@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::rules::Who;
 use super::Limits;
-use crate::pipeline::{Backpressure, Deferral, Intake, IntakeError, Submission, Unit};
+use crate::pipeline::{Backpressure, Deferral, Intake, IntakeError, Stored, Submission, Unit};
 
 pub struct Limited<I> {
     inner: Arc<I>,
@@ -20,7 +20,7 @@ impl<I> Limited<I> {
 }
 
 impl<I: Intake> Intake for Limited<I> {
-    async fn submit(&self, mut msg: Submission) -> Result<(), IntakeError> {
+    async fn submit(&self, mut msg: Submission) -> Result<Stored, IntakeError> {
         let env = &msg.envelope;
         let who = Who {
             sender: &env.sender,

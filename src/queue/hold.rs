@@ -4,6 +4,7 @@
 use super::spool::Spool;
 use super::{Queue, QueueError, QueueItem};
 use crate::envelope::{HoldReason, LimitKey, QueueId, Settle};
+use crate::events::Event;
 
 fn held_under(reason: Option<&HoldReason>, key: LimitKey, value: &str) -> bool {
     matches!(reason, Some(HoldReason::Limit { key: k, value: v, .. }) if *k == key && v == value)
@@ -20,7 +21,7 @@ impl<S: Spool> Queue<S> {
 
     async fn set_held(&self, id: &QueueId, held: bool) -> Result<QueueItem, QueueError> {
         let now = self.now();
-        let state = {
+        let (state, changed) = {
             let mut idx = self.lock();
             let e = idx
                 .entries
@@ -43,9 +44,22 @@ impl<S: Spool> Queue<S> {
             if !held {
                 idx.schedule(id, st.next_attempt);
             }
-            st
+            (st, was_held != held)
         };
         self.spool.save_state(id, &state).await?;
+        if changed {
+            self.events.publish_now(match &state.hold_reason {
+                Some(reason) if held => Event::Held {
+                    id: id.clone(),
+                    reason: reason.clone(),
+                    at: now,
+                },
+                _ => Event::Released {
+                    id: id.clone(),
+                    at: now,
+                },
+            });
+        }
         self.wake.notify_one();
         self.show(id)
             .ok_or_else(|| QueueError::NotFound(id.to_string()))
@@ -115,6 +129,10 @@ impl<S: Spool> Queue<S> {
             return Err(QueueError::NotFound(id.to_string()));
         }
         self.spool.remove(id)?;
+        self.events.publish_now(Event::Removed {
+            id: id.clone(),
+            at: self.now(),
+        });
         Ok(())
     }
 }

@@ -26,9 +26,9 @@ use crate::budget::MemoryBudget;
 use crate::envelope::{
     now_ms, DeliveryState, Envelope, HoldReason, Millis, QueueId, RcptState, Reply,
 };
-use crate::events::EventBus;
+use crate::events::{Accepted, Event, EventBus};
 use crate::message::Data;
-use crate::pipeline::{Backpressure, Intake, IntakeError, Submission};
+use crate::pipeline::{Backpressure, Intake, IntakeError, Stored, Submission};
 use retry::RetryPolicy;
 use spool::{Recovered, Spool, SpoolError};
 
@@ -323,8 +323,15 @@ impl<S: Spool> Queue<S> {
         self.index.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Durably stores a message (ingress or a DSN of ours) and schedules it.
-    async fn store(&self, envelope: Envelope, data: Data) -> Result<(), SpoolError> {
+    /// Durably stores a message (ingress or a DSN of ours) and schedules it. `accepted`
+    /// is announced once it is on disk and before anything can deliver it, so whoever
+    /// follows a message sees it arrive before it leaves.
+    async fn store(
+        &self,
+        envelope: Envelope,
+        data: Data,
+        accepted: Option<Event>,
+    ) -> Result<(), SpoolError> {
         let env = Arc::new(envelope);
         // A body that came in a file was too large to keep in memory anyway.
         let cached = match &data {
@@ -338,6 +345,10 @@ impl<S: Spool> Queue<S> {
             metrics::counter!(crate::telemetry::QUEUE_WRITE_ERRORS_TOTAL).increment(1);
             tracing::error!(queue_id = %env.id, error = %e, "spool write failed");
             return result;
+        }
+        if let Some(ev) = accepted {
+            // Never waits: the 250 waits on the spool commit and nothing else.
+            self.events.publish_now(ev);
         }
         let now = self.now();
         {
@@ -421,6 +432,10 @@ impl<S: Spool> Queue<S> {
         }
         self.spool.remove(id)?;
         tracing::info!(queue_id = %id, "removed by administrator");
+        self.events.publish_now(Event::Removed {
+            id: id.clone(),
+            at: self.now(),
+        });
         Ok(())
     }
 
@@ -512,10 +527,27 @@ fn view(e: &Queued) -> QueueItem {
 }
 
 impl<S: Spool> Intake for Queue<S> {
-    async fn submit(&self, msg: Submission) -> Result<(), IntakeError> {
-        self.store(msg.envelope, msg.data)
+    async fn submit(&self, msg: Submission) -> Result<Stored, IntakeError> {
+        let env = &msg.envelope;
+        let held = env.held.clone();
+        let accepted = Event::Accepted(Box::new(Accepted {
+            id: env.id.clone(),
+            ip: env.client.ip,
+            helo: env.client.helo.clone(),
+            tls: env.client.tls.clone(),
+            proof: msg.proof,
+            sender: env.sender.clone(),
+            message_id: env.message_id.clone(),
+            subject: msg.subject,
+            recipients: env.recipients.iter().map(|r| r.address.clone()).collect(),
+            size: env.size,
+            held: held.clone(),
+            at: env.received_at,
+        }));
+        self.store(msg.envelope, msg.data, Some(accepted))
             .await
-            .map_err(|e| IntakeError::Unavailable(e.to_string()))
+            .map_err(|e| IntakeError::Unavailable(e.to_string()))?;
+        Ok(Stored { held })
     }
 
     fn admission(&self) -> Result<(), Backpressure> {

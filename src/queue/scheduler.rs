@@ -186,7 +186,7 @@ impl<S: Spool> Queue<S> {
         courier: &C,
     ) -> DeliveryReport {
         let now = self.now();
-        let (route_name, host, replies, dsn_passed) = match item {
+        let (route_name, host, replies, dsn_passed, tls) = match item {
             PlanItem::Leg {
                 route,
                 recipients,
@@ -210,12 +210,14 @@ impl<S: Spool> Queue<S> {
                     out.host,
                     out.replies,
                     out.dsn_passed,
+                    out.tls,
                 )
             }
             PlanItem::Refuse { recipients, reply } => (
                 None,
                 None,
                 recipients.into_iter().map(|i| (i, reply.clone())).collect(),
+                false,
                 false,
             ),
         };
@@ -253,6 +255,9 @@ impl<S: Spool> Queue<S> {
             generated_dsn: env.generated_dsn,
             system: env.system,
             client: env.client.ip,
+            tls,
+            duration_ms: at.saturating_sub(now),
+            expired: false,
             route: route_name,
             host,
             at,
@@ -334,11 +339,17 @@ impl<S: Spool> Queue<S> {
             dsn::build(kind, env, data, state, rcpts, &self.settings.hostname, now);
         let dsn_id = dsn_env.id.clone();
         match self
-            .store(dsn_env, Data::Memory(Bytes::from(dsn_data)))
+            .store(dsn_env, Data::Memory(Bytes::from(dsn_data)), None)
             .await
         {
             Ok(()) => {
                 tracing::info!(queue_id = %env.id, dsn_id = %dsn_id, kind = kind.action(), "sender notified");
+                self.events.publish_now(Event::Dsn {
+                    id: env.id.clone(),
+                    dsn_id: dsn_id.clone(),
+                    action: kind.action(),
+                    at: now,
+                });
                 metrics::counter!(crate::telemetry::DSN_SENT_TOTAL, "action" => kind.action())
                     .increment(1);
                 true
@@ -440,6 +451,9 @@ fn expire(env: &Envelope, state: &mut DeliveryState, now: Millis) -> DeliveryRep
         generated_dsn: env.generated_dsn,
         system: env.system,
         client: env.client.ip,
+        tls: false,
+        duration_ms: 0,
+        expired: true,
         route: None,
         host: None,
         at: now,
@@ -536,6 +550,8 @@ mod tests {
                 .submit(Submission {
                     envelope,
                     data: Data::Memory(data),
+                    proof: crate::events::TenantProof::Dedicated,
+                    subject: None,
                 })
                 .await
                 .unwrap();

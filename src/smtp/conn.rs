@@ -609,6 +609,11 @@ where
                 }
                 continue;
             }
+            Completed::Refused { reply, message } => {
+                ctx.events.publish_now(Event::Refused(message));
+                done = Completed::Reply(reply);
+                continue;
+            }
             Completed::Reply(r) => {
                 if r.code >= 500 {
                     count("data", &r);
@@ -637,18 +642,6 @@ where
 {
     let started = Instant::now();
     let id: QueueId = sub.envelope.id.clone();
-    let event = Event::Accepted {
-        id: id.clone(),
-        ip: sub.envelope.client.ip,
-        sender_domain: sub
-            .envelope
-            .sender_domain()
-            .unwrap_or("")
-            .to_ascii_lowercase(),
-        recipients: sub.envelope.recipients.len(),
-        size: sub.envelope.size,
-        at: sub.envelope.received_at,
-    };
     let (ip, nrcpt, size, tls) = (
         sub.envelope.client.ip,
         sub.envelope.recipients.len(),
@@ -659,14 +652,12 @@ where
     let result = ctx.intake.submit(sub).await;
     let r = session.stored(&id, &result);
     match &result {
-        Ok(()) => {
+        Ok(_) => {
             tracing::info!(queue_id = %id, "accepted client=[{ip}] from=<{sender}> nrcpt={nrcpt} size={size} tls={tls}");
             metrics::counter!(crate::telemetry::MESSAGES_ACCEPTED_TOTAL).increment(1);
             metrics::counter!(crate::telemetry::RECEIVED_BYTES_TOTAL).increment(size);
             metrics::histogram!(crate::telemetry::ACCEPT_LATENCY_SECONDS)
                 .record(started.elapsed().as_secs_f64());
-            // Never waits: the 250 waits on the spool commit and nothing else.
-            ctx.events.publish_now(event);
         }
         Err(e) => {
             tracing::error!(queue_id = %id, error = %e, "not queued client=[{ip}] from=<{sender}> nrcpt={nrcpt} size={size}");
@@ -794,7 +785,7 @@ mod tests {
         assert_eq!(Pace::new(0, t0).deadline(), None, "0 turns the minimum off");
     }
 
-    use crate::pipeline::{Backpressure, IntakeError, SenderVerdict};
+    use crate::pipeline::{Backpressure, IntakeError, SenderVerdict, Stored};
     use crate::smtp::session::SourceKind;
     use crate::spf::hickory::HickoryDns;
     use crate::tenant::dkim::DkimVerifier;
@@ -808,9 +799,9 @@ mod tests {
     }
 
     impl Intake for MemIntake {
-        async fn submit(&self, msg: Submission) -> Result<(), IntakeError> {
+        async fn submit(&self, msg: Submission) -> Result<Stored, IntakeError> {
             self.taken.lock().unwrap().push(msg);
-            Ok(())
+            Ok(Stored::default())
         }
         fn admission(&self) -> Result<(), Backpressure> {
             Ok(())

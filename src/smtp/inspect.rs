@@ -13,6 +13,8 @@ use crate::envelope::{rfc5322_date, ContentFlags, Millis, QueueId};
 pub struct Inspection {
     pub received_count: usize,
     pub message_id: Option<String>,
+    /// For tracking (recorded only with `tracking.subjects`).
+    pub subject: Option<String>,
     pub flags: ContentFlags,
 }
 
@@ -23,6 +25,7 @@ fn parser() -> &'static MessageParser {
     PARSER.get_or_init(|| {
         MessageParser::default()
             .header_id(HeaderName::MessageId)
+            .header_text(HeaderName::Subject)
             .header_content_type(HeaderName::ContentType)
             .ignore_header(HeaderName::Received)
             .default_header_raw()
@@ -46,6 +49,11 @@ pub fn inspect(data: &[u8]) -> Inspection {
             HeaderName::MessageId => {
                 if let HeaderValue::Text(id) = &header.value {
                     out.message_id = Some(id.to_string());
+                }
+            }
+            HeaderName::Subject => {
+                if let HeaderValue::Text(s) = &header.value {
+                    out.subject.get_or_insert_with(|| s.to_string());
                 }
             }
             HeaderName::ContentType => {

@@ -15,10 +15,14 @@ use super::data::DataError;
 use super::inspect::{self, Trace};
 use super::reply::{common, WireReply};
 use crate::config::BareLineEndings;
-use crate::envelope::{domain_in, BodyType, ClientInfo, Envelope, Millis, QueueId, Recipient};
-use crate::events::Unbound;
+use crate::envelope::{
+    domain_in, BodyType, ClientInfo, Envelope, Millis, QueueId, Recipient, Reply,
+};
+use crate::events::{RefusedMessage, TenantProof, Unbound};
 use crate::message::Data;
-use crate::pipeline::{Backpressure, Deferral, IntakeError, SenderVerdict, Submission, Unit};
+use crate::pipeline::{
+    Backpressure, Deferral, IntakeError, SenderVerdict, Stored, Submission, Unit,
+};
 use crate::tenant::Verdict;
 
 /// What a session is allowed to do; fixed per listener.
@@ -112,6 +116,11 @@ pub enum SourceKind {
 #[derive(Debug)]
 pub enum Completed {
     Reply(WireReply),
+    /// The message was read and refused: the reply, and what tracking keeps of it.
+    Refused {
+        reply: WireReply,
+        message: Box<RefusedMessage>,
+    },
     Submit(Box<Submission>),
     /// From a shared range: check the message's tenant proof, then call
     /// [`Session::proof_checked`].
@@ -624,37 +633,65 @@ impl Session {
         match result {
             // Nothing to relay: no header, no From (RFC 5322 §3.6), no message.
             Ok(body) if body.is_empty() => {
-                self.errors += 1;
-                Completed::Reply(WireReply::new(554, "5.6.0", "Empty message"))
+                let reply = WireReply::new(554, "5.6.0", "Empty message");
+                self.refuse(tx, reply, None, 0, now)
             }
             Ok(body) => self.finish(tx, body, now),
-            Err(DataError::TooBig) => {
-                self.errors += 1;
-                Completed::Reply(common::size_exceeded())
-            }
+            Err(DataError::TooBig) => self.refuse(tx, common::size_exceeded(), None, 0, now),
             Err(DataError::BareLineEnding) => {
-                self.errors += 1;
-                Completed::Reply(WireReply::new(
+                let reply = WireReply::new(
                     550,
                     "5.6.0",
                     "Message contains a bare CR or LF; lines must end with CRLF",
-                ))
+                );
+                self.refuse(tx, reply, None, 0, now)
             }
+        }
+    }
+
+    /// A message refused after its content was read: the reply, and a record for
+    /// tracking under an id of the queue's form (it is never queued).
+    fn refuse(
+        &mut self,
+        tx: Transaction,
+        reply: WireReply,
+        seen: Option<&inspect::Inspection>,
+        size: u64,
+        now: Millis,
+    ) -> Completed {
+        self.errors += 1;
+        let message = RefusedMessage {
+            id: QueueId::generate(),
+            ip: self.ip,
+            helo: self.helo.clone().unwrap_or_default(),
+            tls: self.tls.clone(),
+            sender: tx.sender,
+            message_id: seen.and_then(|s| s.message_id.clone()),
+            subject: seen.and_then(|s| s.subject.clone()),
+            recipients: tx.recipients.into_iter().map(|r| r.address).collect(),
+            size,
+            reply: Reply::new(reply.code, reply.esc, reply.lines.join(" ")),
+            at: now,
+        };
+        Completed::Refused {
+            reply,
+            message: Box::new(message),
         }
     }
 
     fn finish(&mut self, tx: Transaction, body: Body, now: Millis) -> Completed {
         let seen = look(&body);
         if seen.received_count > self.cfg.hop_limit {
-            self.errors += 1;
-            return Completed::Reply(WireReply::new(
+            let reply = WireReply::new(
                 554,
                 "5.4.6",
                 format!(
                     "Too many hops ({} Received headers): mail loop",
                     seen.received_count
                 ),
-            ));
+            );
+            let size = body.len();
+            return self.refuse(tx, reply, Some(&seen), size, now);
         }
         if let SourceKind::Shared(source) = self.kind {
             return Completed::Prove(Box::new(Unproven {
@@ -664,7 +701,7 @@ impl Session {
                 source,
             }));
         }
-        self.submission(tx, body, seen, now)
+        self.submission(tx, body, seen, TenantProof::Dedicated, now)
     }
 
     /// The tenant check's answer for [`Completed::Prove`]. `stripped` is the message
@@ -677,17 +714,18 @@ impl Session {
         now: Millis,
     ) -> Completed {
         match verdict {
-            Verdict::Proven(_) => match stripped {
+            Verdict::Proven(proof) => match stripped {
                 Some(body) => {
                     let body = Body::Memory(body);
                     let seen = look(&body);
-                    self.submission(unproven.tx, body, seen, now)
+                    self.submission(unproven.tx, body, seen, *proof, now)
                 }
-                None => self.submission(unproven.tx, unproven.body, unproven.seen, now),
+                None => self.submission(unproven.tx, unproven.body, unproven.seen, *proof, now),
             },
             Verdict::NotProven(kind, _) => {
-                self.errors += 1;
-                Completed::Reply(WireReply::new(550, "5.7.1", unbound_text(*kind)))
+                let reply = WireReply::new(550, "5.7.1", unbound_text(*kind));
+                let size = unproven.body.len();
+                self.refuse(unproven.tx, reply, Some(&unproven.seen), size, now)
             }
             Verdict::TryLater(_) => Completed::Reply(WireReply::new(
                 451,
@@ -702,6 +740,7 @@ impl Session {
         tx: Transaction,
         body: Body,
         seen: inspect::Inspection,
+        proof: TenantProof,
         now: Millis,
     ) -> Completed {
         let id = QueueId::generate();
@@ -751,13 +790,18 @@ impl Session {
             system: false,
             held: None,
         };
-        Completed::Submit(Box::new(Submission { envelope, data }))
+        Completed::Submit(Box::new(Submission {
+            envelope,
+            data,
+            proof,
+            subject: seen.subject,
+        }))
     }
 
     /// The queue's answer for a submitted message.
-    pub fn stored(&mut self, id: &QueueId, result: &Result<(), IntakeError>) -> WireReply {
+    pub fn stored(&mut self, id: &QueueId, result: &Result<Stored, IntakeError>) -> WireReply {
         match result {
-            Ok(()) => WireReply::new(250, "2.0.0", format!("Ok: queued as {id}")),
+            Ok(_) => WireReply::new(250, "2.0.0", format!("Ok: queued as {id}")),
             Err(_) => common::queue_unavailable(),
         }
     }
@@ -1125,16 +1169,20 @@ mod tests {
                 text: true
             }
         ));
-        let Completed::Reply(r) = s.chunk_done(0, true, Some(Ok(Body::Memory(Vec::new()))), 0)
+        let Completed::Refused { reply: r, message } =
+            s.chunk_done(0, true, Some(Ok(Body::Memory(Vec::new()))), 0)
         else {
             panic!()
         };
         assert_eq!((r.code, r.esc), (554, "5.6.0"));
+        assert_eq!(message.recipients, ["b@x.test"]);
+        assert_eq!(message.reply.to_string(), "554 5.6.0 Empty message");
         assert!(!s.in_transaction());
         cmd(&mut s, "MAIL FROM:<a@example.test>");
         cmd(&mut s, "RCPT TO:<b@x.test>");
         cmd(&mut s, "DATA");
-        let Completed::Reply(r) = s.data_done(Ok(Body::Memory(Vec::new())), 0) else {
+        let Completed::Refused { reply: r, .. } = s.data_done(Ok(Body::Memory(Vec::new())), 0)
+        else {
             panic!()
         };
         assert_eq!(r.code, 554);
@@ -1171,11 +1219,14 @@ mod tests {
         cmd(&mut s, "MAIL FROM:<a@example.test>");
         cmd(&mut s, "RCPT TO:<b@x.test>");
         cmd(&mut s, "DATA");
-        let body = "Received: x\r\n".repeat(6) + "\r\nbody\r\n";
-        let Completed::Reply(r) = s.data_done(Ok(Body::Memory(body.into_bytes())), 0) else {
+        let body = "Received: x\r\n".repeat(6) + "Message-ID: <loop@x>\r\n\r\nbody\r\n";
+        let Completed::Refused { reply: r, message } =
+            s.data_done(Ok(Body::Memory(body.into_bytes())), 0)
+        else {
             panic!()
         };
         assert_eq!((r.code, r.esc), (554, "5.4.6"));
+        assert_eq!(message.message_id.as_deref(), Some("loop@x"), "tracked by its id");
     }
 
     #[test]

@@ -188,5 +188,75 @@ pub const LIMITS: Schema = Schema {
     }],
 };
 
+/// Message tracking (`tracking.database`): one row per message, one per recipient,
+/// and the timeline. Searches by Message-ID, sender and recipient use their indexes;
+/// `sender` and `address` are kept lower-case for them.
+pub const TRACKING: Schema = Schema {
+    name: "tracking",
+    probe: "tracked_messages",
+    migrations: &[Migration {
+        sqlite: "CREATE TABLE tracked_messages(
+            queue_id TEXT PRIMARY KEY,
+            node TEXT NOT NULL,
+            received_at INTEGER NOT NULL,
+            client TEXT NOT NULL,
+            helo TEXT NOT NULL,
+            tls TEXT,
+            proof TEXT NOT NULL,
+            sender TEXT NOT NULL,
+            message_id TEXT,
+            size INTEGER NOT NULL,
+            subject TEXT,
+            status TEXT NOT NULL) WITHOUT ROWID;
+         CREATE INDEX tracked_messages_received ON tracked_messages(received_at, queue_id);
+         CREATE INDEX tracked_messages_message_id ON tracked_messages(message_id);
+         CREATE INDEX tracked_messages_sender ON tracked_messages(sender, received_at);
+         CREATE TABLE tracked_recipients(
+            queue_id TEXT NOT NULL,
+            address TEXT NOT NULL,
+            status TEXT NOT NULL,
+            PRIMARY KEY(queue_id, address)) WITHOUT ROWID;
+         CREATE INDEX tracked_recipients_address ON tracked_recipients(address, queue_id);
+         CREATE TABLE tracked_events(
+            id INTEGER PRIMARY KEY,
+            queue_id TEXT NOT NULL,
+            at INTEGER NOT NULL,
+            type TEXT NOT NULL,
+            recipient TEXT,
+            detail TEXT NOT NULL);
+         CREATE INDEX tracked_events_queue_id ON tracked_events(queue_id, id);",
+        postgres: "CREATE TABLE tracked_messages(
+            queue_id TEXT PRIMARY KEY,
+            node TEXT NOT NULL,
+            received_at BIGINT NOT NULL,
+            client TEXT NOT NULL,
+            helo TEXT NOT NULL,
+            tls TEXT,
+            proof TEXT NOT NULL,
+            sender TEXT NOT NULL,
+            message_id TEXT,
+            size BIGINT NOT NULL,
+            subject TEXT,
+            status TEXT NOT NULL);
+         CREATE INDEX tracked_messages_received ON tracked_messages(received_at, queue_id);
+         CREATE INDEX tracked_messages_message_id ON tracked_messages(message_id);
+         CREATE INDEX tracked_messages_sender ON tracked_messages(sender, received_at);
+         CREATE TABLE tracked_recipients(
+            queue_id TEXT NOT NULL,
+            address TEXT NOT NULL,
+            status TEXT NOT NULL,
+            PRIMARY KEY(queue_id, address));
+         CREATE INDEX tracked_recipients_address ON tracked_recipients(address, queue_id);
+         CREATE TABLE tracked_events(
+            id BIGSERIAL PRIMARY KEY,
+            queue_id TEXT NOT NULL,
+            at BIGINT NOT NULL,
+            type TEXT NOT NULL,
+            recipient TEXT,
+            detail TEXT NOT NULL);
+         CREATE INDEX tracked_events_queue_id ON tracked_events(queue_id, id);",
+    }],
+};
+
 /// Every schema PostgreSQL holds, in the order they are migrated.
-pub const ALL: &[&Schema] = &[&TRUSTED, &STATE, &SIGNATURES, &LIMITS];
+pub const ALL: &[&Schema] = &[&TRUSTED, &STATE, &SIGNATURES, &LIMITS, &TRACKING];

@@ -118,6 +118,9 @@ mod tests {
         DeliveryReport {
             id: QueueId::generate(),
             client: std::net::IpAddr::from([127, 0, 0, 1]),
+            tls: false,
+            duration_ms: 0,
+            expired: false,
             sender: sender.into(),
             flags: ContentFlags::default(),
             generated_dsn: false,

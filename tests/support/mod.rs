@@ -100,6 +100,7 @@ impl Cfg {
             .set("admin", "listen", "\"127.0.0.1:0\"")
             .set("admin", "database", &format!("\"{d}/state.sqlite3\""))
             .set("trusted", "database", &format!("\"{d}/trusted.sqlite3\""))
+            .set("tracking", "database", &format!("\"{d}/tracking.sqlite3\""))
             .set("trusted", "flush_interval", "\"100ms\"")
             .set("log", "level", "\"info\"");
         c

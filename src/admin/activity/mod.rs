@@ -274,19 +274,15 @@ fn aggregate(events: &[Arc<Event>]) -> Batch {
                     bump(*at, "refused_by_source", ip_key(ip));
                 }
             }
-            Event::Accepted {
-                ip,
-                sender_domain,
-                at,
-                ..
-            } => {
-                source(ip, *at, 0, 0, 1);
+            Event::Accepted(a) => {
+                let at = &a.at;
+                source(&a.ip, *at, 0, 0, 1);
                 bump(*at, "accepted", String::new());
-                bump(*at, "accepted_by_source", ip_key(ip));
-                let domain = if sender_domain.is_empty() {
+                bump(*at, "accepted_by_source", ip_key(&a.ip));
+                let domain = if a.sender.is_empty() {
                     "<>".to_string()
                 } else {
-                    sender_domain.clone()
+                    a.sender_domain()
                 };
                 bump(*at, "accepted_by_domain", domain);
             }
@@ -326,6 +322,12 @@ fn aggregate(events: &[Arc<Event>]) -> Batch {
                 }
             }
             Event::Restricted { limit, at, .. } => bump(*at, "restricted", limit.clone()),
+            // Tracking's: flow counts come from connections, acceptances and deliveries.
+            Event::Refused(_)
+            | Event::Dsn { .. }
+            | Event::Held { .. }
+            | Event::Released { .. }
+            | Event::Removed { .. } => {}
             Event::Lifted { how, at, .. } => bump(*at, "lifted", how.label().into()),
         }
     }
@@ -480,17 +482,26 @@ mod tests {
                 at: now,
                 refused: Some(RefusalReason::IpNotAllowed),
             }),
-            Arc::new(Event::Accepted {
+            Arc::new(Event::Accepted(Box::new(crate::events::Accepted {
                 id: QueueId::generate(),
                 ip,
-                sender_domain: "example.test".into(),
-                recipients: 2,
+                helo: "c.test".into(),
+                tls: None,
+                proof: crate::events::TenantProof::Dedicated,
+                sender: "a@example.test".into(),
+                message_id: None,
+                subject: None,
+                recipients: vec!["b@x.test".into(), "c@x.test".into()],
                 size: 10,
+                held: None,
                 at: now,
-            }),
+            }))),
             Arc::new(Event::Delivery(DeliveryReport {
                 id: QueueId::generate(),
                 client: std::net::IpAddr::from([127, 0, 0, 1]),
+                tls: false,
+                duration_ms: 0,
+                expired: false,
                 sender: "a@example.test".into(),
                 flags: Default::default(),
                 generated_dsn: false,
