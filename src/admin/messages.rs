@@ -179,17 +179,19 @@ fn next_query(s: &Search, cursor: &str) -> String {
 pub async fn timeline(State(st): State<Admin>, Path(id): Path<String>) -> Response {
     let r = match record(&st, &id).await {
         Ok(r) => r,
-        Err(e) => return (
-            e.0,
-            Html(page_shell(
-                "smartrelay: message",
-                &format!(
+        Err(e) => {
+            return (
+                e.0,
+                Html(page_shell(
+                    "smartrelay: message",
+                    &format!(
                     "<h1>Message</h1><p id=\"error\">{}</p><p><a href=\"/messages\">Search</a></p>",
                     html_escape(&e.1)
                 ),
-            )),
-        )
-            .into_response(),
+                )),
+            )
+                .into_response()
+        }
     };
     let mut b = String::new();
     let _ = write!(

@@ -1226,7 +1226,11 @@ mod tests {
             panic!()
         };
         assert_eq!((r.code, r.esc), (554, "5.4.6"));
-        assert_eq!(message.message_id.as_deref(), Some("loop@x"), "tracked by its id");
+        assert_eq!(
+            message.message_id.as_deref(),
+            Some("loop@x"),
+            "tracked by its id"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio_postgres::types::ToSql;
 
 use super::model::{
-    summarize, Change, Query, RecipientStatus, Record, Status, Rows, Summary, TimelineEvent,
+    summarize, Change, Query, RecipientStatus, Record, Rows, Status, Summary, TimelineEvent,
 };
 use super::sql::{self, Param};
 use crate::envelope::Millis;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
 
 use super::model::{
-    summarize, Change, Query, RecipientStatus, Record, Status, Rows, Summary, TimelineEvent,
+    summarize, Change, Query, RecipientStatus, Record, Rows, Status, Summary, TimelineEvent,
 };
 use super::sql::{self, Param};
 use crate::envelope::Millis;
