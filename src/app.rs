@@ -5,10 +5,11 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::admin::access_api::SHARED_RANGES_KEY;
 use crate::admin::activity::Activity;
@@ -18,6 +19,7 @@ use crate::deliver::connection::ClientSettings;
 use crate::deliver::pool::PoolSettings;
 use crate::deliver::Deliverer;
 use crate::events::{Event, EventBus, EventKind};
+use crate::lifecycle::{DrainOrigin, Lifecycle, Phase};
 use crate::limits::gate::Limited;
 use crate::limits::{self, Limits};
 use crate::live::Live;
@@ -26,9 +28,10 @@ use crate::queue::retry::RetryPolicy;
 use crate::queue::spool::SpoolError;
 use crate::queue::{Queue, QueueSettings};
 use crate::reload::{self, Effect, LogLevelSetter, Origin, Outcome, ReloadError, Reloads};
+use crate::route::cache::SpfCache;
 use crate::route::SpfRouter;
 use crate::smtp::body::Bodies;
-use crate::smtp::conn::{Context, Phase};
+use crate::smtp::conn::Context;
 use crate::smtp::listener::{Access, Gate, Listener, ProxyTrust, Rules};
 use crate::smtp::session::SessionConfig;
 use crate::smtp::tls::{acceptor, TlsError};
@@ -76,28 +79,6 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
         .map_err(|source| StartError::Bind { addr, source })
 }
 
-fn session_config(cfg: &Config) -> SessionConfig {
-    SessionConfig {
-        hostname: cfg.server.hostname.clone(),
-        max_message_size: cfg.server.max_message_size,
-        max_recipients: cfg.server.max_recipients,
-        max_line_length: cfg.server.max_line_length,
-        hop_limit: cfg.server.hop_limit,
-        max_errors: cfg.server.max_errors,
-        bare_line_endings: cfg.server.bare_line_endings,
-        domains: cfg.access.domains.clone(),
-        postmaster_domain: cfg.access.domains[0].clone(),
-        starttls: cfg.tls.is_some(),
-        tls_required: cfg.tls.as_ref().is_some_and(|t| t.require),
-        check_sender: cfg.routing.spf_aware
-            && cfg.routing.on_unauthorized == crate::config::OnUnauthorized::Reject,
-        limits: cfg
-            .limits
-            .iter()
-            .any(|l| l.action == crate::config::LimitAction::Defer),
-    }
-}
-
 /// How the binary runs the relay, beyond its configuration.
 #[derive(Default)]
 pub struct Options {
@@ -107,90 +88,13 @@ pub struct Options {
     pub set_log_level: Option<LogLevelSetter>,
 }
 
-type SpfRoutes = SpfRouter<SpfService<HickoryDns>>;
-type Intake = Limited<Queue<FileSpool>>;
-type Ingress = Listener<Intake, SpfRoutes>;
+/// What the stop deadline allows after `server.shutdown_timeout`: the cut deliveries'
+/// final replies, the upstream QUITs, the spool's last sync and the recorders' flush.
+pub const STOP_SLACK: Duration = Duration::from_secs(5);
 
-/// What the rules of a session are built from, at start and at each reload.
-struct Parts {
-    intake: Arc<Intake>,
-    bus: EventBus,
-    dkim_dns: TokioResolver,
-    /// The memory of DKIM signatures that proved a message (`access.dkim_replay`).
-    signatures: replay::Store,
-    /// Bodies in flight (`server.ingress_memory`, files in the spool's `incoming/`).
-    bodies: Arc<Bodies>,
-}
-
-impl Parts {
-    fn rules(
-        &self,
-        cfg: &Config,
-        sources: Arc<SharedSources>,
-        router: Arc<SpfRoutes>,
-    ) -> Result<Rules<Intake, SpfRoutes>, TlsError> {
-        // Read from disk each time: a reload is how a rotated certificate is picked up.
-        let tls = match &cfg.tls {
-            Some(t) => Some(acceptor(&t.cert, &t.key)?),
-            None => None,
-        };
-        let r = cfg.access.dkim_replay;
-        let replay = r.enabled.then(|| {
-            Arc::new(ReplayGuard {
-                store: self.signatures.clone(),
-                window: r.window.0,
-                max_age: r.max_age.0,
-                node: cfg.server.hostname.clone(),
-            })
-        });
-        let tenant = Arc::new(TenantBinder::new(
-            cfg.access.shared_ranges.clone(),
-            cfg.access.domains.clone(),
-            DkimVerifier::new(self.dkim_dns.clone()),
-            cfg.dns.spf_timeout.0,
-            replay,
-        ));
-        Ok(Rules {
-            context: Arc::new(Context {
-                cfg: Arc::new(session_config(cfg)),
-                intake: self.intake.clone(),
-                policy: router,
-                events: self.bus.clone(),
-                tenant,
-                command_timeout: cfg.server.command_timeout.0,
-                data_timeout: cfg.server.data_timeout.0,
-                session_timeout: cfg.server.session_timeout.0,
-                min_data_rate: cfg.server.min_data_rate,
-                bodies: self.bodies.clone(),
-            }),
-            access: Access {
-                allowed: cfg.access.allowed_ranges.clone(),
-                sources,
-            },
-            tls,
-            proxy: ProxyTrust {
-                trusted: cfg.server.proxy_protocol.trusted.clone(),
-                timeout: cfg.server.proxy_protocol.timeout.0,
-            },
-        })
-    }
-}
-
-fn trust_policy(cfg: &Config) -> TrustPolicy {
-    TrustPolicy::new(
-        &cfg.access.internal_domains,
-        &cfg.trusted.exclude_senders,
-        &cfg.trusted.exclude_recipient_domains,
-    )
-}
-
-fn spf_routes(cfg: &Config, spf: &Arc<SpfService<HickoryDns>>) -> SpfRoutes {
-    SpfRouter::new(
-        &cfg.routing,
-        cfg.access.internal_domains.clone(),
-        spf.clone(),
-    )
-}
+/// The end of the stop deadline kept for the runtime's shutdown after `run` returns
+/// (`main` gives blocking tasks less than this).
+pub const RUNTIME_EXIT: Duration = Duration::from_millis(500);
 
 /// Runs the relay until `shutdown` completes, then stops gracefully.
 pub async fn run(
@@ -315,7 +219,8 @@ pub async fn run(
     .await?;
     queue.spawn_gauges(&tasks);
     let spf = Arc::new(SpfService::new(dns, cfg.dns.spf_timeout.0));
-    let routes = Arc::new(spf_routes(&cfg, &spf));
+    let spf_cache = Arc::new(SpfCache::default());
+    let routes = Arc::new(spf_routes(&cfg, &spf, &spf_cache));
     // Delivery attempts plan with the routes in force when they start.
     let router = Arc::new(Live::from_arc(routes.clone()));
     let d = &cfg.delivery;
@@ -348,7 +253,11 @@ pub async fn run(
         attempts.clone(),
         scheduling.clone(),
     ));
-    let activity_task = tokio::spawn(activity.clone().record(activity_rx, stop_rx.clone()));
+    let activity_task = tokio::spawn(activity.clone().record(
+        activity_rx,
+        stop_rx.clone(),
+        cfg.admin.buffer_limit,
+    ));
     let tracking_task = match (&tracking_store, tracking_rx) {
         (Some(store), Some(rx)) => {
             spawn_tracking_pruner(&tasks, store.clone(), cfg.tracking.retention.0);
@@ -455,7 +364,7 @@ pub async fn run(
         bodies,
     };
 
-    let (phase_tx, phase_rx) = watch::channel(Phase::Running);
+    let lifecycle = Arc::new(Lifecycle::new());
     let gate = Arc::new(Gate::new(
         cfg.server.max_connections,
         cfg.server.max_connections_per_ip,
@@ -475,7 +384,7 @@ pub async fn run(
         serving.push(tokio::spawn(listener.clone().serve(
             l,
             implicit,
-            phase_rx.clone(),
+            lifecycle.subscribe(),
         )));
     }
     let smtp_addrs = bound.clone();
@@ -498,6 +407,7 @@ pub async fn run(
         admin_addr: admin_listener.as_ref().and_then(|l| l.local_addr().ok()),
         guard: admin::guard::Guard::new(),
         share_cell: Default::default(),
+        lifecycle: lifecycle.clone(),
     });
     state.listening.store(true, Ordering::Relaxed);
     admin::onboarding::spawn_gauge_refresh(&tasks, state.clone(), Duration::from_secs(900));
@@ -534,6 +444,7 @@ pub async fn run(
         admin: state.clone(),
         parts,
         spf: state.spf.clone(),
+        spf_cache,
         set_log_level: options.set_log_level,
         tasks: tasks.clone(),
     };
@@ -542,62 +453,197 @@ pub async fn run(
     let reload_task = tokio::spawn(reloader.serve(reload_rx, stop_rx.clone()));
 
     shutdown.await;
+    // One deadline for the whole stop, whatever hangs (a silent smart host, a client
+    // that never sends, a database that does not answer): this function enforces it,
+    // and a watchdog thread stands behind it in case the runtime itself is wedged.
+    let server = &cfg.server;
+    let began = Instant::now();
+    let hard = began + server.drain_delay.0 + server.shutdown_timeout.0 + STOP_SLACK;
+    crate::lifecycle::watchdog(hard.duration_since(began));
+    let draining_since = lifecycle.drain(DrainOrigin::Signal);
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    tracing::info!("stopping: no new connections; sessions may finish");
-    let _ = phase_tx.send(Phase::Draining);
-    let deadline = Instant::now() + cfg.server.shutdown_timeout.0;
-    if !gate.wait_idle(deadline).await {
-        tracing::warn!(
-            active = gate.active(),
-            "sessions still open at the deadline: closing them with 421"
-        );
-        let _ = phase_tx.send(Phase::Stop);
-    }
-    // The accept loops have returned on Draining; the session tasks end with their
-    // sessions (told to stop above when the deadline passed).
-    for s in serving {
-        let _ = s.await;
-    }
-    listener.sessions.close();
-    if tokio::time::timeout(Duration::from_secs(2), listener.sessions.wait())
+    // A drain the API began earlier counts toward the delay.
+    let drained = (draining_since + server.drain_delay.0).min(began + server.drain_delay.0);
+    tokio::time::sleep_until(drained).await;
+    let ordered = async {
+        tracing::info!("stopping: no new connections; sessions may finish");
+        lifecycle.advance(Phase::Closing);
+        let deadline = Instant::now() + server.shutdown_timeout.0;
+        if !gate.wait_idle(deadline.into_std()).await {
+            tracing::warn!(
+                active = gate.active(),
+                "sessions still open at the deadline: closing them with 421"
+            );
+            lifecycle.advance(Phase::Stop);
+        }
+        // The accept loops have returned on Closing; the session tasks end with their
+        // sessions (told to stop above when the deadline passed).
+        for s in serving {
+            let _ = s.await;
+        }
+        listener.sessions.close();
+        if tokio::time::timeout(Duration::from_secs(1), listener.sessions.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = listener.sessions.len(),
+                "session tasks still running"
+            );
+        }
+        // Deliveries: no new attempts; those in flight finish (or are cut before their
+        // data) and record their results before the spool's last sync.
+        scheduling.cancel();
+        let _ = scheduler.await;
+        let left = queue
+            .wind_down(&attempts, deadline, Duration::from_secs(2), &cut)
+            .await;
+        if left == 0 {
+            tracing::info!("deliveries finished");
+        }
+        deliverer.close(Duration::from_secs(1)).await;
+        queue.close().await;
+        // The recorders flush what they hold, then the periodic tasks stop.
+        let _ = stop_tx.send(true);
+        if let Some(t) = trusted_task {
+            let _ = t.await;
+        }
+        if let Some(t) = tracking_task {
+            let _ = t.await;
+        }
+        let _ = ranges_task.await;
+        let _ = reload_task.await;
+        let _ = activity_task.await;
+        let _ = admin_stop_tx.send(true);
+        if let Some(t) = admin_task {
+            let _ = tokio::time::timeout(Duration::from_secs(1), t).await;
+        }
+        tasks.shutdown().await;
+    };
+    // The runtime's own shutdown (main's) comes after: it gets the last moments.
+    if tokio::time::timeout_at(hard - RUNTIME_EXIT, ordered)
         .await
         .is_err()
     {
-        tracing::warn!(
-            left = listener.sessions.len(),
-            "session tasks still running"
+        tracing::error!(
+            "the stop deadline (server.drain_delay + server.shutdown_timeout + 5 s) passed: exiting with work left; what was acknowledged is on disk"
         );
+        return Ok(());
     }
-    // Deliveries: no new attempts; those in flight finish (or are cut before their
-    // data) and record their results before the spool's last sync.
-    scheduling.cancel();
-    let _ = scheduler.await;
-    let left = queue
-        .wind_down(&attempts, cfg.server.shutdown_timeout.0, &cut)
-        .await;
-    if left == 0 {
-        tracing::info!("deliveries finished");
-    }
-    deliverer.close(Duration::from_secs(2)).await;
-    queue.close().await;
-    // The recorders flush what they hold, then the periodic tasks stop.
-    let _ = stop_tx.send(true);
-    if let Some(t) = trusted_task {
-        let _ = t.await;
-    }
-    if let Some(t) = tracking_task {
-        let _ = t.await;
-    }
-    let _ = ranges_task.await;
-    let _ = reload_task.await;
-    let _ = activity_task.await;
-    let _ = admin_stop_tx.send(true);
-    if let Some(t) = admin_task {
-        let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
-    }
-    tasks.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+fn session_config(cfg: &Config) -> SessionConfig {
+    SessionConfig {
+        hostname: cfg.server.hostname.clone(),
+        max_message_size: cfg.server.max_message_size,
+        max_recipients: cfg.server.max_recipients,
+        max_line_length: cfg.server.max_line_length,
+        hop_limit: cfg.server.hop_limit,
+        max_errors: cfg.server.max_errors,
+        bare_line_endings: cfg.server.bare_line_endings,
+        domains: cfg.access.domains.clone(),
+        postmaster_domain: cfg.access.domains[0].clone(),
+        starttls: cfg.tls.is_some(),
+        tls_required: cfg.tls.as_ref().is_some_and(|t| t.require),
+        check_sender: cfg.routing.spf_aware
+            && cfg.routing.on_unauthorized == crate::config::OnUnauthorized::Reject,
+        limits: cfg
+            .limits
+            .iter()
+            .any(|l| l.action == crate::config::LimitAction::Defer),
+    }
+}
+
+type SpfRoutes = SpfRouter<SpfService<HickoryDns>>;
+
+type Intake = Limited<Queue<FileSpool>>;
+
+type Ingress = Listener<Intake, SpfRoutes>;
+
+/// What the rules of a session are built from, at start and at each reload.
+struct Parts {
+    intake: Arc<Intake>,
+    bus: EventBus,
+    dkim_dns: TokioResolver,
+    /// The memory of DKIM signatures that proved a message (`access.dkim_replay`).
+    signatures: replay::Store,
+    /// Bodies in flight (`server.ingress_memory`, files in the spool's `incoming/`).
+    bodies: Arc<Bodies>,
+}
+
+impl Parts {
+    fn rules(
+        &self,
+        cfg: &Config,
+        sources: Arc<SharedSources>,
+        router: Arc<SpfRoutes>,
+    ) -> Result<Rules<Intake, SpfRoutes>, TlsError> {
+        // Read from disk each time: a reload is how a rotated certificate is picked up.
+        let tls = match &cfg.tls {
+            Some(t) => Some(acceptor(&t.cert, &t.key)?),
+            None => None,
+        };
+        let r = cfg.access.dkim_replay;
+        let replay = r.enabled.then(|| {
+            Arc::new(ReplayGuard {
+                store: self.signatures.clone(),
+                window: r.window.0,
+                max_age: r.max_age.0,
+                node: cfg.server.hostname.clone(),
+            })
+        });
+        let tenant = Arc::new(TenantBinder::new(
+            cfg.access.shared_ranges.clone(),
+            cfg.access.domains.clone(),
+            DkimVerifier::new(self.dkim_dns.clone()),
+            cfg.dns.spf_timeout.0,
+            replay,
+        ));
+        Ok(Rules {
+            context: Arc::new(Context {
+                cfg: Arc::new(session_config(cfg)),
+                intake: self.intake.clone(),
+                policy: router,
+                events: self.bus.clone(),
+                tenant,
+                command_timeout: cfg.server.command_timeout.0,
+                data_timeout: cfg.server.data_timeout.0,
+                session_timeout: cfg.server.session_timeout.0,
+                min_data_rate: cfg.server.min_data_rate,
+                bodies: self.bodies.clone(),
+            }),
+            access: Access {
+                allowed: cfg.access.allowed_ranges.clone(),
+                sources,
+            },
+            tls,
+            proxy: ProxyTrust {
+                trusted: cfg.server.proxy_protocol.trusted.clone(),
+                timeout: cfg.server.proxy_protocol.timeout.0,
+            },
+        })
+    }
+}
+
+fn trust_policy(cfg: &Config) -> TrustPolicy {
+    TrustPolicy::new(
+        &cfg.access.internal_domains,
+        &cfg.trusted.exclude_senders,
+        &cfg.trusted.exclude_recipient_domains,
+    )
+}
+
+/// `cache` outlives reloads (`[dns]` cannot change without a restart): the answers and
+/// the last known ones that carry routing through a DNS failure stay.
+fn spf_routes(cfg: &Config, spf: &Arc<SpfService<HickoryDns>>, cache: &Arc<SpfCache>) -> SpfRoutes {
+    SpfRouter::new(
+        &cfg.routing,
+        cfg.access.internal_domains.clone(),
+        spf.clone(),
+        cache.clone(),
+    )
 }
 
 /// SIGHUP (systemd's `ExecReload`) must not end the relay, as its default action would:
@@ -633,6 +679,7 @@ struct Reloader {
     admin: Admin,
     parts: Parts,
     spf: Arc<SpfService<HickoryDns>>,
+    spf_cache: Arc<SpfCache>,
     set_log_level: Option<LogLevelSetter>,
     tasks: Tasks,
 }
@@ -701,7 +748,7 @@ impl Reloader {
         } else {
             old_sources
         };
-        let routes = Arc::new(spf_routes(&cfg, &self.spf));
+        let routes = Arc::new(spf_routes(&cfg, &self.spf, &self.spf_cache));
         let rules = self
             .parts
             .rules(&cfg, sources.clone(), routes.clone())

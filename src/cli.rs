@@ -706,8 +706,6 @@ pub fn onboarding(action: OnboardingCmd, remote: Remote) -> Result<()> {
     Ok(())
 }
 
-/// `spf check` exits 1 when the record is not valid; `spf eval` exits 0 whenever the
-/// evaluation completed and 2 on a usage error.
 /// `check-config`: the shared ranges published in SPF, resolved through `[dns]` now,
 /// against `access.allowed_ranges`. A name that does not resolve is said, not fatal.
 pub async fn shared_range_overlaps(cfg: &Config) -> Vec<String> {
@@ -750,6 +748,8 @@ pub async fn shared_range_overlaps(cfg: &Config) -> Vec<String> {
     out
 }
 
+/// `spf check` exits 1 when the record is not valid; `spf eval` exits 0 whenever the
+/// evaluation completed and 2 on a usage error.
 pub async fn spf(action: SpfCmd) -> Result<ExitCode> {
     match action {
         SpfCmd::Check {

@@ -8,16 +8,19 @@
 //! PostgreSQL, below the next two), `trusted` (the
 //! trusted-sender list) and `admin` (HTTP API, dashboard, metrics). Types several stages
 //! share sit below them all: `envelope`, `message` (a message's octets, in memory or
-//! spilled to a file), `regions`, `events`, `pipeline`, `live` (what a reload replaces).
+//! spilled to a file), `regions`, `events`, `pipeline`, `live` (what a reload replaces), `lifecycle` (running,
+//! draining, stopping), `client_tls` (the TLS client configurations).
 
 pub mod address;
 pub mod admin;
 pub mod app;
 pub mod budget;
+pub mod client_tls;
 pub mod config;
 pub mod dur;
 pub mod envelope;
 pub mod events;
+pub mod lifecycle;
 pub mod live;
 pub mod message;
 pub mod pipeline;

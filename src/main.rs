@@ -36,7 +36,12 @@ fn dispatch(args: Cli) -> Result<ExitCode> {
                 config_path: Some(config.clone()),
                 set_log_level: Some(set_log_level),
             };
-            runtime()?.block_on(smartrelay::app::run(cfg, options, shutdown_signal()))?;
+            let rt = runtime()?;
+            let ran = rt.block_on(smartrelay::app::run(cfg, options, shutdown_signal()));
+            // A blocking task still running past the stop deadline (a sync that never
+            // returns) must not hold the exit: run() already kept the deadline.
+            rt.shutdown_timeout(smartrelay::app::RUNTIME_EXIT / 2);
+            ran?;
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig { config } => {

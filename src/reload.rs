@@ -106,6 +106,7 @@ pub fn effective(running: &Config, new: Config) -> Config {
     c.server.listen_tls = running.server.listen_tls.clone();
     c.server.max_connections = running.server.max_connections;
     c.server.shutdown_timeout = running.server.shutdown_timeout;
+    c.server.drain_delay = running.server.drain_delay;
     c.queue = running.queue.clone();
     c.delivery = running.delivery.clone();
     c.dns = running.dns.clone();
@@ -113,6 +114,7 @@ pub fn effective(running: &Config, new: Config) -> Config {
     c.admin.listen = running.admin.listen;
     c.admin.database = running.admin.database.clone();
     c.admin.retention = running.admin.retention;
+    c.admin.buffer_limit = running.admin.buffer_limit;
     let exclusions = (
         std::mem::take(&mut c.trusted.exclude_senders),
         std::mem::take(&mut c.trusted.exclude_recipient_domains),

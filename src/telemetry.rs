@@ -40,6 +40,10 @@ macro_rules! metrics {
 }
 
 metrics! {
+    ACTIVITY_EVENTS_DROPPED_TOTAL: Counter = "smartrelay_activity_events_dropped_total",
+        "Events not counted in the flow summary or the sources seen because the store was unavailable longer than admin.buffer_limit allows";
+    ACTIVITY_BUFFERED_ROWS: Gauge = "smartrelay_activity_buffered_rows",
+        "Flow counter and source rows held until the store can be written";
     ADMIN_LOGIN_FAILURES_TOTAL: Counter = "smartrelay_admin_login_failures_total",
         "Wrong admin tokens presented (sign-in form or bearer); each makes that client wait longer before the next try";
     ADMIN_REQUESTS_REFUSED_TOTAL: Counter = "smartrelay_admin_requests_refused_total",
@@ -66,6 +70,8 @@ metrics! {
         "Messages from shared ranges refused by the DKIM replay and header rules, by platform and reason (other_tenant, stale, replayed, duplicate_header, unaligned)";
     DKIM_SIGNATURES_SKIPPED_TOTAL: Counter = "smartrelay_dkim_signatures_skipped_total",
         "DKIM signatures left unverified because a message carried more than the per-message bound (10)";
+    DRAINING: Gauge = "smartrelay_draining",
+        "1 from SIGTERM or POST /api/v1/drain: new connections get 421 4.3.0 and /readyz 503";
     DSN_SENT_TOTAL: Counter = "smartrelay_dsn_sent_total",
         "Delivery status notifications queued, by action";
     EVENTS_DROPPED_TOTAL: Counter = "smartrelay_events_dropped_total",

@@ -166,8 +166,12 @@ fn a_postgresql_outage_never_stops_mail() {
     assert_eq!(status, 200);
 
     pg.stop();
-    // Mail keeps flowing while the store is gone.
+    // Mail keeps flowing while the store is gone, from a source it has not seen yet
+    // too.
     assert_eq!(send(relay.smtp, 50, 100, 2), 100);
+    let mut newcomer = Smtp::connect_from("127.0.0.9".parse().unwrap(), relay.smtp);
+    newcomer.greet();
+    newcomer.expect("QUIT", 221);
     assert!(wait_until(T, || up.messages().len() >= 150));
     let (status, v) = relay.get("/readyz");
     assert_eq!(status, 503, "{v}");
@@ -188,6 +192,23 @@ fn a_postgresql_outage_never_stops_mail() {
     assert_eq!(
         relay
             .metric("smartrelay_trusted_observations_dropped_total")
+            .unwrap_or(0.0),
+        0.0
+    );
+    // The flow counters and the sources seen during the outage were held and written:
+    // the onboarding summary counts all 150 messages, once each.
+    assert!(
+        wait_until(T, || {
+            let (_, v) = relay.get("/api/v1/onboarding/summary?window=24h");
+            v["accepted"] == 150 && v["delivered"] == 150
+        }),
+        "{}",
+        relay.get("/api/v1/onboarding/summary?window=24h").1
+    );
+    assert!(sources(&relay).contains(&"127.0.0.9".to_string()));
+    assert_eq!(
+        relay
+            .metric("smartrelay_activity_events_dropped_total")
             .unwrap_or(0.0),
         0.0
     );

@@ -801,3 +801,42 @@ fn a_host_that_never_greets_times_out_and_the_next_one_delivers() {
         .unwrap_or("")
         .contains("timed out during greeting")));
 }
+
+/// A reload keeps what SPF said: with DNS gone, mail of a domain learned before the
+/// reload still goes to the region its record named, not to the default one.
+#[test]
+fn a_reload_keeps_the_spf_answers_through_a_dns_outage() {
+    let dir = tmpdir("spf-reload");
+    let dns = zones();
+    let (eu, de) = (Upstream::start(&dir, &[]), Upstream::start(&dir, &[]));
+    let cfg = spf_cfg(&dir, &dns, &eu.addr())
+        .set(
+            "routing.regions.de",
+            "hosts",
+            &format!("[\"{}\"]", de.addr()),
+        )
+        .set("routing.regions.de", "tls", "\"none\"");
+    let relay = Relay::start(&cfg);
+    send(
+        &relay,
+        "a@alpha.test",
+        &["x@partner.test"],
+        "Subject: one\r\n\r\nde",
+    );
+    assert_eq!(de.wait_messages(1, T).len(), 1);
+    drop(dns);
+    let (status, v) = relay.post("/api/v1/reload");
+    assert_eq!(status, 200, "{v}");
+    send(
+        &relay,
+        "a@alpha.test",
+        &["x@partner.test"],
+        "Subject: two\r\n\r\nstill de",
+    );
+    assert_eq!(de.wait_messages(2, T).len(), 2);
+    assert!(relay.wait_queue_empty(T));
+    assert!(
+        eu.messages().is_empty(),
+        "nothing went to the default region"
+    );
+}

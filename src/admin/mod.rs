@@ -67,6 +67,8 @@ pub struct AdminState {
     pub guard: guard::Guard,
     /// `admin.share_rate`, for the whole relay.
     pub share_cell: std::sync::Mutex<crate::rate::Cell>,
+    /// Running or draining: `/readyz` and `POST /api/v1/drain`.
+    pub lifecycle: Arc<crate::lifecycle::Lifecycle>,
 }
 
 impl AdminState {
@@ -104,6 +106,7 @@ pub fn router(state: Admin) -> Router {
         .route("/metrics", get(metrics_text))
         .route("/api/v1/queue", get(queue_api::list))
         .route("/api/v1/queue/flush", post(queue_api::flush))
+        .route("/api/v1/drain", post(drain))
         .route(
             "/api/v1/queue/{id}",
             get(queue_api::show).delete(queue_api::remove),
@@ -373,8 +376,30 @@ async fn metrics_text(State(st): State<Admin>) -> impl IntoResponse {
     )
 }
 
-/// Ready when the listeners are bound, the spool takes writes and the databases answer.
+/// An orchestrator's preStop: the node leaves the balancer (new connections get
+/// `421 4.3.0`, `/readyz` 503) and keeps running until it is told to stop.
+async fn drain(State(st): State<Admin>) -> Response {
+    st.lifecycle.drain(crate::lifecycle::DrainOrigin::Api);
+    (
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "status": "draining",
+            "drain_delay_secs": st.config().server.drain_delay.0.as_secs_f64(),
+        })),
+    )
+        .into_response()
+}
+
+/// Ready when the listeners are bound, the spool takes writes and the databases answer;
+/// never while draining, so an orchestrator stops sending connections at once.
 async fn readyz(State(st): State<Admin>) -> Response {
+    if st.lifecycle.phase() != crate::lifecycle::Phase::Running {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "draining", "ready": false })),
+        )
+            .into_response();
+    }
     let mut failing = Vec::new();
     if !st.listening.load(Ordering::Relaxed) {
         failing.push("listeners: not bound yet".to_string());

@@ -29,7 +29,8 @@ pub use limits::{default_limits, LimitAction, LimitConfig, LimitKey};
 pub use routing::{OnUnauthorized, RoutingConfig};
 pub use server::{BareLineEndings, ProxyProtocolConfig, ServerConfig, TlsConfig};
 pub use state::{
-    AdminConfig, LogConfig, LogFormat, StoreConfig, StoreKind, TrackingConfig, TrustedConfig,
+    AdminConfig, LogConfig, LogFormat, StoreConfig, StoreKind, StoreTls, TrackingConfig,
+    TrustedConfig,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -183,6 +184,11 @@ impl Config {
                     ))
                 }
                 Some(_) => {}
+            }
+            if let Some(ca) = &raw.store.ca_file {
+                if let Err(e) = crate::client_tls::ca_file(ca) {
+                    return Err(invalid("store.ca_file", e));
+                }
             }
         }
         Ok(Config {

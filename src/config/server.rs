@@ -50,7 +50,11 @@ pub struct ServerConfig {
     pub ingress_memory: u64,
     /// A body larger than this is written to a file beside the spool as it arrives.
     pub spill_threshold: u64,
-    /// How long running sessions get to finish after SIGTERM before they are closed with 421.
+    /// After SIGTERM or `POST /api/v1/drain`: how long the listeners stay open answering
+    /// `421 4.3.0`, so the balancer's checks see the node leave before it closes.
+    pub drain_delay: Dur,
+    /// After the drain delay: how long sessions and deliveries in flight get to finish
+    /// before they are closed with 421 and cut.
     pub shutdown_timeout: Dur,
     pub proxy_protocol: ProxyProtocolConfig,
 }
@@ -102,6 +106,7 @@ impl Default for ServerConfig {
             bare_line_endings: BareLineEndings::Normalize,
             ingress_memory: 256 << 20,
             spill_threshold: 1 << 20,
+            drain_delay: Dur(Duration::ZERO),
             shutdown_timeout: Dur(Duration::from_secs(30)),
             proxy_protocol: ProxyProtocolConfig::default(),
         }

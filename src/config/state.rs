@@ -27,6 +27,9 @@ pub struct AdminConfig {
     pub session_ttl: Dur,
     /// Onboarding Share mails the relay sends at most (429 beyond).
     pub share_rate: Rate,
+    /// Rows of flow counters and sources (hourly, folded) held while the store cannot
+    /// be written; beyond them what arrives is dropped and counted.
+    pub buffer_limit: usize,
 }
 
 impl Default for AdminConfig {
@@ -42,6 +45,7 @@ impl Default for AdminConfig {
                 count: 10,
                 period: Duration::from_secs(3600),
             },
+            buffer_limit: 100_000,
         }
     }
 }
@@ -129,6 +133,23 @@ pub struct StoreConfig {
     pub url: Option<String>,
     /// An environment variable holding the whole URL (secrets stay out of the file).
     pub url_env: Option<String>,
+    /// `None`: `verify-full`, or `disable` for a Unix socket or a loopback host.
+    pub tls: Option<StoreTls>,
+    /// The CAs `verify-full` trusts instead of the system's (PEM).
+    pub ca_file: Option<PathBuf>,
+}
+
+/// `[store] tls`: how the connection to PostgreSQL is protected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StoreTls {
+    /// Clear text: only for a Unix socket or a loopback host.
+    Disable,
+    /// Encrypted; the certificate is not checked (a passive eavesdropper sees nothing,
+    /// an active one can).
+    Require,
+    /// Encrypted; the chain against `ca_file` or the system roots, and the host name.
+    VerifyFull,
 }
 
 impl Default for StoreConfig {
@@ -138,6 +159,8 @@ impl Default for StoreConfig {
             sync_interval: Dur(Duration::from_secs(1)),
             url: None,
             url_env: None,
+            tls: None,
+            ca_file: None,
         }
     }
 }

@@ -6,16 +6,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
-use rustls_platform_verifier::BuilderVerifierExt;
 use tokio_rustls::TlsConnector;
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
+use crate::client_tls;
 
 /// Connectors by purpose, built once and shared.
 pub struct Connectors {
@@ -26,22 +19,9 @@ pub struct Connectors {
 
 impl Connectors {
     pub fn new() -> Connectors {
-        let opportunistic = ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .map(|b| {
-                b.dangerous()
-                    .with_custom_certificate_verifier(Arc::new(AcceptAny))
-                    .with_no_client_auth()
-            })
-            .expect("ring supports the default protocol versions");
-        let system = ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())
-            .and_then(|b| b.with_platform_verifier().map_err(|e| e.to_string()))
-            .map(|b| TlsConnector::from(Arc::new(b.with_no_client_auth())));
         Connectors {
-            opportunistic: TlsConnector::from(Arc::new(opportunistic)),
-            system,
+            opportunistic: TlsConnector::from(Arc::new(client_tls::unverified())),
+            system: client_tls::system_roots().map(|c| TlsConnector::from(Arc::new(c))),
             by_ca: Mutex::new(HashMap::new()),
         }
     }
@@ -59,21 +39,7 @@ impl Connectors {
         if let Some(c) = map.get(path) {
             return Ok(c.clone());
         }
-        let mut roots = RootCertStore::empty();
-        let certs = CertificateDer::pem_file_iter(path)
-            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        for c in certs {
-            roots
-                .add(c)
-                .map_err(|e| format!("bad CA certificate in {}: {e}", path.display()))?;
-        }
-        let config = ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let c = TlsConnector::from(Arc::new(config));
+        let c = TlsConnector::from(Arc::new(client_tls::ca_file(path)?));
         map.insert(path.to_owned(), c.clone());
         Ok(c)
     }
@@ -82,56 +48,5 @@ impl Connectors {
 impl Default for Connectors {
     fn default() -> Self {
         Connectors::new()
-    }
-}
-
-/// Opportunistic TLS: any certificate; the handshake signatures are still checked.
-#[derive(Debug)]
-struct AcceptAny;
-
-impl ServerCertVerifier for AcceptAny {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &provider().signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &provider().signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        provider()
-            .signature_verification_algorithms
-            .supported_schemes()
     }
 }

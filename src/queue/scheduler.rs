@@ -56,18 +56,22 @@ impl<S: Spool> Queue<S> {
         }
     }
 
-    /// Shutdown of deliveries: attempts in flight get `timeout` to finish and record
-    /// their results; then `cut` tells the courier to stop each remaining one before
-    /// its data goes out (they stay queued), and those past that point get as long
-    /// again for their final reply. Returns how many were still running.
+    /// Shutdown of deliveries: attempts in flight have until `deadline` to finish and
+    /// record their results; then `cut` tells the courier to stop each remaining one
+    /// before its data goes out (they stay queued), and those past that point get
+    /// `grace` more for their final reply. Returns how many were still running.
     pub async fn wind_down(
         &self,
         attempts: &TaskTracker,
-        timeout: Duration,
+        deadline: tokio::time::Instant,
+        grace: Duration,
         cut: &CancellationToken,
     ) -> usize {
         attempts.close();
-        if tokio::time::timeout(timeout, attempts.wait()).await.is_ok() {
+        if tokio::time::timeout_at(deadline, attempts.wait())
+            .await
+            .is_ok()
+        {
             return 0;
         }
         tracing::warn!(
@@ -75,8 +79,7 @@ impl<S: Spool> Queue<S> {
             "deliveries still running at the deadline: cutting them before their data"
         );
         cut.cancel();
-        let again = timeout.max(Duration::from_secs(5));
-        if tokio::time::timeout(again, attempts.wait()).await.is_ok() {
+        if tokio::time::timeout(grace, attempts.wait()).await.is_ok() {
             return 0;
         }
         let left = attempts.len();
@@ -572,7 +575,12 @@ mod tests {
             let cut = CancellationToken::new();
             assert_eq!(
                 self.queue
-                    .wind_down(&self.attempts, Duration::from_secs(5), &cut)
+                    .wind_down(
+                        &self.attempts,
+                        tokio::time::Instant::now() + Duration::from_secs(5),
+                        Duration::from_secs(5),
+                        &cut,
+                    )
                     .await,
                 0
             );
@@ -715,7 +723,12 @@ mod tests {
         let started = tokio::time::Instant::now();
         assert_eq!(
             h.queue
-                .wind_down(&attempts, Duration::from_secs(10), &cut)
+                .wind_down(
+                    &attempts,
+                    started + Duration::from_secs(10),
+                    Duration::from_secs(5),
+                    &cut
+                )
                 .await,
             0
         );
@@ -725,7 +738,12 @@ mod tests {
         stuck.spawn(std::future::pending::<()>());
         assert_eq!(
             h.queue
-                .wind_down(&stuck, Duration::from_secs(10), &cut)
+                .wind_down(
+                    &stuck,
+                    started + Duration::from_secs(13),
+                    Duration::from_secs(5),
+                    &cut
+                )
                 .await,
             1
         );

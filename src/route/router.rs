@@ -30,7 +30,9 @@ pub struct SpfRouter<L> {
     spf_aware: bool,
     on_unauthorized: OnUnauthorized,
     internal_domains: Vec<String>,
-    cache: SpfCache,
+    /// Shared with the router a reload replaces: its answers, and the last known ones a
+    /// DNS failure falls back on, outlive the configuration.
+    cache: Arc<SpfCache>,
 }
 
 impl<L: SpfLookup> SpfRouter<L> {
@@ -38,6 +40,7 @@ impl<L: SpfLookup> SpfRouter<L> {
         routing: &RoutingConfig,
         internal_domains: Vec<String>,
         lookup: Arc<L>,
+        cache: Arc<SpfCache>,
     ) -> SpfRouter<L> {
         SpfRouter {
             lookup,
@@ -52,7 +55,7 @@ impl<L: SpfLookup> SpfRouter<L> {
             spf_aware: routing.spf_aware,
             on_unauthorized: routing.on_unauthorized,
             internal_domains,
-            cache: SpfCache::default(),
+            cache,
         }
     }
 
@@ -272,6 +275,7 @@ hosts = ["127.0.0.1:2700"]
             &cfg.routing,
             cfg.access.internal_domains.clone(),
             Arc::new(fake),
+            Arc::default(),
         )
     }
 

@@ -19,18 +19,9 @@ use super::session::{Action, Completed, Refusal, Session, SessionConfig, Unprove
 use crate::budget::Held;
 use crate::envelope::{now_ms, QueueId};
 use crate::events::{Event, EventBus, TenantProof};
+use crate::lifecycle::Phase;
 use crate::pipeline::{Intake, SenderPolicy, Submission, Unit};
 use crate::tenant::{TenantBinder, Verdict};
-
-/// Server-wide state of a graceful stop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    Running,
-    /// Stop accepting; idle sessions end with 421, transactions may finish.
-    Draining,
-    /// The deadline passed: every session ends now with 421.
-    Stop,
-}
 
 /// What every session of a listener shares.
 pub struct Context<I, P> {
@@ -155,7 +146,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         let deadline = deadline.min(self.session_deadline);
         loop {
             let phase = *self.phase.borrow_and_update();
-            if phase == Phase::Stop || (phase == Phase::Draining && idle_ok) {
+            if phase == Phase::Stop || (phase == Phase::Closing && idle_ok) {
                 return Err(Stop::Shutdown);
             }
             tokio::select! {

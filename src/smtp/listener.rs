@@ -14,12 +14,13 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
-use super::conn::{drive, Conn, Context, Exit, Phase};
+use super::conn::{drive, Conn, Context, Exit};
 use super::proxy::{self, ProxyError, Source};
 use super::session::{Session, SourceKind};
 use super::tls::describe;
 use crate::envelope::now_ms;
 use crate::events::{Event, RefusalReason};
+use crate::lifecycle::Phase;
 use crate::live::Live;
 use crate::pipeline::{Intake, SenderPolicy};
 use crate::tenant::sources::{Membership, SharedSources};
@@ -233,7 +234,7 @@ impl<I: Intake, P: SenderPolicy> Listener<I, P> {
             let accepted = tokio::select! {
                 a = listener.accept() => a,
                 _ = phase.changed() => {
-                    if *phase.borrow() != Phase::Running { return; }
+                    if matches!(*phase.borrow(), Phase::Closing | Phase::Stop) { return; }
                     continue;
                 }
             };
@@ -262,6 +263,25 @@ impl<I: Intake, P: SenderPolicy> Listener<I, P> {
         // An IPv4 client on a dual-stack socket shows up as ::ffff:a.b.c.d.
         let peer_ip = peer.ip().to_canonical();
         let rules = self.rules.get();
+        if *phase.borrow() == Phase::Draining {
+            // Whoever it is, a client or a balancer's check (PROXY header or not): one
+            // non-blocking write, so the balancer marks this node down and the client
+            // goes to another.
+            metrics::counter!(crate::telemetry::CONNECTIONS_REFUSED_TOTAL, "reason" => "draining")
+                .increment(1);
+            if implicit_tls {
+                // A TLS client would read a plain reply as a broken handshake anyway.
+                return;
+            }
+            let _ = stream.try_write(
+                format!(
+                    "421 4.3.0 {} is draining, try another server\r\n",
+                    rules.context.cfg.hostname
+                )
+                .as_bytes(),
+            );
+            return;
+        }
         if !rules.proxy.trusted.iter().any(|n| n.contains(&peer_ip)) {
             self.admit(rules, stream, peer_ip, implicit_tls, phase);
             return;

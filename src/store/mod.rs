@@ -21,7 +21,9 @@ pub enum StoreError {
         path: String,
         source: rusqlite::Error,
     },
-    #[error("PostgreSQL: {0}")]
+    /// With its causes: tokio-postgres shows only its kind ("db error", "error
+    /// performing TLS handshake"), and the reason is in the source.
+    #[error("PostgreSQL: {}", with_causes(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error("PostgreSQL pool: {0}")]
     Pool(String),
@@ -46,8 +48,23 @@ impl StoreError {
 
 impl From<deadpool_postgres::PoolError> for StoreError {
     fn from(e: deadpool_postgres::PoolError) -> StoreError {
-        StoreError::Pool(e.to_string())
+        StoreError::Pool(with_causes(&e))
     }
+}
+
+/// An error and each of its sources that adds something, joined by ": ".
+pub fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+        next = cause.source();
+    }
+    text
 }
 
 /// Rows per multi-row statement: well under PostgreSQL's 65,535 parameters.

@@ -5,16 +5,44 @@
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::NoTls;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::schema::Schema;
 use super::StoreError;
-use crate::config::StoreConfig;
+use crate::config::{StoreConfig, StoreTls};
 
 /// A pool of connections to the shared database.
 #[derive(Clone)]
 pub struct Postgres {
     pool: Pool,
+    tls: StoreTls,
+}
+
+/// `store.tls` as it applies to these hosts: unset is `verify-full`, except that a
+/// Unix socket or a loopback host has nothing on the wire to protect.
+pub fn effective_tls(cfg: &StoreConfig, pg: &tokio_postgres::Config) -> StoreTls {
+    if let Some(t) = cfg.tls {
+        return t;
+    }
+    let local = !pg.get_hosts().is_empty()
+        && pg.get_hosts().iter().all(|h| match h {
+            Host::Unix(_) => true,
+            Host::Tcp(name) => {
+                name.eq_ignore_ascii_case("localhost")
+                    || name
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            }
+        });
+    if local {
+        StoreTls::Disable
+    } else {
+        StoreTls::VerifyFull
+    }
 }
 
 impl Postgres {
@@ -35,13 +63,27 @@ impl Postgres {
         // Short: while the database is down, each attempt costs the recorder this long.
         pg.connect_timeout(Duration::from_secs(2));
         pg.application_name("smartrelay");
-        let manager = Manager::from_config(
-            pg,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let tls = effective_tls(cfg, &pg);
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        // The URL's own sslmode does not decide: `store.tls` does, and a mode that
+        // asks for TLS never falls back to clear text.
+        let manager = match tls {
+            StoreTls::Disable => {
+                pg.ssl_mode(SslMode::Disable);
+                Manager::from_config(pg, NoTls, manager_config)
+            }
+            StoreTls::Require | StoreTls::VerifyFull => {
+                pg.ssl_mode(SslMode::Require);
+                let client = match (tls, &cfg.ca_file) {
+                    (StoreTls::Require, _) => crate::client_tls::unverified(),
+                    (_, Some(ca)) => crate::client_tls::ca_file(ca).map_err(StoreError::Config)?,
+                    (_, None) => crate::client_tls::system_roots().map_err(StoreError::Config)?,
+                };
+                Manager::from_config(pg, MakeRustlsConnect::new(client), manager_config)
+            }
+        };
         let pool = Pool::builder(manager)
             .max_size(8)
             .wait_timeout(Some(Duration::from_secs(2)))
@@ -50,7 +92,11 @@ impl Postgres {
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| StoreError::Pool(e.to_string()))?;
-        Ok(Postgres { pool })
+        Ok(Postgres { pool, tls })
+    }
+
+    pub fn tls(&self) -> StoreTls {
+        self.tls
     }
 
     pub async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {

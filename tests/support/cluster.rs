@@ -35,6 +35,9 @@ pub struct Pg {
     pub dir: PathBuf,
     pub port: u16,
     fsync: bool,
+    /// `ssl = on` with this certificate and key, and only `hostssl` rules for TCP.
+    tls: bool,
+    frozen: std::sync::atomic::AtomicBool,
 }
 
 impl Pg {
@@ -46,6 +49,16 @@ impl Pg {
     }
 
     pub fn start_with(name: &str, fsync: bool) -> Pg {
+        Pg::create(name, fsync, None)
+    }
+
+    /// A cluster with `ssl = on` serving `cert` (its key `key`), whose `pg_hba.conf`
+    /// takes TCP connections only over TLS (`hostssl`): clear text is refused.
+    pub fn start_tls(name: &str, cert: &Path, key: &Path) -> Pg {
+        Pg::create(name, false, Some((cert, key)))
+    }
+
+    fn create(name: &str, fsync: bool, tls: Option<(&Path, &Path)>) -> Pg {
         // Outside the build tree: the postgres user must be able to reach it.
         let dir = std::env::temp_dir().join(format!("smartrelay-pg-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -76,10 +89,37 @@ impl Pg {
             "initdb: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let data = dir.join("data");
+        if let Some((cert, key)) = tls {
+            std::fs::copy(cert, data.join("server.crt")).unwrap();
+            std::fs::copy(key, data.join("server.key")).unwrap();
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostssl all all ::1/128 trust\n",
+            )
+            .unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(
+                data.join("server.key"),
+                std::fs::Permissions::from_mode(0o600),
+            )
+            .unwrap();
+            if is_root() {
+                let ok = Command::new("chown")
+                    .args(["-R", "postgres:postgres"])
+                    .arg(&data)
+                    .status()
+                    .unwrap()
+                    .success();
+                assert!(ok, "chown the server's key");
+            }
+        }
         let pg = Pg {
             dir,
             port: free_port(),
             fsync,
+            tls: tls.is_some(),
+            frozen: false.into(),
         };
         pg.start_server();
         let out = pg_command("createdb")
@@ -107,12 +147,16 @@ impl Pg {
     }
 
     fn start_server(&self) {
-        let opts = format!(
+        let mut opts = format!(
             "-k {} -p {} -c listen_addresses=127.0.0.1 -c fsync={}",
             self.dir.display(),
             self.port,
             if self.fsync { "on" } else { "off" }
         );
+        if self.tls {
+            // initdb's data folder is the server's working directory: relative names.
+            opts.push_str(" -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key");
+        }
         let out = pg_command("pg_ctl")
             .args(["-D", &self.dir.join("data").display().to_string()])
             .args([
@@ -137,6 +181,36 @@ impl Pg {
             .args(["-D", &self.dir.join("data").display().to_string()])
             .args(["-m", "fast", "-w", "stop"])
             .output();
+    }
+
+    /// The server and every backend stopped with SIGSTOP: connections stay open and
+    /// nothing answers (a hung database, not a refused one). `thaw` resumes them.
+    pub fn freeze(&self) {
+        self.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(self.signal_all("STOP"), "kill -STOP the cluster");
+    }
+
+    pub fn thaw(&self) {
+        if self.frozen.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            assert!(self.signal_all("CONT"), "kill -CONT the cluster");
+        }
+    }
+
+    fn signal_all(&self, sig: &str) -> bool {
+        let pidfile = std::fs::read_to_string(self.dir.join("data/postmaster.pid")).unwrap();
+        let main = pidfile.lines().next().unwrap().trim().to_string();
+        let children = Command::new("pgrep").args(["-P", &main]).output().unwrap();
+        let mut pids = vec![main];
+        pids.extend(
+            String::from_utf8_lossy(&children.stdout)
+                .split_whitespace()
+                .map(str::to_string),
+        );
+        Command::new("kill")
+            .arg(format!("-{sig}"))
+            .args(&pids)
+            .status()
+            .is_ok_and(|s| s.success())
     }
 
     pub fn restart(&self) {
@@ -168,6 +242,9 @@ impl Pg {
 
 impl Drop for Pg {
     fn drop(&mut self) {
+        if self.frozen.load(std::sync::atomic::Ordering::SeqCst) {
+            self.signal_all("CONT");
+        }
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }

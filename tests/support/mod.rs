@@ -289,6 +289,27 @@ impl Relay {
         }
     }
 
+    /// SIGTERM without waiting: the stop is the test's to watch.
+    pub fn terminate(&mut self) {
+        unsafe_kill(self.pid(), "TERM");
+    }
+
+    /// The exit status once the process has ended, or `None` after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let end = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut().expect("running");
+            if let Some(s) = child.try_wait().unwrap() {
+                self.child = None;
+                return Some(s);
+            }
+            if Instant::now() > end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn kill9(&mut self) {
         let mut child = self.child.take().expect("running");
         unsafe_kill(child.id(), "KILL");

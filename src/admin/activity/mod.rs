@@ -151,17 +151,61 @@ impl Activity {
         }
     }
 
-    /// Consumes events until the bus closes, writing one transaction per batch.
+    /// Consumes events until the bus closes, writing one transaction per batch. While
+    /// the store cannot be written (a PostgreSQL outage) the batches fold into one held
+    /// in memory, up to `buffer_limit` rows, written when it answers again; what would
+    /// go past the limit is dropped and counted. At the stop, one last try.
     pub async fn record(
         self: Arc<Self>,
         mut rx: mpsc::Receiver<Arc<Event>>,
         mut stop: watch::Receiver<bool>,
+        buffer_limit: usize,
     ) {
         let wait = Duration::from_millis(500);
-        while let Some(events) = crate::events::next_batch(&mut rx, &mut stop, 512, wait).await {
-            let batch = Arc::new(aggregate(&events));
-            if let Err(e) = kept!(self, b => b.write(batch)) {
-                tracing::warn!(error = %e, "activity batch not recorded");
+        let mut held = Batch::default();
+        let mut retry_at = tokio::time::Instant::now();
+        loop {
+            let wake = (!held.is_empty()).then_some(retry_at);
+            let Some(events) =
+                crate::events::next_batch_or_wake(&mut rx, &mut stop, 512, wait, wake).await
+            else {
+                break;
+            };
+            let batch = aggregate(&events);
+            if held.rows() + batch.rows() > buffer_limit && !held.is_empty() {
+                metrics::counter!(crate::telemetry::ACTIVITY_EVENTS_DROPPED_TOTAL)
+                    .increment(events.len() as u64);
+            } else {
+                held.absorb(batch);
+            }
+            // While the store is down, each try costs up to its connect timeout: the
+            // batches fold in between.
+            if held.is_empty() || tokio::time::Instant::now() < retry_at {
+                metrics::gauge!(crate::telemetry::ACTIVITY_BUFFERED_ROWS).set(held.rows() as f64);
+                continue;
+            }
+            held = self.write_held(held, &mut retry_at).await;
+        }
+        if !held.is_empty() {
+            self.write_held(held, &mut retry_at).await;
+        }
+    }
+
+    /// Writes `held`; gives it back, with the next try's time set, when the store fails.
+    async fn write_held(&self, held: Batch, retry_at: &mut tokio::time::Instant) -> Batch {
+        let batch = Arc::new(held);
+        let result = kept!(self, b => b.write(batch.clone()));
+        let held = Arc::try_unwrap(batch).unwrap_or_else(|shared| (*shared).clone());
+        match result {
+            Ok(()) => {
+                metrics::gauge!(crate::telemetry::ACTIVITY_BUFFERED_ROWS).set(0.0);
+                Batch::default()
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, rows = held.rows(), "flow counters and sources held until the store answers");
+                metrics::gauge!(crate::telemetry::ACTIVITY_BUFFERED_ROWS).set(held.rows() as f64);
+                *retry_at = tokio::time::Instant::now() + Duration::from_secs(2);
+                held
             }
         }
     }
@@ -236,7 +280,7 @@ impl Activity {
 }
 
 /// One batch of events folded into the rows it changes.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Batch {
     /// ip → (connections, refused, messages, first seen, last seen)
     sources: BTreeMap<String, (i64, i64, i64, i64, i64)>,
@@ -244,6 +288,34 @@ pub struct Batch {
     flow: BTreeMap<(i64, &'static str, String), i64>,
     /// The last tenant refusal, as JSON.
     tenant_refusal: Option<String>,
+}
+
+impl Batch {
+    fn rows(&self) -> usize {
+        self.sources.len() + self.flow.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.rows() == 0 && self.tenant_refusal.is_none()
+    }
+
+    /// Folds a later batch in: counts add up, first and last sightings widen.
+    fn absorb(&mut self, later: Batch) {
+        for (ip, (c, r, m, first, last)) in later.sources {
+            let e = self.sources.entry(ip).or_insert((0, 0, 0, first, last));
+            e.0 += c;
+            e.1 += r;
+            e.2 += m;
+            e.3 = e.3.min(first);
+            e.4 = e.4.max(last);
+        }
+        for (k, n) in later.flow {
+            *self.flow.entry(k).or_default() += n;
+        }
+        if later.tenant_refusal.is_some() {
+            self.tenant_refusal = later.tenant_refusal;
+        }
+    }
 }
 
 fn aggregate(events: &[Arc<Event>]) -> Batch {
@@ -444,7 +516,7 @@ mod tests {
     async fn record_all(a: &Arc<Activity>, events: Vec<Arc<Event>>) {
         let (tx, rx) = mpsc::channel(16);
         let (_stop_tx, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(a.clone().record(rx, stop_rx));
+        let task = tokio::spawn(a.clone().record(rx, stop_rx, 100_000));
         for e in events {
             tx.send(e).await.unwrap();
         }
