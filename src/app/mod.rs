@@ -1,5 +1,10 @@
 //! Puts the stages together and runs them: everything that can fail (certificates,
 //! spool lock, databases, binding) fails before the first connection is accepted.
+//! Then it waits for SIGTERM and stops in order under one deadline.
+
+mod background;
+mod parts;
+mod reloader;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -13,12 +18,12 @@ use tokio::time::Instant;
 
 use crate::admin::access_api::SHARED_RANGES_KEY;
 use crate::admin::activity::Activity;
-use crate::admin::{self, Admin, AdminState};
+use crate::admin::{self, AdminState};
 use crate::config::{Config, StoreKind};
 use crate::deliver::connection::ClientSettings;
 use crate::deliver::pool::PoolSettings;
 use crate::deliver::Deliverer;
-use crate::events::{Event, EventBus, EventKind};
+use crate::events::{EventBus, EventKind};
 use crate::lifecycle::{DrainOrigin, Lifecycle, Phase};
 use crate::limits::gate::Limited;
 use crate::limits::{self, Limits};
@@ -27,27 +32,28 @@ use crate::queue::file::FileSpool;
 use crate::queue::retry::RetryPolicy;
 use crate::queue::spool::SpoolError;
 use crate::queue::{Queue, QueueSettings};
-use crate::reload::{self, Effect, LogLevelSetter, Origin, Outcome, ReloadError, Reloads};
+use crate::reload::{LogLevelSetter, Reloads};
 use crate::route::cache::SpfCache;
-use crate::route::SpfRouter;
 use crate::smtp::body::Bodies;
-use crate::smtp::conn::Context;
-use crate::smtp::listener::{Access, Gate, Listener, ProxyTrust, Rules};
-use crate::smtp::session::SessionConfig;
-use crate::smtp::tls::{acceptor, TlsError};
+use crate::smtp::listener::{Gate, Listener};
+use crate::smtp::tls::TlsError;
 use crate::spf::hickory::{HickoryDns, ResolverError};
 use crate::spf::SpfService;
 use crate::store::Postgres;
 use crate::tasks::{CancellationToken, Tasks};
-use crate::tenant::dkim::DkimVerifier;
-use crate::tenant::replay::{self, ReplayGuard};
+use crate::tenant::replay::{self};
 use crate::tenant::sources::{self, Resolved, SharedSources};
-use crate::tenant::TenantBinder;
 use crate::tracking;
 use crate::trusted::TrustedError;
-use crate::trusted::{self, TrustPolicy};
-use hickory_resolver::TokioResolver;
+use crate::trusted::{self};
 use tokio_util::task::TaskTracker;
+
+use background::{
+    notify_systemd, spawn_activity_pruner, spawn_ingress_gauge, spawn_migration_retry,
+    spawn_pruner, spawn_signature_pruner, spawn_tracking_pruner, start_limits,
+};
+use parts::{spf_routes, trust_policy, Ingress, Parts};
+use reloader::{watch_hangup, Reloader};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -532,439 +538,4 @@ pub async fn run(
     }
     tracing::info!("stopped");
     Ok(())
-}
-
-fn session_config(cfg: &Config) -> SessionConfig {
-    SessionConfig {
-        hostname: cfg.server.hostname.clone(),
-        max_message_size: cfg.server.max_message_size,
-        max_recipients: cfg.server.max_recipients,
-        max_line_length: cfg.server.max_line_length,
-        hop_limit: cfg.server.hop_limit,
-        max_errors: cfg.server.max_errors,
-        bare_line_endings: cfg.server.bare_line_endings,
-        domains: cfg.access.domains.clone(),
-        postmaster_domain: cfg.access.domains[0].clone(),
-        starttls: cfg.tls.is_some(),
-        tls_required: cfg.tls.as_ref().is_some_and(|t| t.require),
-        check_sender: cfg.routing.spf_aware
-            && cfg.routing.on_unauthorized == crate::config::OnUnauthorized::Reject,
-        limits: cfg
-            .limits
-            .iter()
-            .any(|l| l.action == crate::config::LimitAction::Defer),
-    }
-}
-
-type SpfRoutes = SpfRouter<SpfService<HickoryDns>>;
-
-type Intake = Limited<Queue<FileSpool>>;
-
-type Ingress = Listener<Intake, SpfRoutes>;
-
-/// What the rules of a session are built from, at start and at each reload.
-struct Parts {
-    intake: Arc<Intake>,
-    bus: EventBus,
-    dkim_dns: TokioResolver,
-    /// The memory of DKIM signatures that proved a message (`access.dkim_replay`).
-    signatures: replay::Store,
-    /// Bodies in flight (`server.ingress_memory`, files in the spool's `incoming/`).
-    bodies: Arc<Bodies>,
-}
-
-impl Parts {
-    fn rules(
-        &self,
-        cfg: &Config,
-        sources: Arc<SharedSources>,
-        router: Arc<SpfRoutes>,
-    ) -> Result<Rules<Intake, SpfRoutes>, TlsError> {
-        // Read from disk each time: a reload is how a rotated certificate is picked up.
-        let tls = match &cfg.tls {
-            Some(t) => Some(acceptor(&t.cert, &t.key)?),
-            None => None,
-        };
-        let r = cfg.access.dkim_replay;
-        let replay = r.enabled.then(|| {
-            Arc::new(ReplayGuard {
-                store: self.signatures.clone(),
-                window: r.window.0,
-                max_age: r.max_age.0,
-                node: cfg.server.hostname.clone(),
-            })
-        });
-        let tenant = Arc::new(TenantBinder::new(
-            cfg.access.shared_ranges.clone(),
-            cfg.access.domains.clone(),
-            DkimVerifier::new(self.dkim_dns.clone()),
-            cfg.dns.spf_timeout.0,
-            replay,
-        ));
-        Ok(Rules {
-            context: Arc::new(Context {
-                cfg: Arc::new(session_config(cfg)),
-                intake: self.intake.clone(),
-                policy: router,
-                events: self.bus.clone(),
-                tenant,
-                command_timeout: cfg.server.command_timeout.0,
-                data_timeout: cfg.server.data_timeout.0,
-                session_timeout: cfg.server.session_timeout.0,
-                min_data_rate: cfg.server.min_data_rate,
-                bodies: self.bodies.clone(),
-            }),
-            access: Access {
-                allowed: cfg.access.allowed_ranges.clone(),
-                sources,
-            },
-            tls,
-            proxy: ProxyTrust {
-                trusted: cfg.server.proxy_protocol.trusted.clone(),
-                timeout: cfg.server.proxy_protocol.timeout.0,
-            },
-        })
-    }
-}
-
-fn trust_policy(cfg: &Config) -> TrustPolicy {
-    TrustPolicy::new(
-        &cfg.access.internal_domains,
-        &cfg.trusted.exclude_senders,
-        &cfg.trusted.exclude_recipient_domains,
-    )
-}
-
-/// `cache` outlives reloads (`[dns]` cannot change without a restart): the answers and
-/// the last known ones that carry routing through a DNS failure stay.
-fn spf_routes(cfg: &Config, spf: &Arc<SpfService<HickoryDns>>, cache: &Arc<SpfCache>) -> SpfRoutes {
-    SpfRouter::new(
-        &cfg.routing,
-        cfg.access.internal_domains.clone(),
-        spf.clone(),
-        cache.clone(),
-    )
-}
-
-/// SIGHUP (systemd's `ExecReload`) must not end the relay, as its default action would:
-/// it asks for a reload like the admin API does.
-fn watch_hangup(tasks: &Tasks, reloads: Reloads) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-        tracing::warn!("SIGHUP handler not installed");
-        return;
-    };
-    tasks.spawn(async move {
-        while hangups.recv().await.is_some() {
-            // The outcome is logged by the reloader.
-            let _ = reloads.request(Origin::Signal).await;
-        }
-    });
-}
-
-/// The one task that applies reloads, so two never interleave.
-struct Reloader {
-    path: Option<std::path::PathBuf>,
-    /// The file as the process started with it.
-    started_text: String,
-    /// The file whose applicable keys are in force.
-    applied_text: String,
-    hash: String,
-    /// The configuration in force (restart-only keys as started).
-    running: Arc<Config>,
-    listener: Arc<Ingress>,
-    router: Arc<Live<SpfRoutes>>,
-    trust: Option<Arc<Live<TrustPolicy>>>,
-    sources: Arc<Live<SharedSources>>,
-    admin: Admin,
-    parts: Parts,
-    spf: Arc<SpfService<HickoryDns>>,
-    spf_cache: Arc<SpfCache>,
-    set_log_level: Option<LogLevelSetter>,
-    tasks: Tasks,
-}
-
-impl Reloader {
-    async fn serve(
-        mut self,
-        mut requests: tokio::sync::mpsc::Receiver<reload::Request>,
-        mut stop: watch::Receiver<bool>,
-    ) {
-        loop {
-            let request = tokio::select! {
-                r = requests.recv() => match r {
-                    Some(r) => r,
-                    None => return,
-                },
-                _ = stop.changed() => return,
-            };
-            let outcome = self.reload().await;
-            match &outcome {
-                Ok(o) => {
-                    metrics::counter!(crate::telemetry::CONFIG_RELOADS_TOTAL).increment(1);
-                    tracing::info!(origin = request.origin.label(), hash = %o.hash, applied = ?o.applied, restart_required = ?o.restart_required, "configuration reloaded");
-                    for key in &o.restart_required {
-                        tracing::warn!(key = %key, "configuration changed: restart required for it to take effect");
-                    }
-                }
-                Err(e) => {
-                    metrics::counter!(crate::telemetry::CONFIG_RELOAD_FAILURES_TOTAL).increment(1);
-                    tracing::error!(origin = request.origin.label(), error = %e, "configuration not reloaded; running on the previous one");
-                }
-            }
-            let _ = request.reply.send(outcome);
-        }
-    }
-
-    async fn reload(&mut self) -> Result<Outcome, ReloadError> {
-        let Some(path) = self.path.clone() else {
-            return Err(ReloadError::Invalid(
-                "the relay was started without a configuration file".into(),
-            ));
-        };
-        let text = tokio::fs::read_to_string(&path)
-            .await
-            .map_err(|e| ReloadError::Invalid(format!("cannot read {}: {e}", path.display())))?;
-        let parsed =
-            Config::parse(&text, &path).map_err(|e| ReloadError::Invalid(e.to_string()))?;
-        let applied: Vec<String> = reload::changed_keys(&self.applied_text, &text)
-            .map_err(ReloadError::Invalid)?
-            .into_iter()
-            .filter(|k| reload::effect(k) == Effect::Applied)
-            .collect();
-        let restart_required: Vec<String> = reload::changed_keys(&self.started_text, &text)
-            .map_err(ReloadError::Invalid)?
-            .into_iter()
-            .filter(|k| reload::effect(k) == Effect::RestartRequired)
-            .collect();
-        let cfg = reload::effective(&self.running, parsed);
-        // Everything that can fail is built before anything is swapped.
-        let old_sources = self.sources.get();
-        let sources_changed = applied.iter().any(|k| k == "access.shared_ranges");
-        let sources = if sources_changed {
-            let s = Arc::new(SharedSources::new(&cfg.access.shared_ranges));
-            s.restore(old_sources.resolved());
-            s
-        } else {
-            old_sources
-        };
-        let routes = Arc::new(spf_routes(&cfg, &self.spf, &self.spf_cache));
-        let rules = self
-            .parts
-            .rules(&cfg, sources.clone(), routes.clone())
-            .map_err(|e| ReloadError::Invalid(e.to_string()))?;
-        if applied.iter().any(|k| k == "log.level") {
-            if let Some(set) = &self.set_log_level {
-                set(&cfg.log.level).map_err(ReloadError::Invalid)?;
-            }
-        }
-
-        self.listener.rules.set(Arc::new(rules));
-        self.listener
-            .gate
-            .set_max_per_ip(cfg.server.max_connections_per_ip);
-        self.router.set(routes);
-        if sources_changed {
-            self.sources.set(sources);
-        }
-        if let Some(trust) = &self.trust {
-            trust.set(Arc::new(trust_policy(&cfg)));
-        }
-        let cfg = Arc::new(cfg);
-        self.admin.config.set(cfg.clone());
-        self.running = cfg;
-        self.applied_text = text;
-        metrics::gauge!(crate::telemetry::CONFIG_RESTART_REQUIRED)
-            .set(restart_required.len() as f64);
-        self.publish_info();
-        // Changed ranges void the confirmation: the gauge says so now, not in 15 minutes.
-        let admin = self.admin.clone();
-        self.tasks.spawn(async move {
-            let _ = admin::onboarding::compute_steps(&admin).await;
-        });
-        Ok(Outcome {
-            hash: self.hash.clone(),
-            applied,
-            restart_required,
-        })
-    }
-
-    /// `smartrelay_config_info{hash}` is 1 for the configuration in force (0 for one
-    /// replaced), with the time it was loaded.
-    fn publish_info(&mut self) {
-        let hash = reload::fingerprint(self.applied_text.as_bytes());
-        if !self.hash.is_empty() && self.hash != hash {
-            metrics::gauge!(crate::telemetry::CONFIG_INFO, "hash" => self.hash.clone()).set(0.0);
-        }
-        metrics::gauge!(crate::telemetry::CONFIG_INFO, "hash" => hash.clone()).set(1.0);
-        metrics::gauge!(crate::telemetry::CONFIG_LOADED_TIMESTAMP_SECONDS)
-            .set(crate::envelope::now_ms() as f64 / 1000.0);
-        self.hash = hash;
-    }
-}
-
-/// Under systemd (`Type=notify`): READY once the listeners are bound and the spool
-/// recovered, and the watchdog pinged at half its interval when one is set. Outside
-/// systemd (no `NOTIFY_SOCKET`) this does nothing.
-fn notify_systemd(tasks: &Tasks) {
-    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
-        tracing::warn!(error = %e, "systemd notification failed");
-    }
-    if let Some(every) = sd_notify::watchdog_enabled() {
-        tasks.every((every / 2).max(Duration::from_millis(500)), || {
-            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
-            std::future::ready(())
-        });
-    }
-}
-
-fn spawn_pruner(tasks: &Tasks, store: trusted::Store, retention: Duration, every: Duration) {
-    tasks.every(every.max(Duration::from_secs(1)), move || {
-        let s = store.clone();
-        async move {
-            let result = async {
-                let removed = s.prune(retention, crate::envelope::now_ms()).await?;
-                Ok::<_, TrustedError>((removed, s.count().await?))
-            }
-            .await;
-            match result {
-                Ok((removed, total)) => {
-                    metrics::gauge!(crate::telemetry::TRUSTED_ENTRIES).set(total as f64);
-                    if removed > 0 {
-                        tracing::info!(removed, "trusted-sender entries expired");
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "trusted-sender pruning failed"),
-            }
-        }
-    });
-}
-
-/// Until the shared database has answered once, its schema is applied every 5 s.
-/// The limits' first sync (restrictions from the store), the restrictions the held
-/// mail itself records, then a sync every `every` (lifts made elsewhere settle this
-/// node's held mail), the bounce counter and the hourly pruner.
-async fn start_limits(
-    tasks: &Tasks,
-    limits: &Arc<Limits>,
-    queue: &Arc<Queue<FileSpool>>,
-    bounces: Option<tokio::sync::mpsc::Receiver<Arc<Event>>>,
-    every: Duration,
-) {
-    if limits.is_empty() {
-        return;
-    }
-    for (reason, since) in queue.hold_reasons() {
-        limits.restore(&reason, since);
-    }
-    let sync = {
-        let (limits, queue) = (limits.clone(), queue.clone());
-        move || {
-            let (limits, queue) = (limits.clone(), queue.clone());
-            async move {
-                for l in limits.sync().await {
-                    queue.settle_held(l.key, &l.value, l.how).await;
-                }
-            }
-        }
-    };
-    sync().await;
-    tasks.every(every, sync);
-    let pruning = limits.clone();
-    tasks.every(Duration::from_secs(3600), move || {
-        let limits = pruning.clone();
-        async move {
-            if let Err(e) = limits.prune().await {
-                tracing::warn!(error = %e, "limits not pruned");
-            }
-        }
-    });
-    if let Some(mut rx) = bounces {
-        let limits = limits.clone();
-        tasks.spawn(async move {
-            while let Some(ev) = rx.recv().await {
-                if let Event::Delivery(report) = ev.as_ref() {
-                    limits.delivered(report);
-                }
-            }
-        });
-    }
-}
-
-fn spawn_ingress_gauge(tasks: &Tasks, bodies: Arc<Bodies>, budget: u64) {
-    tasks.every(Duration::from_secs(1), move || {
-        let held = budget.saturating_sub(bodies.memory().available());
-        async move {
-            metrics::gauge!(crate::telemetry::INGRESS_MEMORY_BYTES).set(held as f64);
-        }
-    });
-}
-
-fn spawn_tracking_pruner(tasks: &Tasks, store: tracking::Store, retention: Duration) {
-    tasks.every(Duration::from_secs(3600), move || {
-        let store = store.clone();
-        async move {
-            match store.prune(retention).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(messages = n, "tracking records pruned"),
-                Err(e) => tracing::warn!(error = %e, "tracking records not pruned"),
-            }
-        }
-    });
-}
-
-fn spawn_migration_retry(tasks: &Tasks, pg: Postgres) {
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    tasks.every(Duration::from_secs(5), move || {
-        let (pg, done) = (pg.clone(), done.clone());
-        async move {
-            if done.load(Ordering::Relaxed) {
-                return;
-            }
-            match pg.migrate(crate::store::schema::ALL).await {
-                Ok(()) => {
-                    done.store(true, Ordering::Relaxed);
-                    tracing::info!("PostgreSQL store reachable: schema applied");
-                }
-                Err(e) => tracing::warn!(error = %e, "PostgreSQL store still not reachable"),
-            }
-        }
-    });
-}
-
-/// Signatures older than `access.dkim_replay.max_age` prove nothing any more (the
-/// freshness rule refuses them), so the memory forgets them, hourly.
-fn spawn_signature_pruner(tasks: &Tasks, store: replay::Store, max_age: Duration) {
-    tasks.every(Duration::from_secs(3600), move || {
-        let store = store.clone();
-        async move {
-            let before = crate::envelope::now_ms()
-                .saturating_sub(u64::try_from(max_age.as_millis()).unwrap_or(u64::MAX));
-            match store.prune(before).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(
-                    forgotten = n,
-                    "DKIM signatures past access.dkim_replay.max_age forgotten"
-                ),
-                Err(e) => tracing::warn!(error = %e, "DKIM signature memory not pruned"),
-            }
-        }
-    });
-}
-
-/// `admin.retention` for the state database: flow counters and sources older than
-/// it are dropped hourly (and once at start).
-fn spawn_activity_pruner(tasks: &Tasks, activity: Arc<Activity>, retention: Duration) {
-    tasks.every(Duration::from_secs(3600), move || {
-        let a = activity.clone();
-        async move {
-            match a.prune(retention, crate::envelope::now_ms()).await {
-                Ok(0) => {}
-                Ok(removed) => {
-                    tracing::info!(removed, "state database rows past admin.retention pruned")
-                }
-                Err(e) => tracing::warn!(error = %e, "state database pruning failed"),
-            }
-        }
-    });
 }
