@@ -7,7 +7,9 @@ PIDS=()
 cleanup() {
   for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done
   pkill -f "$LOGS" 2>/dev/null || true
-  for d in "$WORK"/postfix-*; do [ -d "$d" ] && postfix -c "$d/etc" stop >/dev/null 2>&1; done || true
+  for d in "$WORK"/postfix-* "$LOGS"/sink-*; do
+    [ -d "$d/etc" ] && postfix -c "$d/etc" stop >/dev/null 2>&1
+  done || true
   sleep 0.5
   rm -rf "$WORK" "$LOGS"
 }
@@ -74,7 +76,8 @@ spf_aware = false
 nameservers = ["127.0.0.1:1"]
 [routing.regions.eu]
 hosts = ["127.0.0.1:$sinkport"]
-tls = "none"
+tls = "${UPSTREAM_TLS:-none}"
+${UPSTREAM_CA:+ca_file = \"$UPSTREAM_CA\"}
 [admin]
 listen = "127.0.0.1:$admin"
 database = "$dir/state.sqlite3"
@@ -87,15 +90,19 @@ database = "$dir/tracking.sqlite3"
 [log]
 level = "warn"
 EOF
+  if [ -n "${RELAY_CERT:-}" ]; then
+    printf '[tls]\ncert = "%s"\nkey = "%s"\n' "$RELAY_CERT" "$RELAY_KEY" >>"$dir/smartrelay.toml"
+  fi
   "${RELAY_BIN:-$BIN}" run --config "$dir/smartrelay.toml" >/dev/null 2>"$LOGS/$name.relay.log" &
   local pid=$!
   wait_port "$port" >/dev/null
   echo "$pid $port $admin"
 }
 
-start_postfix() {
-  local sinkport=$1 pf=$WORK/$2 port
-  port=$(free_port)
+# A throwaway Postfix in DIR on PORT, logging to LOGS/NAME.maillog: the settings every
+# instance shares, then EXTRA (main.cf lines).
+postfix_instance() {
+  local pf=$1 name=$2 port=$3 host=$4 extra=$5
   mkdir -p "$pf/etc" "$pf/queue" "$pf/data"
   cat >"$pf/etc/main.cf" <<EOF
 compatibility_level = 3.6
@@ -103,19 +110,38 @@ queue_directory = $pf/queue
 data_directory = $pf/data
 mail_owner = postfix
 setgid_group = postdrop
-myhostname = postfix.bench
+myhostname = $host
 mydestination =
 inet_interfaces = loopback-only
 inet_protocols = ipv4
 mynetworks = 127.0.0.0/8
-relayhost = [127.0.0.1]:$sinkport
 smtpd_relay_restrictions = permit_mynetworks, reject
 alias_maps =
 alias_database =
 local_recipient_maps =
-maillog_file = $LOGS/$2.maillog
+maillog_file = $LOGS/$name.maillog
 maillog_file_prefixes = $LOGS
+$extra
 EOF
+  postfix_master_cf "$pf" "$port"
+  chown postfix "$pf/data"
+  postfix -c "$pf/etc" check >/dev/null 2>&1 || true
+  script -qc "postfix -c $pf/etc start" /dev/null >"$WORK/postfix-start.log" 2>&1 || { cat "$WORK/postfix-start.log" >&2; exit 1; }
+  wait_port "$port"
+}
+
+# A Postfix relay toward the sink (its queue fsynced on disk); PF_EXTRA (main.cf lines)
+# adds to it, e.g. TLS. Prints the port.
+start_postfix() {
+  local sinkport=$1 port
+  port=$(free_port)
+  postfix_instance "$WORK/$2" "$2" "$port" postfix.bench "relayhost = [127.0.0.1]:$sinkport
+${PF_EXTRA:-}"
+  echo "$port"
+}
+
+postfix_master_cf() {
+  local pf=$1 port=$2
   cat >"$pf/etc/master.cf" <<EOF
 127.0.0.1:$port inet n - n - - smtpd
 pickup    unix  n       -       n       60      1       pickup
@@ -140,12 +166,54 @@ anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
 EOF
-  chown postfix "$pf/data"
-  postfix -c "$pf/etc" check >/dev/null 2>&1 || true
-  script -qc "postfix -c $pf/etc start" /dev/null >"$WORK/postfix-start.log" 2>&1 || { cat "$WORK/postfix-start.log" >&2; exit 1; }
-  wait_port "$port"
+}
+
+# The TLS smart host: Postfix's smtpd offering STARTTLS (smtpd_tls_security_level = may)
+# with CERTS/sink.pem, passing each message as it arrives to smtp-sink
+# (smtpd_proxy_filter, a before-queue proxy): Postfix's queue is never written, and the
+# 250 is smtp-sink's. Messages received: sink_count on LOGS/NAME.log. Prints the port.
+start_tls_sink() {
+  local name=$1 port sinkport
+  port=$(free_port); sinkport=$(free_port)
+  start_sink "$sinkport" "$LOGS/$name.log"
+  postfix_instance "$LOGS/$name" "$name" "$port" sink.bench "smtpd_proxy_filter = 127.0.0.1:$sinkport
+smtpd_tls_security_level = may
+smtpd_tls_cert_file = $CERTS/sink.pem
+smtpd_tls_key_file = $CERTS/sink.key
+smtpd_tls_session_cache_database = btree:\${data_directory}/smtpd_scache"
   echo "$port"
 }
+
+# A CA and two leaves it signed (P-256): sink.pem for sink.bench and 127.0.0.1, relay.pem
+# for relay.bench and 127.0.0.1; rustls refuses a leaf without CA:FALSE.
+make_certs() {
+  local d=$1
+  mkdir -p "$d"
+  ( cd "$d"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.pem \
+      -days 2 -subj "/CN=bench CA" -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign 2>/dev/null
+    for leaf in sink relay; do
+      openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout $leaf.key -out $leaf.csr -subj "/CN=$leaf.bench" 2>/dev/null
+      printf 'basicConstraints=critical,CA:FALSE\nsubjectAltName=DNS:%s.bench,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' $leaf >$leaf.ext
+      openssl x509 -req -in $leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out $leaf.pem -days 2 -extfile $leaf.ext 2>/dev/null
+    done
+    chmod 644 ./*.key ./*.pem )
+}
+
+# CPU seconds (user + system) of a process and of the children it has reaped.
+cpu_s() {
+  awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15 + $16 + $17) / hz}' "/proc/$1/stat" 2>/dev/null || echo 0
+}
+# Postfix: the master, its children alive, and (in the master's) those reaped.
+postfix_cpu_s() {
+  local master p total=0
+  master=$(head -1 "$1/queue/pid/master.pid" | tr -d ' ')
+  for p in $master $(pgrep -P "$master" || true); do
+    total=$(awk -v a="$total" -v b="$(cpu_s "$p")" 'BEGIN {print a + b}')
+  done
+  echo "$total"
+}
+
 
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 

@@ -523,7 +523,8 @@ fn tls_to_the_upstream_opportunistic_required_and_failing() {
     let dir2 = tmpdir("upstream-tls-req");
     let cfg = Cfg::new(&dir2, &good.addr())
         .set("routing.regions.eu", "tls", "\"required\"")
-        .set("routing.regions.eu", "ca_file", &toml_path(&certs.ca));
+        .set("routing.regions.eu", "ca_file", &toml_path(&certs.ca))
+        .set("delivery", "idle_timeout", "\"1s\"");
     let relay = Relay::start(&cfg);
     send(
         &relay,
@@ -532,6 +533,29 @@ fn tls_to_the_upstream_opportunistic_required_and_failing() {
         "Subject: r\r\n\r\nx",
     );
     assert_eq!(good.wait_messages(1, T)[0].0["tls"], true);
+    assert_eq!(
+        relay.metric("smartrelay_upstream_tls_handshakes_total{kind=\"full\"}"),
+        Some(1.0)
+    );
+    // A new connection to the same host resumes the session it issued (a TLS 1.3
+    // ticket): the pool's idle session says QUIT after idle_timeout.
+    assert!(wait_until(T, || good
+        .rcpt_log()
+        .iter()
+        .any(|e| e["event"] == "quit")));
+    send(
+        &relay,
+        "a@example.test",
+        &["y@partner.test"],
+        "Subject: r2\r\n\r\nx",
+    );
+    assert_eq!(good.wait_messages(2, T).len(), 2);
+    assert_eq!(
+        relay.metric("smartrelay_upstream_tls_handshakes_total{kind=\"resumed\"}"),
+        Some(1.0),
+        "{}",
+        relay.metrics()
+    );
     // Required, and the certificate does not verify: deferred, never sent in clear.
     let dir3 = tmpdir("upstream-tls-bad");
     let cfg = Cfg::new(&dir3, &rogue.addr())

@@ -217,6 +217,14 @@ async fn open_once(
                     mail_send::Error::Timeout => UpstreamError::Timeout("TLS handshake"),
                     other => UpstreamError::Tls(tls_reason(other)),
                 })?;
+            // The connectors' one client configuration keeps the sessions (and
+            // TLS 1.3 tickets) smart hosts issue, so a new connection resumes.
+            let kind = match tls_client.tls_connection().handshake_kind() {
+                Some(rustls::HandshakeKind::Resumed) => "resumed",
+                _ => "full",
+            };
+            metrics::counter!(crate::telemetry::UPSTREAM_TLS_HANDSHAKES_TOTAL, "kind" => kind)
+                .increment(1);
             let version = tls_client
                 .tls_connection()
                 .protocol_version()

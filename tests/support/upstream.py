@@ -48,6 +48,10 @@ class Handler:
         envelope.rcpt_options.append(rcpt_options)
         return "250 2.1.5 OK"
 
+    async def handle_QUIT(self, server, session, envelope):
+        self.log({"event": "quit", "peer": session.peer[0]})
+        return "221 2.0.0 Bye"
+
     async def handle_DATA(self, server, session, envelope):
         with self.lock:
             self.count += 1
