@@ -31,7 +31,9 @@ fn dispatch(args: Cli) -> Result<ExitCode> {
     match args.command {
         Command::Run { config, log_format } => {
             let cfg = cli::load_config(&config)?;
-            let set_log_level = init_logging(&cfg.log.level, cli::log_format(&cfg, log_format));
+            // Held to the end: dropping it writes out the lines still queued.
+            let (set_log_level, _log_writer) =
+                init_logging(&cfg.log.level, cli::log_format(&cfg, log_format));
             let options = smartrelay::app::Options {
                 config_path: Some(config.clone()),
                 set_log_level: Some(set_log_level),
@@ -115,15 +117,25 @@ fn dispatch(args: Cli) -> Result<ExitCode> {
 }
 
 /// RUST_LOG, when set, wins over log.level, at start and on reload.
-fn init_logging(level: &str, format: LogFormat) -> LogLevelSetter {
+/// Log lines go to stderr from a writer thread of their own, so a session that logs
+/// (one line per shared-range message, per refusal) never waits on the write; when
+/// its queue is full a session waits rather than a line being lost.
+fn init_logging(
+    level: &str,
+    format: LogFormat,
+) -> (LogLevelSetter, tracing_appender::non_blocking::WorkerGuard) {
     let from_env = EnvFilter::try_from_default_env().ok();
     let pinned = from_env.is_some();
     let filter = from_env.unwrap_or_else(|| EnvFilter::new(level));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("log-writer")
+        .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     let set: Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync> = match format {
         LogFormat::Json => {
             let b = builder.json().flatten_event(true).with_filter_reloading();
@@ -138,13 +150,14 @@ fn init_logging(level: &str, format: LogFormat) -> LogLevelSetter {
             Box::new(move |f| handle.reload(f).map_err(|e| e.to_string()))
         }
     };
-    Box::new(move |level: &str| {
+    let setter: LogLevelSetter = Box::new(move |level: &str| {
         if pinned {
             return Ok(());
         }
         let filter = EnvFilter::try_new(level).map_err(|e| format!("log.level: {e}"))?;
         set(filter)
-    })
+    });
+    (setter, guard)
 }
 
 async fn shutdown_signal() {

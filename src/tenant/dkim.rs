@@ -71,12 +71,14 @@ impl DkimVerdict {
 
 pub struct DkimVerifier {
     auth: MessageAuthenticator,
+    keys: super::keys::KeyCache,
 }
 
 impl DkimVerifier {
     pub fn new(resolver: hickory_resolver::TokioResolver) -> DkimVerifier {
         DkimVerifier {
             auth: MessageAuthenticator(resolver),
+            keys: super::keys::KeyCache::default(),
         }
     }
 
@@ -105,7 +107,8 @@ impl DkimVerifier {
             .sort_by_key(|h| !prefer(&domain(&h.header.d)));
         out.skipped = parsed.dkim_headers.len().saturating_sub(MAX_SIGNATURES);
         parsed.dkim_headers.truncate(MAX_SIGNATURES);
-        for result in self.auth.verify_dkim(&parsed).await {
+        let params = mail_auth::Parameters::new(&parsed).with_txt_cache(&self.keys);
+        for result in self.auth.verify_dkim(params).await {
             let Some(sig) = result.signature() else {
                 if let DkimResult::PermError(e) | DkimResult::Neutral(e) = result.result() {
                     out.failures.push(format!("malformed signature: {e}"));

@@ -10,6 +10,7 @@
 
 pub mod dkim;
 pub mod headers;
+pub mod keys;
 pub mod replay;
 pub mod sources;
 
