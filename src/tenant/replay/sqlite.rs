@@ -113,67 +113,51 @@ fn read_only(
     let tx = conn.transaction()?;
     let mut answers = Vec::with_capacity(group.len());
     for c in group {
-        let Some((first_seen, node)) = tx
-            .prepare_cached("SELECT first_seen, node FROM dkim_signatures WHERE hash = ?1")?
-            .query_row([&c.key[..]], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
-            })
-            .optional()?
-        else {
+        let Some(seen) = lookup(&tx, c)? else {
             return Ok(None);
         };
-        let mut known = 0;
-        let mut st =
-            tx.prepare_cached("SELECT 1 FROM dkim_recipients WHERE hash = ?1 AND recipient = ?2")?;
-        for r in &c.recipients {
-            known += usize::from(
-                st.query_row(params![&c.key[..], r], |_| Ok(()))
-                    .optional()?
-                    .is_some(),
-            );
-        }
-        let within = first_seen as u64 >= c.window_start;
-        if within && known < c.recipients.len() {
+        if seen.first_seen >= c.window_start && seen.known < c.recipients.len() {
             return Ok(None);
         }
-        answers.push(Seen {
-            first_seen: first_seen as u64,
-            node,
-            inserted: false,
-            known,
-        });
+        answers.push(seen);
     }
     Ok(Some(answers))
+}
+
+/// What the memory holds for the check's signature: when and where it was first seen
+/// and how many of the check's recipients it was accepted for; `None` if never.
+fn lookup(tx: &rusqlite::Transaction<'_>, c: &Check) -> Result<Option<Seen>, rusqlite::Error> {
+    let found: Option<(i64, String)> = tx
+        .prepare_cached("SELECT first_seen, node FROM dkim_signatures WHERE hash = ?1")?
+        .query_row([&c.key[..]], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let Some((first_seen, node)) = found else {
+        return Ok(None);
+    };
+    let mut known = 0;
+    let mut st =
+        tx.prepare_cached("SELECT 1 FROM dkim_recipients WHERE hash = ?1 AND recipient = ?2")?;
+    for r in &c.recipients {
+        known += usize::from(
+            st.query_row(params![&c.key[..], r], |_| Ok(()))
+                .optional()?
+                .is_some(),
+        );
+    }
+    Ok(Some(Seen {
+        first_seen: first_seen as u64,
+        node,
+        inserted: false,
+        known,
+    }))
 }
 
 /// One check inside the writer's transaction. IMMEDIATE (above): the read must not be
 /// upgraded to a write after the activity recorder (another connection to the same
 /// file) wrote, which SQLite answers with "busy" at once, whatever the busy timeout.
 fn remember(tx: &rusqlite::Transaction<'_>, c: &Check) -> Result<Seen, rusqlite::Error> {
-    let found: Option<(i64, String)> = tx
-        .prepare_cached("SELECT first_seen, node FROM dkim_signatures WHERE hash = ?1")?
-        .query_row([&c.key[..]], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?;
-    let seen = match found {
-        Some((first_seen, node)) => {
-            let mut known = 0;
-            let mut st = tx.prepare_cached(
-                "SELECT 1 FROM dkim_recipients WHERE hash = ?1 AND recipient = ?2",
-            )?;
-            for r in &c.recipients {
-                known += usize::from(
-                    st.query_row(params![&c.key[..], r], |_| Ok(()))
-                        .optional()?
-                        .is_some(),
-                );
-            }
-            Seen {
-                first_seen: first_seen as u64,
-                node,
-                inserted: false,
-                known,
-            }
-        }
+    let seen = match lookup(tx, c)? {
+        Some(seen) => seen,
         None => {
             tx.prepare_cached(
                 "INSERT INTO dkim_signatures(hash, domain, first_seen, node) VALUES(?1, ?2, ?3, ?4)",
