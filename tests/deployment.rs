@@ -540,6 +540,10 @@ fn the_image_runtime_runs_the_default_configuration() {
     let config = dir.join("smartrelay.toml");
     std::fs::write(&config, text).unwrap();
 
+    // Installed outside the checkout, as the image installs it: the unprivileged user
+    // need not reach into the build tree.
+    let installed = dir.join("smartrelay");
+    std::fs::copy(bin(), &installed).unwrap();
     let uid: u32 = user.parse().expect("USER by number");
     let root = current_uid() == 0;
     let mut command = if root {
@@ -552,11 +556,11 @@ fn the_image_runtime_runs_the_default_configuration() {
             format!("--reuid={uid}"),
             format!("--regid={uid}"),
             "--clear-groups".into(),
-            bin().to_string(),
+            installed.display().to_string(),
         ]);
         c
     } else {
-        std::process::Command::new(bin())
+        std::process::Command::new(&installed)
     };
     // The image's WORKDIR, moved like the paths in the configuration.
     command.current_dir(workdir.replace("/var/lib/smartrelay", &state.display().to_string()));
