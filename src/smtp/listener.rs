@@ -264,22 +264,34 @@ impl<I: Intake, P: SenderPolicy> Listener<I, P> {
         let peer_ip = peer.ip().to_canonical();
         let rules = self.rules.get();
         if *phase.borrow() == Phase::Draining {
-            // Whoever it is, a client or a balancer's check (PROXY header or not): one
-            // non-blocking write, so the balancer marks this node down and the client
-            // goes to another.
             metrics::counter!(crate::telemetry::CONNECTIONS_REFUSED_TOTAL, "reason" => "draining")
                 .increment(1);
             if implicit_tls {
                 // A TLS client would read a plain reply as a broken handshake anyway.
                 return;
             }
-            let _ = stream.try_write(
-                format!(
-                    "421 4.3.0 {} is draining, try another server\r\n",
-                    rules.context.cfg.hostname
-                )
-                .as_bytes(),
+            let reply = format!(
+                "421 4.3.0 {} is draining, try another server\r\n",
+                rules.context.cfg.hostname
             );
+            // Whoever it is, a client or a balancer's check: the 421 and a clean close,
+            // after the PROXY header a balancer sends first (closing on unread bytes
+            // would reset the connection, and a balancer may take a reset for a failed
+            // connect and send the client to this node again). On the refusals' budget;
+            // past it one non-blocking write.
+            let Some(admission) = self.gate.admit_refused(peer_ip) else {
+                let _ = stream.try_write(reply.as_bytes());
+                return;
+            };
+            let balancer = rules.proxy.trusted.iter().any(|n| n.contains(&peer_ip));
+            let timeout = rules.proxy.timeout;
+            self.sessions.spawn(async move {
+                if balancer {
+                    let _ = proxy::read_header(&mut stream, timeout).await;
+                }
+                close_with(stream, reply.as_bytes()).await;
+                drop(admission);
+            });
             return;
         }
         if !rules.proxy.trusted.iter().any(|n| n.contains(&peer_ip)) {
@@ -457,6 +469,23 @@ async fn refuse_politely(stream: TcpStream, ip: IpAddr, hostname: &str) {
         }
     })
     .await;
+}
+
+/// Writes `reply` and closes: FIN after it, and what the peer still sends read and
+/// dropped for up to a second, so the close never turns into a reset that could
+/// overtake the reply.
+async fn close_with(mut stream: TcpStream, reply: &[u8]) {
+    if stream.write_all(reply).await.is_err() {
+        return;
+    }
+    let _ = stream.shutdown().await;
+    let mut sink = [0u8; 512];
+    let until = Instant::now() + Duration::from_secs(1);
+    while let Ok(Ok(n)) = tokio::time::timeout_at(until.into(), stream.read(&mut sink)).await {
+        if n == 0 {
+            break;
+        }
+    }
 }
 
 /// A balancer's health check (PROXY v2 `LOCAL`): a greeting, EHLO/HELO and NOOP
