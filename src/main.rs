@@ -68,30 +68,7 @@ fn dispatch(args: Cli) -> Result<ExitCode> {
             cli::onboarding(action, remote).map(|_| ExitCode::SUCCESS)
         }
         Command::Reload { remote } => cli::reload(remote).map(|_| ExitCode::SUCCESS),
-        Command::Trace {
-            message_id,
-            queue_id,
-            sender,
-            recipient,
-            status,
-            since,
-            until,
-            limit,
-            remote,
-        } => cli::trace(
-            cli::TraceSearch {
-                message_id,
-                queue_id,
-                sender,
-                recipient,
-                status,
-                since,
-                until,
-                limit,
-            },
-            remote,
-        )
-        .map(|_| ExitCode::SUCCESS),
+        Command::Trace { search, remote } => cli::trace(search, remote).map(|_| ExitCode::SUCCESS),
         Command::Restricted { action, remote } => {
             cli::restricted(action, remote).map(|_| ExitCode::SUCCESS)
         }

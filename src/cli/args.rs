@@ -45,24 +45,8 @@ pub enum Command {
     /// What happened to a message (tracking), from the running instance: one match
     /// prints its timeline, several one line each.
     Trace {
-        #[arg(long)]
-        message_id: Option<String>,
-        #[arg(long)]
-        queue_id: Option<String>,
-        #[arg(long)]
-        sender: Option<String>,
-        #[arg(long)]
-        recipient: Option<String>,
-        /// queued, deferred, delivered, bounced, held, expired, removed, refused, partial.
-        #[arg(long)]
-        status: Option<String>,
-        /// 2h (ago), 2026-12-01 or RFC 3339.
-        #[arg(long)]
-        since: Option<String>,
-        #[arg(long)]
-        until: Option<String>,
-        #[arg(long, default_value_t = 100)]
-        limit: usize,
+        #[command(flatten)]
+        search: TraceSearch,
         #[command(flatten)]
         remote: Remote,
     },
@@ -271,4 +255,27 @@ pub fn log_format(cfg: &Config, flag: Option<Format>) -> LogFormat {
         Some(Format::Text) => LogFormat::Text,
         None => cfg.log.format,
     }
+}
+
+/// What `trace` searches by.
+#[derive(Args)]
+pub struct TraceSearch {
+    #[arg(long)]
+    pub message_id: Option<String>,
+    #[arg(long)]
+    pub queue_id: Option<String>,
+    #[arg(long)]
+    pub sender: Option<String>,
+    #[arg(long)]
+    pub recipient: Option<String>,
+    /// queued, deferred, delivered, bounced, held, expired, removed, refused, partial.
+    #[arg(long)]
+    pub status: Option<String>,
+    /// 2h (ago), 2026-12-01 or RFC 3339.
+    #[arg(long)]
+    pub since: Option<String>,
+    #[arg(long)]
+    pub until: Option<String>,
+    #[arg(long, default_value_t = 100)]
+    pub limit: usize,
 }

@@ -8,4 +8,4 @@ mod remote;
 
 pub use args::*;
 pub use local::{shared_range_overlaps, spf, trusted};
-pub use remote::{onboarding, queue, reload, restricted, trace, TraceSearch};
+pub use remote::{onboarding, queue, reload, restricted, trace};

@@ -165,18 +165,6 @@ pub fn queue(action: QueueCmd, remote: Remote) -> Result<()> {
     Ok(())
 }
 
-/// What `trace` searches by.
-pub struct TraceSearch {
-    pub message_id: Option<String>,
-    pub queue_id: Option<String>,
-    pub sender: Option<String>,
-    pub recipient: Option<String>,
-    pub status: Option<String>,
-    pub since: Option<String>,
-    pub until: Option<String>,
-    pub limit: usize,
-}
-
 pub fn trace(search: TraceSearch, remote: Remote) -> Result<()> {
     let api = Api::new(&remote)?;
     let mut q: Vec<(&str, String)> = [
