@@ -284,6 +284,7 @@ fn sign_in_is_a_session_that_expires_and_wrong_tokens_back_off() {
     let burst: Vec<u16> = (0..20).map(|i| login(&format!("wrong-{i}"))).collect();
     assert!(burst.iter().all(|s| *s == 429), "{burst:?}");
     assert_eq!(login(TOKEN), 429, "even the right token waits its turn");
+    assert!(relay.wait_log(T, |l| l["message"] == "admin sign-in with a wrong token"));
     let wrong = relay
         .log_json()
         .iter()

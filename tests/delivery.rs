@@ -116,6 +116,12 @@ fn region_follows_each_domains_spf_include() {
         ),
         (1, 1, 1)
     );
+    assert!(wait_until(T, || relay
+        .log_json()
+        .iter()
+        .filter(|l| l["message"] == "routed")
+        .count()
+        >= 3));
     let routed: Vec<(String, String)> = relay
         .log_json()
         .iter()
@@ -255,11 +261,10 @@ fn failover_when_the_first_host_is_down() {
     }
     assert_eq!(up.wait_messages(4, T).len(), 4);
     assert!(relay.wait_queue_empty(T));
-    assert!(relay
-        .log_json()
-        .iter()
-        .any(|l| l["message"] == "smart host failed, trying the next"
-            && l["host"] == format!("127.0.0.1:{dead}").as_str()));
+    assert!(
+        relay.wait_log(T, |l| l["message"] == "smart host failed, trying the next"
+            && l["host"] == format!("127.0.0.1:{dead}").as_str())
+    );
 }
 
 #[test]
@@ -401,10 +406,8 @@ fn no_dsn_for_the_null_sender() {
     assert!(relay.wait_queue_empty(T));
     let msgs = up.messages();
     assert_eq!(msgs.len(), 1, "only the NDR itself, no bounce of a bounce");
-    assert!(relay
-        .log_json()
-        .iter()
-        .any(|l| l["status"] == "bounced" && l["to"] == "bad@partner.test"));
+    assert!(relay.wait_log(T, |l| l["status"] == "bounced"
+        && l["to"] == "bad@partner.test"));
     assert!(!relay
         .log_json()
         .iter()
@@ -820,7 +823,7 @@ fn a_host_that_never_greets_times_out_and_the_next_one_delivers() {
         started.elapsed() >= Duration::from_secs(1),
         "the silent host was tried first"
     );
-    assert!(relay.log_json().iter().any(|l| l["error"]
+    assert!(relay.wait_log(T, |l| l["error"]
         .as_str()
         .unwrap_or("")
         .contains("timed out during greeting")));

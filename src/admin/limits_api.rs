@@ -98,6 +98,7 @@ pub async fn lift(st: &Admin, kv: &KeyValue, how: Settle) -> Result<LiftReply, A
     if value.is_empty() {
         return Err(ApiError::bad_request("value is required"));
     }
+    let _settling = st.limits.settling().await;
     let lifted = st
         .limits
         .lift(key, &value, how)

@@ -82,6 +82,7 @@ pub(super) async fn start_limits(
         move || {
             let (limits, queue) = (limits.clone(), queue.clone());
             async move {
+                let _settling = limits.settling().await;
                 for l in limits.sync().await {
                     queue.settle_held(l.key, &l.value, l.how).await;
                 }

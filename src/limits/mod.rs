@@ -100,6 +100,10 @@ pub struct Limits {
     state: Mutex<State>,
     store: Store,
     events: EventBus,
+    /// Held by whoever lifts a restriction and settles its held mail (an operator's
+    /// release, or a sync that found a lift): one at a time, so a sync never releases
+    /// part of the mail an operator is releasing and the operator hears the whole count.
+    settling: tokio::sync::Mutex<()>,
 }
 
 impl Limits {
@@ -109,6 +113,7 @@ impl Limits {
             state: Mutex::new(State::default()),
             store,
             events,
+            settling: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -291,6 +296,11 @@ impl Limits {
     /// the store), the key value's counters start again, and the trusted list is told.
     /// The caller settles this node's held mail; other nodes do theirs at their next
     /// sync. `None` when the key value was not restricted.
+    /// Taken around a lift (or a sync) and the settling of its held mail.
+    pub async fn settling(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.settling.lock().await
+    }
+
     pub async fn lift(
         &self,
         key: LimitKey,
@@ -469,11 +479,19 @@ impl Limits {
                         let rules = self.rules_keyed(id.0);
                         st.counts.reset(&rules, &id.1);
                     }
-                    lifted.push(Lifted {
-                        key: id.0,
-                        value: id.1,
-                        how,
-                    });
+                    // Its held mail is this lift's only while no restriction made here
+                    // since holds it.
+                    let newer = st
+                        .restricted
+                        .get(&id)
+                        .is_some_and(|r| r.since > row.updated);
+                    if !newer {
+                        lifted.push(Lifted {
+                            key: id.0,
+                            value: id.1,
+                            how,
+                        });
+                    }
                 }
             }
         }

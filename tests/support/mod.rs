@@ -264,6 +264,18 @@ impl Relay {
             .collect()
     }
 
+    /// The log so far, joined, once `pred` holds for it: lines are written by the
+    /// relay's log thread, a moment after the reply they go with.
+    pub fn logs_when(&self, pred: impl Fn(&str) -> bool) -> String {
+        let mut text = String::new();
+        let seen = wait_until(Duration::from_secs(10), || {
+            text = self.logs().join("\n");
+            pred(&text)
+        });
+        assert!(seen, "the log never showed it:\n{text}");
+        text
+    }
+
     pub fn wait_log(&self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> bool {
         wait_until(timeout, || self.log_json().iter().any(&pred))
     }
