@@ -374,3 +374,54 @@ fn any_node_answers_for_every_node() {
     assert_eq!(found.len(), 1);
     assert_eq!(found[0]["node"], "a.relay.test");
 }
+
+/// A PostgreSQL database written before timelines were kept as arrays: the lines it
+/// holds read back the same through the API once a relay has migrated it.
+#[test]
+fn lines_kept_one_per_row_survive_the_postgres_migration() {
+    let dir = tmpdir("tracking-pg-migration");
+    let pg = Pg::start("tracking-migration");
+    let first = smartrelay::store::schema::TRACKING.migrations[0].postgres;
+    let id = "661F95FE027980000000";
+    // Recent: the relay prunes what is older than its retention when it starts.
+    let at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    pg.query(&format!(
+        "{first};
+         CREATE TABLE smartrelay_schema_versions(name TEXT PRIMARY KEY, version BIGINT NOT NULL);
+         INSERT INTO smartrelay_schema_versions VALUES('tracking', 1);
+         INSERT INTO tracked_messages VALUES('{id}', 'old.relay.test', {at}, '127.0.0.1', 'h',
+            NULL, 'dedicated', 'a@example.test', 'm@x', 10, NULL, 'deferred');
+         INSERT INTO tracked_recipients VALUES('{id}', 'b@p.test', 'deferred');
+         INSERT INTO tracked_events(queue_id, at, type, recipient, detail)
+            VALUES('{id}', {at}, 'received', NULL, '{{\"size\":10}}'),
+                  ('{id}', {at} + 1, 'deferred', 'b@p.test',
+                   '{{\"reply\":\"451 4.3.0 later\",\"host\":null,\"tls\":false}}');"
+    ));
+    let up = Upstream::start(&dir, &[]);
+    let relay = Relay::start(
+        &Cfg::new(&dir, &up.addr())
+            .set("store", "kind", "\"postgres\"")
+            .set("store", "url", &format!("\"{}\"", pg.url())),
+    );
+    let rec = record(&relay, id);
+    assert_eq!(types(&rec), ["received", "deferred"], "{rec}");
+    assert_eq!(rec["events"][0]["size"], 10);
+    assert_eq!(rec["events"][1]["recipient"], "b@p.test");
+    assert_eq!(rec["events"][1]["reply"], "451 4.3.0 later");
+    assert_eq!(
+        rec["recipients"][0]["attempts"][0]["reply"],
+        "451 4.3.0 later"
+    );
+    // New lines get ids after the ones carried over.
+    assert_eq!(
+        pg.query("SELECT nextval(pg_get_serial_sequence('tracked_lines', 'id')) > 2"),
+        "t"
+    );
+    assert_eq!(
+        pg.query("SELECT to_regclass('tracked_events') IS NULL"),
+        "t"
+    );
+}

@@ -189,13 +189,14 @@ pub const LIMITS: Schema = Schema {
 };
 
 /// Message tracking (`tracking.database`): one row per message, one per recipient,
-/// and the timeline. Searches by Message-ID, sender and recipient use their indexes;
+/// and the timeline in arrays of lines. Searches by Message-ID, sender and recipient use their indexes;
 /// `sender` and `address` are kept lower-case for them.
 pub const TRACKING: Schema = Schema {
     name: "tracking",
     probe: "tracked_messages",
-    migrations: &[Migration {
-        sqlite: "CREATE TABLE tracked_messages(
+    migrations: &[
+        Migration {
+            sqlite: "CREATE TABLE tracked_messages(
             queue_id TEXT PRIMARY KEY,
             node TEXT NOT NULL,
             received_at INTEGER NOT NULL,
@@ -225,7 +226,7 @@ pub const TRACKING: Schema = Schema {
             recipient TEXT,
             detail TEXT NOT NULL);
          CREATE INDEX tracked_events_queue_id ON tracked_events(queue_id, id);",
-        postgres: "CREATE TABLE tracked_messages(
+            postgres: "CREATE TABLE tracked_messages(
             queue_id TEXT PRIMARY KEY,
             node TEXT NOT NULL,
             received_at BIGINT NOT NULL,
@@ -255,7 +256,43 @@ pub const TRACKING: Schema = Schema {
             recipient TEXT,
             detail TEXT NOT NULL);
          CREATE INDEX tracked_events_queue_id ON tracked_events(queue_id, id);",
-    }],
+        },
+        // A message's timeline as arrays of lines, one row per message and batch (most
+        // messages: one row) instead of one row per line: the recorder's inserts were
+        // most of what tracking cost the relay. (Not in the message's row: its table is
+        // what searches without an index scan, and it must stay narrow.) Lines already
+        // kept become one-line arrays.
+        Migration {
+            sqlite: "CREATE TABLE tracked_lines(
+            id INTEGER PRIMARY KEY,
+            queue_id TEXT NOT NULL,
+            at INTEGER NOT NULL,
+            lines TEXT NOT NULL);
+         CREATE INDEX tracked_lines_queue_id ON tracked_lines(queue_id, id);
+         INSERT INTO tracked_lines(id, queue_id, at, lines)
+            SELECT id, queue_id, at,
+                   json_array(json_patch(detail,
+                       json_object('at', at, 'type', type, 'recipient', recipient)))
+            FROM tracked_events;
+         DROP TABLE tracked_events;",
+            postgres: "CREATE TABLE tracked_lines(
+            id BIGSERIAL PRIMARY KEY,
+            queue_id TEXT NOT NULL,
+            at BIGINT NOT NULL,
+            lines TEXT NOT NULL);
+         CREATE INDEX tracked_lines_queue_id ON tracked_lines(queue_id, id);
+         INSERT INTO tracked_lines(id, queue_id, at, lines)
+            SELECT id, queue_id, at,
+                   jsonb_build_array(detail::jsonb
+                       || jsonb_build_object('at', at, 'type', type)
+                       || CASE WHEN recipient IS NULL THEN '{}'::jsonb
+                               ELSE jsonb_build_object('recipient', recipient) END)::text
+            FROM tracked_events;
+         SELECT setval(pg_get_serial_sequence('tracked_lines', 'id'),
+                       COALESCE((SELECT MAX(id) FROM tracked_lines), 0) + 1, false);
+         DROP TABLE tracked_events;",
+        },
+    ],
 };
 
 /// Every schema PostgreSQL holds, in the order they are migrated.

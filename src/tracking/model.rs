@@ -2,12 +2,13 @@
 //! changes a batch of events makes (pure), the statuses and their summary, and the
 //! searches.
 
+use std::collections::HashMap;
 use std::future::Future;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::envelope::{Millis, QueueId};
+use crate::envelope::{HoldReason, Millis, QueueId};
 use crate::events::{Event, Outcome};
 use crate::store::StoreError;
 
@@ -146,22 +147,108 @@ pub struct NewMessage {
     pub message_id: Option<String>,
     pub size: u64,
     pub subject: Option<String>,
-    pub recipients: Vec<String>,
-    /// Every recipient's first status.
+    /// Each recipient and where it stands when the row is written.
+    pub recipients: Vec<(String, Status)>,
+    /// The message's summary of them.
     pub status: Status,
+}
+
+/// A timeline line's own fields, stored as a JSON object. Typed rather than built as a
+/// `serde_json::Value`: the recorder writes several of these per message, and a map of
+/// boxed values cost it more than the rows' inserts.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Detail {
+    Received {
+        size: u64,
+    },
+    Refused {
+        reply: String,
+    },
+    Held {
+        reason: HoldReason,
+    },
+    Routed {
+        route: String,
+        spf: &'static str,
+    },
+    /// One connection's try for some recipients.
+    Attempt {
+        route: String,
+        host: Option<String>,
+        tls: bool,
+        duration_ms: u64,
+        recipients: usize,
+    },
+    /// One recipient's result of an attempt (or its expiry).
+    Result {
+        route: Option<String>,
+        host: Option<String>,
+        tls: bool,
+        reply: String,
+        duration_ms: u64,
+    },
+    Dsn {
+        dsn_id: QueueId,
+        action: &'static str,
+    },
+    /// Released or removed: the type says it all.
+    Empty {},
+}
+
+/// One line of a timeline, stored as the API shows it: `at`, `type`, the recipient
+/// (lower-case) when the line is about one, and the type's own fields.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Line {
+    pub at: Millis,
+    #[serde(rename = "type")]
+    pub kind: EventType,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recipient: Option<String>,
+    #[serde(flatten)]
+    pub detail: Detail,
+}
+
+/// Lines as they are stored: one JSON array per message and batch.
+pub fn lines_json(lines: &[Line]) -> String {
+    // Plain fields only: serializing cannot fail.
+    serde_json::to_string(lines).unwrap_or_else(|_| "[]".into())
+}
+
+/// The lines of one stored array; a line that is not an object with `at` and `type`
+/// (which no relay writes) is left out rather than failing the whole record.
+pub fn parse_lines(text: &str) -> Vec<TimelineEvent> {
+    let Ok(lines) = serde_json::from_str::<Vec<serde_json::Map<String, Value>>>(text) else {
+        return Vec::new();
+    };
+    lines
+        .into_iter()
+        .filter_map(|mut line| {
+            let at = line.remove("at")?.as_u64()?;
+            let kind = line.remove("type")?.as_str()?.to_string();
+            let recipient = match line.remove("recipient") {
+                Some(Value::String(r)) => Some(r),
+                _ => None,
+            };
+            Some(TimelineEvent {
+                at,
+                kind,
+                recipient,
+                detail: line,
+            })
+        })
+        .collect()
 }
 
 /// One change a batch makes to the store, in event order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
     Message(Box<NewMessage>),
-    /// A line of the timeline; `detail` holds the type's own fields.
-    Event {
+    /// Lines of a message's timeline, in order: one as an event makes them, all of a
+    /// batch's once folded.
+    Lines {
         id: QueueId,
-        at: Millis,
-        kind: EventType,
-        recipient: Option<String>,
-        detail: Value,
+        lines: Vec<Line>,
     },
     /// One recipient's new status.
     Recipient {
@@ -181,7 +268,7 @@ impl Change {
     pub fn id(&self) -> &QueueId {
         match self {
             Change::Message(m) => &m.id,
-            Change::Event { id, .. } | Change::Recipient { id, .. } | Change::Move { id, .. } => id,
+            Change::Lines { id, .. } | Change::Recipient { id, .. } | Change::Move { id, .. } => id,
         }
     }
 }
@@ -211,14 +298,16 @@ fn event(
     at: Millis,
     kind: EventType,
     recipient: Option<&str>,
-    detail: Value,
+    detail: Detail,
 ) -> Change {
-    Change::Event {
+    Change::Lines {
         id: id.clone(),
-        at,
-        kind,
-        recipient: recipient.map(str::to_string),
-        detail,
+        lines: vec![Line {
+            at,
+            kind,
+            recipient: recipient.map(str::to_ascii_lowercase),
+            detail,
+        }],
     }
 }
 
@@ -243,7 +332,7 @@ pub fn changes(ev: &Event, keep: &Keep, out: &mut Vec<Change>) {
                 message_id: bare_id(&a.message_id),
                 size: a.size,
                 subject: a.subject.clone().filter(|_| keep.subjects),
-                recipients: a.recipients.clone(),
+                recipients: a.recipients.iter().map(|r| (r.clone(), status)).collect(),
                 status,
             })));
             out.push(event(
@@ -251,7 +340,7 @@ pub fn changes(ev: &Event, keep: &Keep, out: &mut Vec<Change>) {
                 a.at,
                 EventType::Received,
                 None,
-                json!({"size": a.size}),
+                Detail::Received { size: a.size },
             ));
             if let Some(reason) = &a.held {
                 out.push(event(
@@ -259,7 +348,9 @@ pub fn changes(ev: &Event, keep: &Keep, out: &mut Vec<Change>) {
                     a.at,
                     EventType::Held,
                     None,
-                    json!({"reason": reason}),
+                    Detail::Held {
+                        reason: reason.clone(),
+                    },
                 ));
             }
         }
@@ -276,7 +367,11 @@ pub fn changes(ev: &Event, keep: &Keep, out: &mut Vec<Change>) {
                 message_id: bare_id(&r.message_id),
                 size: r.size,
                 subject: r.subject.clone().filter(|_| keep.subjects),
-                recipients: r.recipients.clone(),
+                recipients: r
+                    .recipients
+                    .iter()
+                    .map(|a| (a.clone(), Status::Refused))
+                    .collect(),
                 status: Status::Refused,
             })));
             out.push(event(
@@ -284,7 +379,9 @@ pub fn changes(ev: &Event, keep: &Keep, out: &mut Vec<Change>) {
                 r.at,
                 EventType::Refused,
                 None,
-                json!({"reply": r.reply.to_string()}),
+                Detail::Refused {
+                    reply: r.reply.to_string(),
+                },
             ));
         }
         Event::Routed { id, route, spf, at } => out.push(event(
@@ -292,7 +389,10 @@ pub fn changes(ev: &Event, keep: &Keep, out: &mut Vec<Change>) {
             *at,
             EventType::Routed,
             None,
-            json!({"route": route, "spf": spf.label()}),
+            Detail::Routed {
+                route: route.clone(),
+                spf: spf.label(),
+            },
         )),
         Event::Delivery(r) => {
             if !r.expired {
@@ -302,8 +402,13 @@ pub fn changes(ev: &Event, keep: &Keep, out: &mut Vec<Change>) {
                         r.at,
                         EventType::Attempt,
                         None,
-                        json!({"route": route, "host": r.host, "tls": r.tls,
-                               "duration_ms": r.duration_ms, "recipients": r.results.len()}),
+                        Detail::Attempt {
+                            route: route.clone(),
+                            host: r.host.clone(),
+                            tls: r.tls,
+                            duration_ms: r.duration_ms,
+                            recipients: r.results.len(),
+                        },
                     ));
                 }
             }
@@ -324,8 +429,13 @@ pub fn changes(ev: &Event, keep: &Keep, out: &mut Vec<Change>) {
                     r.at,
                     kind,
                     Some(&res.address),
-                    json!({"route": r.route, "host": r.host, "tls": r.tls,
-                           "reply": res.reply.to_string(), "duration_ms": r.duration_ms}),
+                    Detail::Result {
+                        route: r.route.clone(),
+                        host: r.host.clone(),
+                        tls: r.tls,
+                        reply: res.reply.to_string(),
+                        duration_ms: r.duration_ms,
+                    },
                 ));
             }
         }
@@ -339,7 +449,10 @@ pub fn changes(ev: &Event, keep: &Keep, out: &mut Vec<Change>) {
             *at,
             EventType::Dsn,
             None,
-            json!({"dsn_id": dsn_id, "action": action}),
+            Detail::Dsn {
+                dsn_id: dsn_id.clone(),
+                action,
+            },
         )),
         Event::Held { id, reason, at } => {
             out.push(Change::Move {
@@ -352,7 +465,9 @@ pub fn changes(ev: &Event, keep: &Keep, out: &mut Vec<Change>) {
                 *at,
                 EventType::Held,
                 None,
-                json!({"reason": reason}),
+                Detail::Held {
+                    reason: reason.clone(),
+                },
             ));
         }
         Event::Released { id, at } => {
@@ -361,7 +476,7 @@ pub fn changes(ev: &Event, keep: &Keep, out: &mut Vec<Change>) {
                 from: &[Status::Held],
                 to: Status::Queued,
             });
-            out.push(event(id, *at, EventType::Released, None, json!({})));
+            out.push(event(id, *at, EventType::Released, None, Detail::Empty {}));
         }
         Event::Removed { id, at } => {
             out.push(Change::Move {
@@ -369,10 +484,79 @@ pub fn changes(ev: &Event, keep: &Keep, out: &mut Vec<Change>) {
                 from: &[Status::Queued, Status::Deferred, Status::Held],
                 to: Status::Removed,
             });
-            out.push(event(id, *at, EventType::Removed, None, json!({})));
+            out.push(event(id, *at, EventType::Removed, None, Detail::Empty {}));
         }
         _ => {}
     }
+}
+
+/// A batch as the store should write it, with fewer rows. Most messages are received
+/// and delivered within one batch, and every row saved is an insert or an update into
+/// pages the store writes:
+/// - a message's timeline lines of the batch become one array, one row;
+/// - a recipient's new status, or a move of several, is folded into its message's row
+///   when that row is written in the same batch (saving, besides the update, a read of
+///   the message's recipients and an update of its summary).
+///
+/// What cannot be folded (the row was written by an earlier batch) is left as it was,
+/// in order.
+pub fn fold(batch: Vec<Change>) -> Vec<Change> {
+    let mut out: Vec<Change> = Vec::with_capacity(batch.len());
+    // Where each message's row, and each message's lines, sit in `out`.
+    let mut rows: HashMap<QueueId, usize> = HashMap::with_capacity(batch.len() / 4);
+    let mut timelines: HashMap<QueueId, usize> = HashMap::with_capacity(batch.len() / 4);
+    for change in batch {
+        if let Change::Lines { id, lines } = change {
+            match timelines.get(&id).and_then(|&i| out.get_mut(i)) {
+                Some(Change::Lines { lines: first, .. }) => first.extend(lines),
+                _ => {
+                    timelines.insert(id.clone(), out.len());
+                    out.push(Change::Lines { id, lines });
+                }
+            }
+            continue;
+        }
+        let row = match rows.get(change.id()).and_then(|&i| out.get_mut(i)) {
+            Some(Change::Message(m)) => m,
+            _ => {
+                if let Change::Message(m) = &change {
+                    rows.insert(m.id.clone(), out.len());
+                }
+                out.push(change);
+                continue;
+            }
+        };
+        let folded = match &change {
+            Change::Recipient {
+                address, status, ..
+            } => {
+                let mut found = false;
+                for (a, s) in row.recipients.iter_mut() {
+                    if a.eq_ignore_ascii_case(address) {
+                        *s = *status;
+                        found = true;
+                    }
+                }
+                found
+            }
+            Change::Move { from, to, .. } => {
+                for (_, s) in row.recipients.iter_mut() {
+                    if from.contains(s) {
+                        *s = *to;
+                    }
+                }
+                true
+            }
+            Change::Message(_) | Change::Lines { .. } => false,
+        };
+        if folded {
+            let all: Vec<Status> = row.recipients.iter().map(|(_, s)| *s).collect();
+            row.status = summarize(&all);
+        } else {
+            out.push(change);
+        }
+    }
+    out
 }
 
 /// A search as the caller asks it.
@@ -697,5 +881,139 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    fn message(id: &QueueId, rcpts: &[&str]) -> Change {
+        Change::Message(Box::new(NewMessage {
+            id: id.clone(),
+            node: "n".into(),
+            received_at: 1,
+            client: "127.0.0.1".into(),
+            helo: "h".into(),
+            tls: None,
+            proof: "dedicated".into(),
+            sender: "a@example.test".into(),
+            message_id: None,
+            size: 10,
+            subject: None,
+            recipients: rcpts
+                .iter()
+                .map(|r| (r.to_string(), Status::Queued))
+                .collect(),
+            status: Status::Queued,
+        }))
+    }
+
+    fn line(id: &QueueId, at: Millis, kind: EventType) -> Change {
+        event(id, at, kind, None, Detail::Empty {})
+    }
+
+    fn set(id: &QueueId, address: &str, status: Status) -> Change {
+        Change::Recipient {
+            id: id.clone(),
+            address: address.into(),
+            status,
+        }
+    }
+
+    #[test]
+    fn a_batch_folds_into_one_row_per_message_and_one_array_of_lines() {
+        let (a, b) = (QueueId::generate(), QueueId::generate());
+        let batch = vec![
+            message(&a, &["x@p.test", "Y@p.test"]),
+            line(&a, 1, EventType::Received),
+            line(&b, 2, EventType::Attempt),
+            set(&b, "z@p.test", Status::Delivered),
+            set(&a, "x@p.test", Status::Delivered),
+            line(&a, 3, EventType::Delivered),
+            set(&a, "y@p.test", Status::Deferred),
+            line(&a, 4, EventType::Deferred),
+            set(&a, "nobody@p.test", Status::Bounced),
+        ];
+        let out = fold(batch);
+        // b's row was written by an earlier batch: its update stays, in order.
+        assert_eq!(out.len(), 5, "{out:#?}");
+        let Change::Message(m) = &out[0] else {
+            panic!("{out:#?}")
+        };
+        assert_eq!(
+            m.recipients,
+            vec![
+                ("x@p.test".to_string(), Status::Delivered),
+                ("Y@p.test".to_string(), Status::Deferred)
+            ]
+        );
+        assert_eq!(m.status, Status::Deferred);
+        let Change::Lines { id, lines } = &out[1] else {
+            panic!("{out:#?}")
+        };
+        assert_eq!(id, &a);
+        let kinds: Vec<EventType> = lines.iter().map(|l| l.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                EventType::Received,
+                EventType::Delivered,
+                EventType::Deferred
+            ]
+        );
+        assert!(matches!(&out[2], Change::Lines { id, .. } if id == &b));
+        assert_eq!(out[3], set(&b, "z@p.test", Status::Delivered));
+        // An address the row does not have is not invented: the update stays.
+        assert_eq!(out[4], set(&a, "nobody@p.test", Status::Bounced));
+    }
+
+    #[test]
+    fn a_move_folds_into_its_row() {
+        let a = QueueId::generate();
+        let out = fold(vec![
+            message(&a, &["x@p.test"]),
+            Change::Move {
+                id: a.clone(),
+                from: &[Status::Queued, Status::Deferred],
+                to: Status::Held,
+            },
+        ]);
+        assert_eq!(out.len(), 1);
+        let Change::Message(m) = &out[0] else {
+            panic!("{out:#?}")
+        };
+        assert_eq!(m.status, Status::Held);
+        assert_eq!(m.recipients[0].1, Status::Held);
+    }
+
+    #[test]
+    fn lines_are_stored_as_the_api_shows_them() {
+        let id = QueueId::generate();
+        let Change::Lines { lines, .. } = event(
+            &id,
+            7,
+            EventType::Delivered,
+            Some("Bob@P.test"),
+            Detail::Result {
+                route: Some("eu".into()),
+                host: None,
+                tls: true,
+                reply: "250 Ok [Aj3Q.us32]".into(),
+                duration_ms: 12,
+            },
+        ) else {
+            panic!()
+        };
+        let text = lines_json(&lines);
+        let back = parse_lines(&text);
+        assert_eq!(back.len(), 1);
+        assert_eq!(back[0].at, 7);
+        assert_eq!(back[0].kind, "delivered");
+        assert_eq!(back[0].recipient.as_deref(), Some("bob@p.test"));
+        assert_eq!(back[0].detail["reply"], "250 Ok [Aj3Q.us32]");
+        assert_eq!(back[0].detail["host"], Value::Null);
+        assert!(!back[0].detail.contains_key("at"));
+        // What no relay writes is left out, not a failure.
+        assert!(parse_lines("not json").is_empty());
+        assert_eq!(
+            parse_lines(r#"[{"type":"x"},{"at":1,"type":"held"}]"#).len(),
+            1
+        );
     }
 }

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use tokio_postgres::types::ToSql;
 
 use super::model::{
-    summarize, Change, Query, RecipientStatus, Record, Rows, Status, Summary, TimelineEvent,
+    lines_json, parse_lines, summarize, Change, Query, RecipientStatus, Record, Rows, Status,
+    Summary,
 };
 use super::sql::{self, Param};
 use crate::envelope::Millis;
@@ -63,10 +64,7 @@ impl super::model::Backend for PgTracking {
             )
             .await?;
         let ev = tx
-            .prepare(
-                "INSERT INTO tracked_events(queue_id, at, type, recipient, detail)
-                 VALUES($1, $2, $3, $4, $5)",
-            )
+            .prepare("INSERT INTO tracked_lines(queue_id, at, lines) VALUES($1, $2, $3)")
             .await?;
         let set = tx
             .prepare(
@@ -98,32 +96,18 @@ impl super::model::Backend for PgTracking {
                         ],
                     )
                     .await?;
-                    for r in &m.recipients {
+                    for (r, status) in &m.recipients {
                         tx.execute(
                             &rcpt,
-                            &[&m.id.as_str(), &r.to_ascii_lowercase(), &m.status.label()],
+                            &[&m.id.as_str(), &r.to_ascii_lowercase(), &status.label()],
                         )
                         .await?;
                     }
                 }
-                Change::Event {
-                    id,
-                    at,
-                    kind,
-                    recipient,
-                    detail,
-                } => {
-                    tx.execute(
-                        &ev,
-                        &[
-                            &id.as_str(),
-                            &(*at as i64),
-                            &kind.label(),
-                            &recipient.as_ref().map(|r| r.to_ascii_lowercase()),
-                            &detail.to_string(),
-                        ],
-                    )
-                    .await?;
+                Change::Lines { id, lines } => {
+                    let at = lines.first().map_or(0, |l| l.at) as i64;
+                    tx.execute(&ev, &[&id.as_str(), &at, &lines_json(lines)])
+                        .await?;
                 }
                 Change::Recipient {
                     id,
@@ -233,17 +217,12 @@ impl super::model::Backend for PgTracking {
         };
         let events = c
             .query(
-                "SELECT at, type, recipient, detail FROM tracked_events WHERE queue_id = $1 ORDER BY id",
+                "SELECT lines FROM tracked_lines WHERE queue_id = $1 ORDER BY id",
                 &[&id],
             )
             .await?
             .iter()
-            .map(|r| TimelineEvent {
-                at: r.get::<_, i64>(0).max(0) as Millis,
-                kind: r.get(1),
-                recipient: r.get(2),
-                detail: serde_json::from_str(r.get::<_, &str>(3)).unwrap_or_default(),
-            })
+            .flat_map(|r| parse_lines(r.get::<_, &str>(0)))
             .collect();
         Ok(Some(Rows {
             recipients: recipients(&c, &id).await?,
@@ -263,7 +242,7 @@ impl super::model::Backend for PgTracking {
         )
         .await?;
         tx.execute(
-            "DELETE FROM tracked_events WHERE at < $1 OR queue_id IN
+            "DELETE FROM tracked_lines WHERE at < $1 OR queue_id IN
              (SELECT queue_id FROM tracked_messages WHERE received_at < $1)",
             &[&before],
         )

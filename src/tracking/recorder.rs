@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 
-use super::model::{changes, Change, Keep};
+use super::model::{changes, fold, Change, Keep};
 use super::Store;
 use crate::events::Event;
 
 /// Events per batch.
-pub const BATCH: usize = 512;
+pub const BATCH: usize = 16_384;
 /// How long a batch waits to fill.
 pub const FLUSH: Duration = Duration::from_secs(1);
 /// Changes kept while the store is down.
@@ -69,7 +69,9 @@ async fn flush(store: &Store, pending: &mut Vec<Change>) -> bool {
     if pending.is_empty() {
         return true;
     }
-    let batch = Arc::new(std::mem::take(pending));
+    // The next batch is likely about as large: growing it again costs page faults.
+    let next = Vec::with_capacity(pending.len());
+    let batch = Arc::new(fold(std::mem::replace(pending, next)));
     let started = Instant::now();
     match store.apply(batch.clone()).await {
         Ok(_) => {
