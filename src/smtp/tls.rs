@@ -40,13 +40,12 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
         reason: e.to_string(),
     })?;
     // TLS 1.2 and 1.3 only, as the platforms and the gateway use.
-    let config =
-        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .map_err(TlsError::Config)?
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .map_err(TlsError::Config)?;
+    let config = ServerConfig::builder_with_provider(crate::client_tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(TlsError::Config)?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(TlsError::Config)?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -56,7 +55,7 @@ pub fn expiry(cert: &CertificateDer<'_>) -> Option<i64> {
     Some(parsed.validity().not_after.timestamp())
 }
 
-/// "TLSv1.3 with cipher TLS13_AES_256_GCM_SHA384", for Received and logs.
+/// "using TLSv1.3 with cipher TLS13_AES_128_GCM_SHA256", for Received and logs.
 pub fn describe(conn: &rustls::CommonState) -> String {
     let version = match conn.protocol_version() {
         Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
