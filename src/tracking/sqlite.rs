@@ -56,8 +56,9 @@ impl SqliteTracking {
 
 /// The writer: batches in arrival order, on a thread that yields the CPU to the
 /// sessions and deliveries. On a saturated node the relay's own threads come first and
-/// tracking catches up when they idle (its batches wait in the recorder, bounded and
-/// counted); a node with CPU to spare sees no difference.
+/// tracking catches up when they idle: meanwhile its events wait on the bus, and past
+/// the bus's bound the deliveries publishing them wait (tracking loses no line). A node
+/// with CPU to spare sees no difference.
 fn serve(db: &Db, queue: &std::sync::mpsc::Receiver<Write>) {
     yield_cpu();
     while let Ok(w) = queue.recv() {
