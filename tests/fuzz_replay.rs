@@ -82,3 +82,8 @@ fn dns_txt() {
 fn admin() {
     replay("admin", targets::admin);
 }
+
+#[test]
+fn tracking_lines() {
+    replay("tracking_lines", targets::tracking_lines);
+}

@@ -464,3 +464,28 @@ pub fn admin(data: &[u8]) {
         assert!(origin_of(b).is_some());
     }
 }
+
+/// A timeline's stored lines as the tracking store reads them back
+/// (`tracking::model::parse_lines`). No input panics; a line read keeps no `at`, `type`
+/// or `recipient` among its own fields, and what was read, written out as the API shows
+/// it, reads back the same.
+pub fn tracking_lines(data: &[u8]) {
+    use smartrelay::tracking::model::parse_lines;
+    let text = String::from_utf8_lossy(data);
+    let lines = parse_lines(&text);
+    for l in &lines {
+        for key in ["at", "type", "recipient"] {
+            assert!(!l.detail.contains_key(key), "{key} left in {:?}", l.detail);
+        }
+    }
+    let shown = serde_json::to_string(&lines).expect("lines read are plain JSON");
+    let again = parse_lines(&shown);
+    assert_eq!(again.len(), lines.len(), "{shown}");
+    for (a, b) in lines.iter().zip(&again) {
+        assert_eq!(
+            (a.at, &a.kind, &a.recipient, &a.detail),
+            (b.at, &b.kind, &b.recipient, &b.detail),
+            "{shown}"
+        );
+    }
+}
