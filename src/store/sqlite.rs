@@ -71,6 +71,20 @@ impl Db {
     }
 }
 
+/// A store's writer thread: it owns `serve`, which takes requests from the returned
+/// sender until every clone of it is dropped (the store with it), and then ends.
+pub fn writer<T: Send + 'static>(
+    name: &str,
+    serve: impl FnOnce(std::sync::mpsc::Receiver<T>) + Send + 'static,
+) -> Result<std::sync::mpsc::Sender<T>, StoreError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || serve(rx))
+        .map_err(|e| StoreError::Task(format!("{name} writer not started: {e}")))?;
+    Ok(tx)
+}
+
 enum Migrate {
     Sql(rusqlite::Error),
     Newer(i64),

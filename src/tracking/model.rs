@@ -505,6 +505,8 @@ pub fn fold(batch: Vec<Change>) -> Vec<Change> {
     // Where each message's row, and each message's lines, sit in `out`.
     let mut rows: HashMap<QueueId, usize> = HashMap::with_capacity(batch.len() / 4);
     let mut timelines: HashMap<QueueId, usize> = HashMap::with_capacity(batch.len() / 4);
+    // Rows that took a status: their summaries are made once, at the end.
+    let mut summed: Vec<usize> = Vec::new();
     for change in batch {
         if let Change::Lines { id, lines } = change {
             match timelines.get(&id).and_then(|&i| out.get_mut(i)) {
@@ -516,7 +518,8 @@ pub fn fold(batch: Vec<Change>) -> Vec<Change> {
             }
             continue;
         }
-        let row = match rows.get(change.id()).and_then(|&i| out.get_mut(i)) {
+        let at = rows.get(change.id()).copied().unwrap_or(usize::MAX);
+        let row = match out.get_mut(at) {
             Some(Change::Message(m)) => m,
             _ => {
                 if let Change::Message(m) = &change {
@@ -550,10 +553,20 @@ pub fn fold(batch: Vec<Change>) -> Vec<Change> {
             Change::Message(_) | Change::Lines { .. } => false,
         };
         if folded {
-            let all: Vec<Status> = row.recipients.iter().map(|(_, s)| *s).collect();
-            row.status = summarize(&all);
+            summed.push(at);
         } else {
             out.push(change);
+        }
+    }
+    // A folded row's summary, once per row whatever number of statuses went into it.
+    summed.sort_unstable();
+    summed.dedup();
+    let mut all: Vec<Status> = Vec::new();
+    for i in summed {
+        if let Some(Change::Message(m)) = out.get_mut(i) {
+            all.clear();
+            all.extend(m.recipients.iter().map(|(_, s)| *s));
+            m.status = summarize(&all);
         }
     }
     out

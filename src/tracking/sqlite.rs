@@ -44,12 +44,8 @@ impl SqliteTracking {
             .pragma_update(None, "wal_autocheckpoint", CHECKPOINT_PAGES)
             .map_err(|e| StoreError::sqlite(path, e))?;
         let db = Arc::new(db);
-        let (writes, queue) = std::sync::mpsc::channel();
         let writer = db.clone();
-        std::thread::Builder::new()
-            .name("tracking-writer".into())
-            .spawn(move || serve(&writer, &queue))
-            .map_err(|e| StoreError::Task(format!("tracking writer not started: {e}")))?;
+        let writes = crate::store::sqlite::writer("tracking", move |queue| serve(&writer, &queue))?;
         Ok(SqliteTracking { db, writes })
     }
 }

@@ -36,12 +36,9 @@ impl SqliteSignatures {
     /// activity recorder.
     pub fn open(path: &Path) -> Result<SqliteSignatures, StoreError> {
         let db = Arc::new(Db::open(path, &[&schema::SIGNATURES], false)?);
-        let (checks, queue) = std::sync::mpsc::channel();
         let writer = db.clone();
-        std::thread::Builder::new()
-            .name("dkim-signatures".into())
-            .spawn(move || serve(&writer, &queue))
-            .map_err(|e| StoreError::Task(format!("signature writer not started: {e}")))?;
+        let checks =
+            crate::store::sqlite::writer("dkim-signatures", move |queue| serve(&writer, &queue))?;
         Ok(SqliteSignatures { db, checks })
     }
 }
