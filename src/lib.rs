@@ -27,6 +27,8 @@ pub mod pipeline;
 pub mod rate;
 pub mod regions;
 pub mod reload;
+#[cfg(test)]
+pub mod scratch;
 pub mod tasks;
 pub mod telemetry;
 

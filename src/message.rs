@@ -113,8 +113,7 @@ mod tests {
 
     #[test]
     fn a_spill_reads_back_and_goes_with_its_last_handle() {
-        let dir = std::env::temp_dir().join(format!("smartrelay-spill-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::scratch::dir("spill");
         let path = dir.join("m");
         std::fs::write(&path, b"Subject: x\r\n\r\nbody\r\n").unwrap();
         let file = File::open(&path).unwrap();

@@ -17,7 +17,8 @@ use support::*;
 const T: Duration = Duration::from_secs(30);
 const TOKEN: &str = "admin-s3cret-token";
 
-fn relay(name: &str, token: Option<&str>) -> (Relay, Upstream, support::dns::Dns) {
+/// The directory comes first so that it goes last, after the relay has stopped.
+fn relay(name: &str, token: Option<&str>) -> (TestDir, Relay, Upstream, support::dns::Dns) {
     let dir = tmpdir(name);
     let up = Upstream::start(&dir, &[]);
     // A DNS server that answers at once (nothing is published): the dashboard's SPF
@@ -29,7 +30,8 @@ fn relay(name: &str, token: Option<&str>) -> (Relay, Upstream, support::dns::Dns
     if let Some(t) = token {
         cfg = cfg.set("admin", "token", &format!("\"{t}\""));
     }
-    (Relay::start(&cfg), up, dns)
+    let relay = Relay::start(&cfg);
+    (dir, relay, up, dns)
 }
 
 fn refused_origin(relay: &Relay) -> f64 {
@@ -92,7 +94,7 @@ fn evil_pages() -> Vec<String> {
 
 #[test]
 fn pages_of_other_origins_drive_nothing_without_a_token() {
-    let (relay, up, _dns) = relay("csrf-open", None);
+    let (_dir, relay, up, _dns) = relay("csrf-open", None);
     let report = browser(&relay, None, &evil_pages(), false);
     assert_eq!(
         report["evil"],
@@ -115,7 +117,7 @@ fn pages_of_other_origins_drive_nothing_without_a_token() {
 
 #[test]
 fn pages_of_other_origins_drive_nothing_when_signed_in() {
-    let (relay, _up, _dns) = relay("csrf-token", Some(TOKEN));
+    let (_dir, relay, _up, _dns) = relay("csrf-token", Some(TOKEN));
     let report = browser(&relay, Some(TOKEN), &evil_pages(), true);
     assert_eq!(report["signed_in"], true, "{report}");
     assert_eq!(report["cookie_is_token"], false, "{report}");
@@ -171,7 +173,7 @@ fn raw(relay: &Relay, head: &str) -> (u16, String) {
 
 #[test]
 fn a_foreign_host_is_misdirected_and_pages_carry_their_policy() {
-    let (relay, _up, _dns) = relay("admin-host", None);
+    let (_dir, relay, _up, _dns) = relay("admin-host", None);
     let port = relay.admin.port();
     // DNS rebinding: a name that resolves to us, in a page of its own origin.
     let (status, _) = raw(
@@ -298,7 +300,7 @@ fn sign_in_is_a_session_that_expires_and_wrong_tokens_back_off() {
 
 #[test]
 fn share_is_rate_limited() {
-    let (relay, up, _dns) = relay("admin-share-rate", None);
+    let (_dir, relay, up, _dns) = relay("admin-share-rate", None);
     let share = |to: &str| {
         post_json(
             &relay.url("/api/v1/onboarding/share"),

@@ -557,7 +557,7 @@ fn the_image_runtime_runs_the_default_configuration() {
     let root = current_uid() == 0;
     let mut command = if root {
         use std::os::unix::fs::chown;
-        for p in [&dir, &state, &config, &certs.key, &certs.cert] {
+        for p in [&*dir, &state, &config, &certs.key, &certs.cert] {
             chown(p, Some(uid), Some(uid)).unwrap();
         }
         let mut c = std::process::Command::new("setpriv");

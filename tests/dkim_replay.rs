@@ -48,7 +48,7 @@ fn message(from: &str, subject: &str, date: &str) -> Vec<u8> {
 struct World {
     dns: Dns,
     key: Key,
-    dir: std::path::PathBuf,
+    dir: support::TestDir,
 }
 
 fn world(name: &str) -> World {

@@ -10,15 +10,17 @@ use std::time::Duration;
 use support::*;
 
 /// A relay whose smart host is a closed port: accepted mail stays in the queue.
-fn held_relay(name: &str) -> (Relay, Cfg) {
+/// The directory comes first so that it goes last, after the relay has stopped.
+fn held_relay(name: &str) -> (TestDir, Relay, Cfg) {
     let dir = tmpdir(name);
     let cfg = Cfg::new(&dir, &format!("127.0.0.1:{}", free_port()));
-    (Relay::start(&cfg), cfg)
+    let relay = Relay::start(&cfg);
+    (dir, relay, cfg)
 }
 
 #[test]
 fn swaks_session_is_queued_with_received_header() {
-    let (relay, cfg) = held_relay("swaks");
+    let (_dir, relay, cfg) = held_relay("swaks");
     let out = Command::new("swaks")
         .args([
             "--server",
@@ -104,7 +106,7 @@ fn client_outside_allowed_ranges_cannot_queue_anything() {
 
 #[test]
 fn sender_domain_policy_and_null_sender() {
-    let (relay, _) = held_relay("senders");
+    let (_dir, relay, _) = held_relay("senders");
     let mut c = Smtp::connect(relay.smtp);
     c.greet();
     let r = c.cmd("MAIL FROM:<mallory@elsewhere.test>");
@@ -154,7 +156,7 @@ fn size_and_recipient_limits() {
 
 #[test]
 fn bdat_binarymime_is_stored_byte_for_byte() {
-    let (relay, cfg) = held_relay("bdat");
+    let (_dir, relay, cfg) = held_relay("bdat");
     let mut c = Smtp::connect(relay.smtp);
     let ehlo = c.greet();
     assert!(
@@ -192,7 +194,7 @@ fn bdat_binarymime_is_stored_byte_for_byte() {
 
 #[test]
 fn bdat_chunk_without_recipients_is_consumed_and_refused() {
-    let (relay, _) = held_relay("bdat-norcpt");
+    let (_dir, relay, _) = held_relay("bdat-norcpt");
     let mut c = Smtp::connect(relay.smtp);
     c.greet();
     // The chunk's bytes look like commands; they must be swallowed as data.
@@ -206,7 +208,7 @@ fn bdat_chunk_without_recipients_is_consumed_and_refused() {
 
 #[test]
 fn smuggling_variants_never_produce_two_messages() {
-    let (relay, cfg) = held_relay("smuggling");
+    let (_dir, relay, cfg) = held_relay("smuggling");
     for sep in ["\n.\n", "\r.\r", "\n.\r\n", "\r\n.\n"] {
         let mut c = Smtp::connect(relay.smtp);
         c.greet();
@@ -278,7 +280,7 @@ fn bare_line_endings_can_be_refused() {
 
 #[test]
 fn pipelined_session_gets_every_reply_in_order() {
-    let (relay, _) = held_relay("pipelining");
+    let (_dir, relay, _) = held_relay("pipelining");
     let mut c = Smtp::connect(relay.smtp);
     c.greet();
     c.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<b@partner.test>\r\nRCPT TO:<bad address>\r\nRCPT TO:<c@partner.test>\r\nDATA\r\n");
@@ -514,7 +516,7 @@ fn idle_client_times_out_with_421() {
 
 #[test]
 fn sigterm_lets_a_transaction_finish_then_closes_with_421() {
-    let (mut relay, _) = held_relay("sigterm");
+    let (_dir, mut relay, _) = held_relay("sigterm");
     let mut idle = Smtp::connect(relay.smtp);
     idle.greet();
     let mut busy = Smtp::connect(relay.smtp);
@@ -662,7 +664,7 @@ fn shipped_example_configurations_are_valid() {
 /// the grace, with 421 4.4.2; so is a BDAT chunk that trickles in.
 #[test]
 fn slow_data_senders_are_cut_off() {
-    let (relay, _cfg) = held_relay("min-data-rate");
+    let (_dir, relay, _cfg) = held_relay("min-data-rate");
     for bdat in [false, true] {
         let mut c = Smtp::connect(relay.smtp);
         c.greet();

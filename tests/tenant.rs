@@ -32,6 +32,8 @@ struct World {
     rsa: Key,
     ed: Key,
     foreign: Key,
+    /// Last, so that it goes after the relay has stopped.
+    _dir: TestDir,
 }
 
 /// DNS publishes an RSA and an Ed25519 key for example.test (the organization's domain,
@@ -76,6 +78,7 @@ fn world(name: &str, upstream: &str) -> World {
         rsa,
         ed,
         foreign,
+        _dir: dir,
     }
 }
 

@@ -8,10 +8,7 @@ use crate::config::LimitConfig;
 use crate::rate::Rate;
 
 fn dir(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("smartrelay-limits-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    crate::scratch::dir(&format!("limits-{name}"))
 }
 
 fn rule(name: &str, key: LimitKey, action: LimitAction, rates: &[(&str, &str)]) -> LimitConfig {

@@ -277,8 +277,7 @@ mod tests {
     use super::*;
 
     fn bodies(name: &str, memory: u64, spill_at: u64) -> Arc<Bodies> {
-        let dir =
-            std::env::temp_dir().join(format!("smartrelay-body-{name}-{}", std::process::id()));
+        let dir = crate::scratch::dir(&format!("body-{name}"));
         Arc::new(Bodies::new(dir, memory, spill_at).unwrap())
     }
 

@@ -837,7 +837,7 @@ mod tests {
     fn bodies() -> Arc<Bodies> {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("smartrelay-conn-{}-{n}", std::process::id()));
+        let dir = crate::scratch::dir(&format!("conn-{n}"));
         Arc::new(Bodies::new(dir, 4 << 20, 1 << 20).unwrap())
     }
 

@@ -327,9 +327,7 @@ mod tests {
     /// read back the same after the migration, and new ones follow them.
     #[tokio::test]
     async fn lines_kept_one_per_row_survive_the_migration() {
-        let dir = std::env::temp_dir().join(format!("sr-tracking-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::scratch::dir("tracking-migration");
         let path = dir.join("tracking.sqlite3");
         let id = QueueId::generate();
         {

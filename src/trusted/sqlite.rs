@@ -276,13 +276,7 @@ mod tests {
     use std::time::Duration;
 
     fn store(name: &str) -> Store {
-        let p = std::env::temp_dir().join(format!(
-            "smartrelay-trusted-{name}-{}.sqlite3",
-            std::process::id()
-        ));
-        for ext in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{ext}", p.display()));
-        }
+        let p = crate::scratch::dir(&format!("trusted-{name}")).join("trusted.sqlite3");
         Store::open(&p).unwrap()
     }
 

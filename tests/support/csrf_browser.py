@@ -91,12 +91,14 @@ def main():
     ap.add_argument("--own", action="store_true")
     args = ap.parse_args()
     servers = [serve(u, args.admin) for u in args.evil]
+    # Chromium's profile goes with the run: the suite runs this several times per run.
+    profile = tempfile.TemporaryDirectory(prefix="smartrelay-chromium-")
     opts = webdriver.ChromeOptions()
     opts.binary_location = "/usr/bin/chromium"
     for flag in ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync",
-                 "--user-data-dir=" + tempfile.mkdtemp(prefix="smartrelay-chromium-")]:
+                 "--user-data-dir=" + profile.name]:
         opts.add_argument(flag)
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
     driver.set_page_load_timeout(30)
@@ -135,6 +137,7 @@ def main():
         driver.quit()
         for s in servers:
             s.shutdown()
+        profile.cleanup()
     print(json.dumps(out))
 
 

@@ -31,15 +31,44 @@ pub fn env_count(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// A fresh directory under the system temp dir, unique per test.
-pub fn tmpdir(name: &str) -> PathBuf {
+/// A test's own directory under the system temp dir. It goes when the test passes, so
+/// a suite run does not leave gigabytes of spools behind on a shared disk; it stays
+/// when the test fails (the drop runs while panicking), with the relay's log and spool
+/// in it for whoever reads the failure.
+pub struct TestDir(PathBuf);
+
+impl std::ops::Deref for TestDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TestDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("test directory kept for the failure: {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// A fresh directory for one test; see [`TestDir`].
+pub fn tmpdir(name: &str) -> TestDir {
     let n = COUNTER.fetch_add(1, Ordering::SeqCst);
     let d = std::env::temp_dir()
         .join("smartrelay-tests")
         .join(format!("{name}-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TestDir(d)
 }
 
 /// A port nobody listens on right now.

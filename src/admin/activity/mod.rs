@@ -538,8 +538,7 @@ mod tests {
 
     #[tokio::test]
     async fn flow_is_summarized() {
-        let dir = std::env::temp_dir().join(format!("smartrelay-activity-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = crate::scratch::dir("activity");
         let a = Arc::new(Activity::open(&dir.join("state.sqlite3")).unwrap());
         let now = now_ms();
         let ip: IpAddr = "10.1.2.3".parse().unwrap();
@@ -613,8 +612,7 @@ mod tests {
     /// `admin.retention`: rows older than it go, younger ones stay.
     #[tokio::test]
     async fn retention_prunes_old_sources_and_flow() {
-        let dir = std::env::temp_dir().join(format!("smartrelay-retention-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = crate::scratch::dir("activity-retention");
         let a = Arc::new(Activity::open(&dir.join("state.sqlite3")).unwrap());
         let day = 86_400_000u64;
         let now = now_ms();

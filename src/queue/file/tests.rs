@@ -23,9 +23,7 @@ fn append_holed(f: &mut File) -> Envelope {
 }
 
 fn tempdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("smartrelay-spool-{name}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&d);
-    d
+    crate::scratch::dir(&format!("spool-{name}"))
 }
 
 fn recovered(spool: &FileSpool) -> Vec<Recovered> {

@@ -229,8 +229,7 @@ mod tests {
     use super::*;
 
     fn store(name: &str) -> Arc<SqliteSignatures> {
-        let dir = std::env::temp_dir().join(format!("sr-sigs-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = crate::scratch::dir(&format!("sigs-{name}"));
         Arc::new(SqliteSignatures::open(&dir.join("state.sqlite3")).unwrap())
     }
 
