@@ -180,6 +180,8 @@ metrics! {
         "Smart hosts that could not take a delivery (connect, TLS, timeout, 421)";
     UPSTREAM_CONNECTIONS_TOTAL: Counter = "smartrelay_upstream_connections_total",
         "Upstream sessions opened, by route and whether TLS was used";
+    UPSTREAM_SESSION_LIMIT: Gauge = "smartrelay_upstream_session_limit",
+        "Sessions a smart host may have at once, as delivery.concurrency = \"adaptive\" has set it from the host's transaction times";
     UPSTREAM_TLS_HANDSHAKES_TOTAL: Counter = "smartrelay_upstream_tls_handshakes_total",
         "TLS handshakes with smart hosts by kind: full, or resumed from a session the host issued before";
     UPSTREAM_TRANSACTION_SECONDS: Histogram(Seconds) = "smartrelay_upstream_transaction_seconds",

@@ -867,3 +867,74 @@ fn a_reload_keeps_the_spf_answers_through_a_dns_outage() {
         "nothing went to the default region"
     );
 }
+
+/// Queues `n` messages over `sessions` parallel ingress sessions, faster than the smart
+/// host takes them, so that every session the relay may open to it is in use.
+fn flood(relay: &Relay, n: usize, sessions: usize) {
+    let addr = relay.smtp;
+    let workers: Vec<_> = (0..sessions)
+        .map(|w| {
+            std::thread::spawn(move || {
+                let mut c = Smtp::connect(addr);
+                c.greet();
+                for i in (w..n).step_by(sessions) {
+                    let r = c.mail(
+                        "a@example.test",
+                        &["x@partner.test"],
+                        &format!("Subject: {i}\r\n\r\nx"),
+                    );
+                    assert_eq!(r.code, 250, "{r:?}");
+                }
+                c.cmd("QUIT");
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+}
+
+fn session_limit(relay: &Relay, up: &Upstream) -> Option<f64> {
+    relay.metric(&format!(
+        "smartrelay_upstream_session_limit{{route=\"eu\",host=\"{}\"}}",
+        up.addr()
+    ))
+}
+
+/// `delivery.concurrency = "adaptive"`: a smart host that serves one message at a
+/// time (each waits for the ones before it) keeps few sessions, where the fixed limit
+/// opens all 32; a host whose time does not change with load (a far gateway) gets all
+/// 32. Every message arrives either way.
+#[test]
+fn adaptive_concurrency_follows_the_smart_host() {
+    let dir = tmpdir("adaptive-concurrency");
+    let run = |name: &str, mode: &str, args: &[&str], n: usize| {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let up = Upstream::start(&d, args);
+        let cfg = Cfg::new(&d, &up.addr())
+            .set("delivery", "max_connections_per_host", "32")
+            .set("delivery", "concurrency", &format!("\"{mode}\""));
+        let relay = Relay::start(&cfg);
+        flood(&relay, n, 8);
+        assert_eq!(up.wait_messages(n, Duration::from_secs(60)).len(), n);
+        assert!(relay.wait_queue_empty(T));
+        let opened = relay
+            .metric("smartrelay_upstream_connections_total{route=\"eu\",tls=\"no\"}")
+            .unwrap_or(0.0);
+        (session_limit(&relay, &up), opened)
+    };
+    let serial = ["--data-delay", "0.02", "--serial"];
+
+    let (limit, opened) = run("serial-adaptive", "adaptive", &serial, 300);
+    let limit = limit.expect("the limit is published");
+    assert!((2.0..=12.0).contains(&limit), "limit {limit}");
+    assert!(opened <= 12.0, "{opened} sessions opened");
+
+    let (limit, opened) = run("serial-fixed", "fixed", &serial, 300);
+    assert_eq!(limit, Some(32.0));
+    assert!(opened > 12.0, "{opened} sessions opened");
+
+    let (limit, _) = run("far-adaptive", "adaptive", &["--data-delay", "0.2"], 400);
+    assert_eq!(limit, Some(32.0));
+}

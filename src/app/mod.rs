@@ -242,6 +242,7 @@ pub async fn run(
         },
         PoolSettings {
             max_per_host: d.max_connections_per_host,
+            concurrency: d.concurrency,
             max_messages: d.connection_max_messages,
             max_age: d.connection_max_age.0,
             idle_timeout: d.idle_timeout.0,

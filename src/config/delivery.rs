@@ -49,6 +49,17 @@ impl Default for QueueConfig {
     }
 }
 
+/// `delivery.concurrency`: how many sessions each smart host gets (`deliver::concurrency`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConcurrencyMode {
+    /// From a few sessions up to `max_connections_per_host`, as long as the host keeps
+    /// up: fewer when its transactions slow down with more sessions.
+    Adaptive,
+    /// Always up to `max_connections_per_host` (the default).
+    Fixed,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeliveryConfig {
@@ -58,6 +69,7 @@ pub struct DeliveryConfig {
     pub command_timeout: Dur,
     pub data_timeout: Dur,
     pub max_connections_per_host: usize,
+    pub concurrency: ConcurrencyMode,
     pub connection_max_messages: u32,
     pub connection_max_age: Dur,
     pub idle_timeout: Dur,
@@ -73,6 +85,7 @@ impl Default for DeliveryConfig {
             command_timeout: Dur(Duration::from_secs(300)),
             data_timeout: Dur(Duration::from_secs(600)),
             max_connections_per_host: 32,
+            concurrency: ConcurrencyMode::Fixed,
             connection_max_messages: 1000,
             connection_max_age: Dur(Duration::from_secs(300)),
             idle_timeout: Dur(Duration::from_secs(30)),

@@ -24,7 +24,7 @@ use server::validate_server;
 
 pub use crate::dur::Dur;
 pub use access::{AccessConfig, DkimReplayConfig, RouteHeader, SharedPlatform, SharedRange};
-pub use delivery::{DeliveryConfig, DnsConfig, QueueConfig};
+pub use delivery::{ConcurrencyMode, DeliveryConfig, DnsConfig, QueueConfig};
 pub use limits::{default_limits, LimitAction, LimitConfig, LimitKey};
 pub use routing::{OnUnauthorized, RoutingConfig};
 pub use server::{BareLineEndings, ProxyProtocolConfig, ServerConfig, TlsConfig};

@@ -1,6 +1,7 @@
 //! Delivery to the smart hosts: pooled upstream sessions, round-robin with failover
 //! within a route, and one reply per recipient for the queue to act on.
 
+pub mod concurrency;
 pub mod connection;
 pub mod pool;
 pub mod probe;
@@ -19,6 +20,9 @@ use crate::regions::{HostPort, RouteTarget};
 use connection::{open, ClientSettings, UpstreamError};
 use pool::{Pool, PoolSettings};
 use tls::Connectors;
+
+/// Bodies up to this size time the smart host for its session limit.
+const SAMPLED_BODY: usize = 256 << 10;
 
 pub struct Deliverer {
     settings: ClientSettings,
@@ -94,8 +98,13 @@ impl Deliverer {
             let started = Instant::now();
             match transaction::send(&mut conn, env, data, rcpts, &self.settings).await {
                 Ok(out) => {
+                    let took = started.elapsed();
                     metrics::histogram!(crate::telemetry::UPSTREAM_TRANSACTION_SECONDS, "route" => route.name.clone())
-                        .record(started.elapsed().as_secs_f64());
+                        .record(took.as_secs_f64());
+                    // A large body's time is the link's, not the host's queue.
+                    if data.len() <= SAMPLED_BODY {
+                        self.pool.took(&route.name, host, took);
+                    }
                     let tls = conn.tls.is_some();
                     if out.reusable {
                         lease.conn = Some(conn);
@@ -163,6 +172,10 @@ where
                 metrics::counter!(crate::telemetry::UPSTREAM_CONNECTION_FAILURES_TOTAL,
                     "route" => route.name.clone(), "host" => host.to_string())
                 .increment(1);
+                if matches!(e, UpstreamError::Refused(_)) {
+                    // Often "too many connections": fewer sessions, not only a pause.
+                    pool.refused(&route.name, &host);
+                }
                 pool.mark_down(&route.name, &host);
                 last = Some((host, e));
             }
@@ -222,6 +235,7 @@ mod tests {
     fn pool() -> Pool<Nothing> {
         Pool::new(PoolSettings {
             max_per_host: 2,
+            concurrency: concurrency::ConcurrencyMode::Fixed,
             max_messages: 100,
             max_age: Duration::from_secs(600),
             idle_timeout: Duration::from_secs(60),

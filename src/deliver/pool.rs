@@ -1,5 +1,5 @@
-//! Upstream sessions kept open for reuse, at most `max_connections_per_host` per host,
-//! each retired after `connection_max_messages` messages or `connection_max_age`, and
+//! Upstream sessions kept open for reuse, as many per host as its gate allows (at most
+//! `max_connections_per_host`; see `concurrency`), each retired after `connection_max_messages` messages or `connection_max_age`, and
 //! closed when idle for `idle_timeout`. Hosts that fail are skipped for a back-off period.
 
 use std::collections::HashMap;
@@ -7,11 +7,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
 // tokio's clock: the unit tests below run back-off and retirement on the paused clock.
 use tokio::time::Instant;
 
+use super::concurrency::{ConcurrencyMode, Gate, Slot};
 use crate::regions::{HostPort, RouteTarget};
 
 /// What the pool needs of a session: its age, use and a way to close it. Upstream
@@ -28,6 +28,7 @@ pub trait Pooled: Send + 'static {
 #[derive(Debug, Clone)]
 pub struct PoolSettings {
     pub max_per_host: usize,
+    pub concurrency: ConcurrencyMode,
     pub max_messages: u32,
     pub max_age: Duration,
     pub idle_timeout: Duration,
@@ -35,7 +36,7 @@ pub struct PoolSettings {
 }
 
 struct HostSlot<C> {
-    permits: Arc<Semaphore>,
+    gate: Arc<Gate>,
     idle: Mutex<Vec<C>>,
     down_until: Mutex<Option<Instant>>,
 }
@@ -51,11 +52,11 @@ pub struct Pool<C> {
     retiring: TaskTracker,
 }
 
-/// A session checked out of the pool, with the permit that counts it.
+/// A session checked out of the pool, with its place at the host.
 pub struct Lease<C> {
     pub conn: Option<C>,
     pub fresh: bool,
-    _permit: OwnedSemaphorePermit,
+    _slot: Slot,
 }
 
 impl<C: Pooled> Pool<C> {
@@ -110,8 +111,12 @@ impl<C: Pooled> Pool<C> {
         let mut map = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         map.entry((route.to_string(), host.clone()))
             .or_insert_with(|| {
+                let gate = Gate::new(self.settings.concurrency, self.settings.max_per_host);
+                metrics::gauge!(crate::telemetry::UPSTREAM_SESSION_LIMIT,
+                    "route" => route.to_string(), "host" => host.to_string())
+                .set(gate.limit() as f64);
                 Arc::new(HostSlot {
-                    permits: Arc::new(Semaphore::new(self.settings.max_per_host)),
+                    gate,
                     idle: Mutex::new(Vec::new()),
                     down_until: Mutex::new(None),
                 })
@@ -155,15 +160,11 @@ impl<C: Pooled> Pool<C> {
         *slot.down_until.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
-    /// Waits for a permit, then hands out an idle session if a usable one exists.
+    /// Waits for a place at the host, then hands out an idle session if a usable one
+    /// exists.
     pub async fn checkout(&self, route: &str, host: &HostPort) -> Lease<C> {
         let slot = self.slot(route, host);
-        let permit = slot
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("pool semaphores are never closed");
+        let place = slot.gate.acquire().await;
         let now = Instant::now();
         let mut idle = slot.idle.lock().unwrap_or_else(|e| e.into_inner());
         while let Some(conn) = idle.pop() {
@@ -171,7 +172,7 @@ impl<C: Pooled> Pool<C> {
                 return Lease {
                     conn: Some(conn),
                     fresh: false,
-                    _permit: permit,
+                    _slot: place,
                 };
             }
             self.retire(conn);
@@ -179,11 +180,38 @@ impl<C: Pooled> Pool<C> {
         Lease {
             conn: None,
             fresh: true,
-            _permit: permit,
+            _slot: place,
         }
     }
 
-    /// Returns a session for reuse (the lease's permit is released either way).
+    /// A transaction with the host took `took` (while its lease is still out, so that
+    /// it counts itself among the sessions in use).
+    pub fn took(&self, route: &str, host: &HostPort, took: Duration) {
+        let gate = &self.slot(route, host).gate;
+        let before = gate.limit();
+        gate.took(took);
+        self.publish(route, host, gate, before);
+    }
+
+    /// The host turned a session away.
+    pub fn refused(&self, route: &str, host: &HostPort) {
+        let gate = &self.slot(route, host).gate;
+        let before = gate.limit();
+        gate.refused();
+        self.publish(route, host, gate, before);
+    }
+
+    fn publish(&self, route: &str, host: &HostPort, gate: &Gate, before: usize) {
+        let now = gate.limit();
+        if now != before {
+            tracing::debug!(route, %host, from = before, to = now, "upstream session limit");
+            metrics::gauge!(crate::telemetry::UPSTREAM_SESSION_LIMIT,
+                "route" => route.to_string(), "host" => host.to_string())
+            .set(now as f64);
+        }
+    }
+
+    /// Returns a session for reuse (the lease's place is given up either way).
     pub fn checkin(&self, route: &str, host: &HostPort, mut lease: Lease<C>) {
         let Some(mut conn) = lease.conn.take() else {
             return;
@@ -257,6 +285,7 @@ mod tests {
     fn settings() -> PoolSettings {
         PoolSettings {
             max_per_host: 2,
+            concurrency: ConcurrencyMode::Fixed,
             max_messages: 3,
             max_age: Duration::from_secs(600),
             idle_timeout: Duration::from_secs(60),

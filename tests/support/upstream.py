@@ -18,9 +18,11 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 
 
 class Handler:
-    def __init__(self, out, replies, greylist, data_reply, data_delay=0.0):
+    def __init__(self, out, replies, greylist, data_reply, data_delay=0.0, serial=False):
         self.out = out
         self.data_delay = data_delay
+        # A saturated server: one message's delay at a time, the others wait their turn.
+        self.serial = asyncio.Lock() if serial else None
         self.replies = replies
         self.greylist = greylist
         self.data_reply = data_reply
@@ -73,7 +75,10 @@ class Handler:
         os.rename(base + ".eml.tmp", base + ".eml")
         # Kept from the final dot on, as a real server does; a slow answer after that
         # is where a client that gives up too early delivers twice.
-        if self.data_delay:
+        if self.serial is not None:
+            async with self.serial:
+                await asyncio.sleep(self.data_delay)
+        elif self.data_delay:
             await asyncio.sleep(self.data_delay)
         return self.data_reply
 
@@ -86,6 +91,7 @@ def main():
     p.add_argument("--greylist", action="store_true")
     p.add_argument("--data-reply", default="250 2.0.0 Ok: queued")
     p.add_argument("--data-delay", type=float, default=0.0, help="seconds before the reply to the final dot")
+    p.add_argument("--serial", action="store_true", help="one --data-delay at a time across sessions")
     p.add_argument("--cert")
     p.add_argument("--key")
     p.add_argument("--no-smtputf8", action="store_true")
@@ -97,7 +103,7 @@ def main():
     for r in args.reply:
         addr, _, text = r.partition("=")
         replies[addr.lower()] = text
-    handler = Handler(args.out, replies, args.greylist, args.data_reply, args.data_delay)
+    handler = Handler(args.out, replies, args.greylist, args.data_reply, args.data_delay, args.serial)
     tls = None
     if args.cert:
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
