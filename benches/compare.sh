@@ -11,6 +11,9 @@
 # STARTTLS, a Postfix TLS sink, verified TLS toward it), over 20 reused sessions and with
 # one message per connection. Writes benches/results/compare.md, compare.png and
 # compare-tls.png.
+#   DELIVERY_CONCURRENCY=adaptive benches/compare.sh   runs smartrelay with
+#     [delivery] concurrency = "adaptive" and writes compare-adaptive.md and its charts
+#     instead, beside the default's.
 #
 #   benches/compare.sh            (needs postfix, python3-matplotlib; loopback only;
 #                                  about 5 minutes, stops by itself)
@@ -21,7 +24,8 @@ WORK=$(mktemp -d /tmp/smartrelay-compare.XXXXXX)
 chmod 755 "$WORK"
 LOGS=$(mktemp -d /dev/shm/smartrelay-compare.XXXXXX)
 chmod 755 "$LOGS"
-OUT=$ROOT/benches/results/compare.md
+SUFFIX=${DELIVERY_CONCURRENCY:+-$DELIVERY_CONCURRENCY}
+OUT=$ROOT/benches/results/compare$SUFFIX.md
 CSV=$WORK/results.csv
 command -v smtp-source >/dev/null || { echo "smtp-source missing: apt-get install postfix" >&2; exit 1; }
 PY=${PYTHON:-/usr/bin/python3}
@@ -180,13 +184,13 @@ for mode in reuse perconn; do
   printf 'TLS %-7s: %s\n' "$mode" "$(tail -3 "$TLSCSV" | cut -d, -f1,4,5,6,7 | tr '\n' ' ')"
 done
 
-"$PY" - "$CSV" "$LAT" "$TLSCSV" "$TLSLAT" "$OUT" "$ROOT/benches/results/compare.png" "$(nproc)" "$(postconf -d -h mail_version)" <<'PY'
+"$PY" - "$CSV" "$LAT" "$TLSCSV" "$TLSLAT" "$OUT" "$ROOT/benches/results/compare$SUFFIX.png" "$(nproc)" "$(postconf -d -h mail_version)" "${DELIVERY_CONCURRENCY:-fixed}" <<'PY'
 import csv, sys, datetime
 rows = list(csv.DictReader(open(sys.argv[1])))
 lat = list(csv.DictReader(open(sys.argv[2])))
 tls = list(csv.DictReader(open(sys.argv[3])))
 tlslat = list(csv.DictReader(open(sys.argv[4])))
-out, png, cores, pfv = sys.argv[5], sys.argv[6], sys.argv[7], sys.argv[8]
+out, png, cores, pfv, concurrency = sys.argv[5], sys.argv[6], sys.argv[7], sys.argv[8], sys.argv[9]
 by = {(r["path"], int(r["size"]), int(r["sessions"])): r for r in rows}
 combos = sorted({(int(r["size"]), int(r["sessions"])) for r in rows})
 f = lambda x: float(x)
@@ -197,7 +201,8 @@ lines = [
     " smtp-sink the smart host; Postfix %s fsyncs its queue files, smartrelay fdatasyncs its spool"
     " before every 250). Rates in msg/s: accept (until smtp-source is done) and end to end (until"
     " the sink has every message). Peak RSS is VmHWM: smartrelay's process, Postfix's master and"
-    " all its children summed." % (cores, datetime.date.today(), pfv),
+    " all its children summed. smartrelay's `[delivery] concurrency` is `%s`."
+    % (cores, datetime.date.today(), pfv, concurrency),
     "",
     "| size | sessions | messages | direct e2e | Postfix accept / e2e | smartrelay accept / e2e | smartrelay vs Postfix (e2e) | smartrelay vs direct (e2e) | peak RSS Postfix / smartrelay (MiB) |",
     "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -301,6 +306,6 @@ for ax, title, ylabel in [(left, "End-to-end rate", "msg/s"), (right, "CPU per m
     ax.set_ylabel(ylabel)
     ax.legend()
 fig.tight_layout()
-fig.savefig(png.replace("compare.png", "compare-tls.png"), dpi=110)
+fig.savefig(png.replace(".png", "-tls.png"), dpi=110)
 print(open(out).read())
 PY

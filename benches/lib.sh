@@ -69,6 +69,8 @@ allowed_ranges = ["127.0.0.0/8"]
 domains = ["example.test"]
 [queue]
 dir = "$dir/spool"
+[delivery]
+concurrency = "${DELIVERY_CONCURRENCY:-fixed}"
 [routing]
 spf_aware = false
 [dns]
