@@ -187,6 +187,10 @@ impl<C: Pooled> Pool<C> {
     /// A transaction with the host took `took` (while its lease is still out, so that
     /// it counts itself among the sessions in use).
     pub fn took(&self, route: &str, host: &HostPort, took: Duration) {
+        // Per message: a fixed limit has no use for the sample nor the slot lookup.
+        if self.settings.concurrency == ConcurrencyMode::Fixed {
+            return;
+        }
         let gate = &self.slot(route, host).gate;
         let before = gate.limit();
         gate.took(took);
