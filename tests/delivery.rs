@@ -928,12 +928,14 @@ fn adaptive_concurrency_follows_the_smart_host() {
 
     let (limit, opened) = run("serial-adaptive", "adaptive", &serial, 300);
     let limit = limit.expect("the limit is published");
+    // It overshoots once (the first transactions after the probe meet a short queue),
+    // then settles where the host's queue stays short.
     assert!((2.0..=12.0).contains(&limit), "limit {limit}");
-    assert!(opened <= 12.0, "{opened} sessions opened");
+    assert!(opened < 20.0, "{opened} sessions opened");
 
     let (limit, opened) = run("serial-fixed", "fixed", &serial, 300);
     assert_eq!(limit, Some(32.0));
-    assert!(opened > 12.0, "{opened} sessions opened");
+    assert!(opened > 24.0, "{opened} sessions opened");
 
     let (limit, _) = run("far-adaptive", "adaptive", &["--data-delay", "0.2"], 400);
     assert_eq!(limit, Some(32.0));
