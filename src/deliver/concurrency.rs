@@ -142,11 +142,17 @@ impl Vegas {
 
     /// The host turned a session away (connection refused, 421): sessions beyond what
     /// it allows only fail, so the limit falls by a quarter at once.
-    pub fn refused(&mut self) -> usize {
+    pub fn refused(&mut self, now: Instant) -> usize {
         let cut = |l: usize| (l * 3 / 4).max(self.floor);
         match &mut self.phase {
             Phase::Probing { resume } => *resume = cut(*resume),
-            Phase::Steady { .. } => self.limit = cut(self.limit),
+            Phase::Steady { .. } => {
+                let before = self.limit;
+                self.limit = cut(before);
+                if self.limit != before {
+                    self.moved = Some(now);
+                }
+            }
         }
         self.limit
     }
@@ -198,6 +204,14 @@ pub struct Slot {
     gate: Arc<Gate>,
 }
 
+impl Slot {
+    /// This session's transaction took `took` (counted while the place is still held,
+    /// among the sessions in use). The new limit when it moved.
+    pub fn took(&self, took: Duration) -> Option<usize> {
+        self.gate.took(took)
+    }
+}
+
 impl Drop for Slot {
     fn drop(&mut self) {
         self.gate.inflight.fetch_sub(1, Ordering::Relaxed);
@@ -243,25 +257,26 @@ impl Gate {
         }
     }
 
-    /// A transaction with the host took `took`.
-    pub fn took(&self, took: Duration) {
-        let now = Instant::now();
-        self.adjust(|v, inflight| v.sample(took, inflight, now));
+    /// A transaction with the host took `took`. The new limit when it moved.
+    pub fn took(&self, took: Duration) -> Option<usize> {
+        self.adjust(|v, inflight| v.sample(took, inflight, Instant::now()))
     }
 
-    /// The host turned a session away.
-    pub fn refused(&self) {
-        self.adjust(|v, _| v.refused());
+    /// The host turned a session away. The new limit when it moved.
+    pub fn refused(&self) -> Option<usize> {
+        self.adjust(|v, _| v.refused(Instant::now()))
     }
 
-    fn adjust(&self, f: impl FnOnce(&mut Vegas, usize) -> usize) {
-        let Some(vegas) = &self.vegas else {
-            return;
-        };
+    fn adjust(&self, f: impl FnOnce(&mut Vegas, usize) -> usize) -> Option<usize> {
+        // A fixed gate has nothing to learn: no lock, no clock.
+        let vegas = self.vegas.as_ref()?;
         // Resizing under the lock keeps `size` and the semaphore in step.
         let mut v = vegas.lock().unwrap_or_else(|e| e.into_inner());
         let next = f(&mut v, self.inflight.load(Ordering::Relaxed));
         let size = self.size.swap(next, Ordering::Relaxed);
+        if next == size {
+            return None;
+        }
         if next > size {
             let mut add = next - size;
             let repaid = self
@@ -277,6 +292,7 @@ impl Gate {
             let taken = self.permits.forget_permits(cut);
             self.debt.fetch_add(cut - taken, Ordering::AcqRel);
         }
+        Some(next)
     }
 }
 
@@ -442,12 +458,12 @@ mod tests {
     fn refusals_cut_a_quarter_down_to_the_floor() {
         let mut r = Run::new(32, |_| 80 * MS);
         r.windows(10);
-        assert_eq!(r.v.refused(), 24);
+        assert_eq!(r.v.refused(r.now), 24);
         for _ in 0..20 {
-            r.v.refused();
+            r.v.refused(r.now);
         }
         assert_eq!(r.v.limit(), FLOOR);
-        assert_eq!(Vegas::new(1).refused(), 1);
+        assert_eq!(Vegas::new(1).refused(Instant::now()), 1);
     }
 
     /// The semaphore follows the limit both ways, including while every session is
@@ -462,9 +478,8 @@ mod tests {
         }
         assert_eq!(gate.permits.available_permits(), 0);
         // The probe ends: the limit goes to its start and new sessions may begin.
-        for _ in 0..WINDOW {
-            gate.took(MS);
-        }
+        let moved: Vec<usize> = (0..WINDOW).filter_map(|_| gate.took(MS)).collect();
+        assert_eq!(moved, [INITIAL], "one move, reported once");
         assert_eq!(gate.limit(), INITIAL);
         assert_eq!(gate.permits.available_permits(), INITIAL - FLOOR);
         while held.len() < INITIAL {
@@ -485,8 +500,8 @@ mod tests {
     async fn a_fixed_gate_never_moves() {
         let gate = Gate::new(ConcurrencyMode::Fixed, 32);
         for _ in 0..100 {
-            gate.took(Duration::from_secs(1));
-            gate.refused();
+            assert_eq!(gate.took(Duration::from_secs(1)), None);
+            assert_eq!(gate.refused(), None);
         }
         assert_eq!(gate.limit(), 32);
         assert_eq!(gate.permits.available_permits(), 32);

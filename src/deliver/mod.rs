@@ -103,7 +103,7 @@ impl Deliverer {
                         .record(took.as_secs_f64());
                     // A large body's time is the link's, not the host's queue.
                     if data.len() <= SAMPLED_BODY {
-                        self.pool.took(&route.name, host, took);
+                        self.pool.took(&route.name, host, &lease, took);
                     }
                     let tls = conn.tls.is_some();
                     if out.reusable {

@@ -1,6 +1,7 @@
 //! Upstream sessions kept open for reuse, as many per host as its gate allows (at most
-//! `max_connections_per_host`; see `concurrency`), each retired after `connection_max_messages` messages or `connection_max_age`, and
-//! closed when idle for `idle_timeout`. Hosts that fail are skipped for a back-off period.
+//! `max_connections_per_host`; see `concurrency`), each retired after
+//! `connection_max_messages` messages or `connection_max_age`, and closed when idle for
+//! `idle_timeout`. Hosts that fail are skipped for a back-off period.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -56,7 +57,14 @@ pub struct Pool<C> {
 pub struct Lease<C> {
     pub conn: Option<C>,
     pub fresh: bool,
-    _slot: Slot,
+    slot: Slot,
+}
+
+fn publish(route: &str, host: &HostPort, limit: usize) {
+    tracing::debug!(route, %host, limit, "upstream session limit");
+    metrics::gauge!(crate::telemetry::UPSTREAM_SESSION_LIMIT,
+        "route" => route.to_string(), "host" => host.to_string())
+    .set(limit as f64);
 }
 
 impl<C: Pooled> Pool<C> {
@@ -112,9 +120,7 @@ impl<C: Pooled> Pool<C> {
         map.entry((route.to_string(), host.clone()))
             .or_insert_with(|| {
                 let gate = Gate::new(self.settings.concurrency, self.settings.max_per_host);
-                metrics::gauge!(crate::telemetry::UPSTREAM_SESSION_LIMIT,
-                    "route" => route.to_string(), "host" => host.to_string())
-                .set(gate.limit() as f64);
+                publish(route, host, gate.limit());
                 Arc::new(HostSlot {
                     gate,
                     idle: Mutex::new(Vec::new()),
@@ -172,7 +178,7 @@ impl<C: Pooled> Pool<C> {
                 return Lease {
                     conn: Some(conn),
                     fresh: false,
-                    _slot: place,
+                    slot: place,
                 };
             }
             self.retire(conn);
@@ -180,38 +186,22 @@ impl<C: Pooled> Pool<C> {
         Lease {
             conn: None,
             fresh: true,
-            _slot: place,
+            slot: place,
         }
     }
 
-    /// A transaction with the host took `took` (while its lease is still out, so that
-    /// it counts itself among the sessions in use).
-    pub fn took(&self, route: &str, host: &HostPort, took: Duration) {
-        // Per message: a fixed limit has no use for the sample nor the slot lookup.
-        if self.settings.concurrency == ConcurrencyMode::Fixed {
-            return;
+    /// The leased session's transaction took `took`: through the lease's own place at
+    /// the host, with no lookup per message.
+    pub fn took(&self, route: &str, host: &HostPort, lease: &Lease<C>, took: Duration) {
+        if let Some(limit) = lease.slot.took(took) {
+            publish(route, host, limit);
         }
-        let gate = &self.slot(route, host).gate;
-        let before = gate.limit();
-        gate.took(took);
-        self.publish(route, host, gate, before);
     }
 
     /// The host turned a session away.
     pub fn refused(&self, route: &str, host: &HostPort) {
-        let gate = &self.slot(route, host).gate;
-        let before = gate.limit();
-        gate.refused();
-        self.publish(route, host, gate, before);
-    }
-
-    fn publish(&self, route: &str, host: &HostPort, gate: &Gate, before: usize) {
-        let now = gate.limit();
-        if now != before {
-            tracing::debug!(route, %host, from = before, to = now, "upstream session limit");
-            metrics::gauge!(crate::telemetry::UPSTREAM_SESSION_LIMIT,
-                "route" => route.to_string(), "host" => host.to_string())
-            .set(now as f64);
+        if let Some(limit) = self.slot(route, host).gate.refused() {
+            publish(route, host, limit);
         }
     }
 
