@@ -14,9 +14,11 @@
 #   DELIVERY_CONCURRENCY=adaptive benches/compare.sh   runs smartrelay with
 #     [delivery] concurrency = "adaptive" and writes compare-adaptive.md and its charts
 #     instead, beside the default's.
+#   DELIVERY_EXTRA='max_connections_per_host = 8' benches/compare.sh   adds lines to
+#     smartrelay's [delivery] table (the report keeps its name: say so where it is quoted).
 #
 #   benches/compare.sh            (needs postfix, python3-matplotlib; loopback only;
-#                                  about 5 minutes, stops by itself)
+#                                  about 4 minutes, stops by itself)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${SMARTRELAY_BIN:-$ROOT/target/release/smartrelay}
@@ -115,7 +117,7 @@ CERTS=$WORK/certs
 make_certs "$CERTS"
 TLSCSV=$WORK/tls.csv
 TLSLAT=$WORK/tls-latency.csv
-echo "path,mode,messages,accept,e2e,cpu_s,upstream_connections" >"$TLSCSV"
+echo "path,mode,messages,accept,e2e,cpu_s,upstream_connections,loadgen_cpu_s,sink_cpu_s,busy" >"$TLSCSV"
 echo "mode,path,rate,sent,p50,p99,max" >"$TLSLAT"
 tls_postfix() {
   local sinkport=$1 name=$2
@@ -133,17 +135,21 @@ tls_relay() {
   RELAY_CERT=$CERTS/relay.pem RELAY_KEY=$CERTS/relay.key UPSTREAM_TLS=required \
     UPSTREAM_CA=$CERTS/ca.pem start_relay "$1" "$2" true
 }
-# Runs one TLS load to PORT; prints "accept e2e", both from the load's first message.
+# Runs one TLS load to PORT, into the TLS sink NAME. Prints "accept e2e loadgen_cpu
+# sink_cpu busy": the rates from the load's first message, the CPU seconds the load
+# generator and the sink spent, and the busy share of the machine's two cores over the run.
 run_tls() {
-  local port=$1 log=$2 n=$3 flag=$4 base line t2
-  base=$(sink_count "$log"); base=${base:-0}
-  line=$("$LOADGEN" "127.0.0.1:$port" "$n" 5120 20 --starttls --ca "$CERTS/ca.pem" $flag)
-  wait_sink "$log" $((base + n))
+  local port=$1 name=$2 n=$3 flag=$4 base line t2 k0 k1 m0 m1
+  base=$(sink_count "$LOGS/$name.log"); base=${base:-0}
+  k0=$(tls_sink_cpu_s "$name"); m0=$(machine_jiffies)
+  line=$(cpu_of "$WORK/loadgen.cpu" "$LOADGEN" "127.0.0.1:$port" "$n" 5120 20 --starttls --ca "$CERTS/ca.pem" $flag)
+  wait_sink "$LOGS/$name.log" $((base + n))
   t2=$(now)
+  k1=$(tls_sink_cpu_s "$name"); m1=$(machine_jiffies)
   local rate t0
   rate=$(echo "$line" | sed -E 's/.* rate=([0-9]+) .*/\1/')
   t0=$(echo "$line" | sed -E 's/.* started_at=([0-9.]+).*/\1/')
-  python3 -c "print('%s %.0f' % ($rate, $n/($t2-$t0)))"
+  python3 -c "import sys; b0, t0, b1, t1 = map(int, sys.argv[1:5]); print('%s %.0f %s %.3f %.3f' % ($rate, $n/($t2-$t0), '$(cat "$WORK/loadgen.cpu")', $k1 - $k0, (b1 - b0) / (t1 - t0)))" $m0 $m1
 }
 tls_lat() {
   local mode=$1 path=$2 port=$3 rate=$4 flag=$5 line
@@ -158,16 +164,16 @@ for mode in reuse perconn; do
   [ "$mode" = perconn ] && { flag="--per-connection"; n=1000; }
   settle
   sp=$(start_tls_sink "sink-direct-$mode")
-  read -r a e < <(run_tls "$sp" "$LOGS/sink-direct-$mode.log" "$n" "$flag")
-  echo "direct,$mode,$n,$a,$e,0,0" >>"$TLSCSV"
+  read -r a e lg k b < <(run_tls "$sp" "sink-direct-$mode" "$n" "$flag")
+  echo "direct,$mode,$n,$a,$e,0,0,$lg,$k,$b" >>"$TLSCSV"
   tls_lat "$mode" direct "$sp" $((a / 2)) "$flag"
   settle
   sp=$(start_tls_sink "sink-pf-$mode")
   pp=$(tls_postfix "$sp" "postfix-tls-$mode")
   c0=$(postfix_cpu_s "$WORK/postfix-tls-$mode")
-  read -r a e < <(run_tls "$pp" "$LOGS/sink-pf-$mode.log" "$n" "$flag")
+  read -r a e lg k b < <(run_tls "$pp" "sink-pf-$mode" "$n" "$flag")
   c1=$(postfix_cpu_s "$WORK/postfix-tls-$mode")
-  echo "postfix,$mode,$n,$a,$e,$(awk -v a="$c0" -v b="$c1" 'BEGIN {print b - a}'),0" >>"$TLSCSV"
+  echo "postfix,$mode,$n,$a,$e,$(awk -v a="$c0" -v b="$c1" 'BEGIN {print b - a}'),0,$lg,$k,$b" >>"$TLSCSV"
   tls_lat "$mode" postfix "$pp" $((a / 2)) "$flag"
   postfix -c "$WORK/postfix-tls-$mode/etc" stop >/dev/null 2>&1 || true
   settle
@@ -175,9 +181,9 @@ for mode in reuse perconn; do
   read -r pid port admin < <(tls_relay "sr-tls-$mode" "$sp")
   PIDS+=("$pid")
   c0=$(cpu_s "$pid")
-  read -r a e < <(run_tls "$port" "$LOGS/sink-sr-$mode.log" "$n" "$flag")
+  read -r a e lg k b < <(run_tls "$port" "sink-sr-$mode" "$n" "$flag")
   c1=$(cpu_s "$pid")
-  echo "smartrelay,$mode,$n,$a,$e,$(awk -v a="$c0" -v b="$c1" 'BEGIN {print b - a}'),$(upstream_connections "$admin")" >>"$TLSCSV"
+  echo "smartrelay,$mode,$n,$a,$e,$(awk -v a="$c0" -v b="$c1" 'BEGIN {print b - a}'),$(upstream_connections "$admin"),$lg,$k,$b" >>"$TLSCSV"
   tls_lat "$mode" smartrelay "$port" $((a / 2)) "$flag"
   kill "$pid"; wait "$pid" 2>/dev/null || true
   for d in "$LOGS"/sink-*-"$mode"; do postfix -c "$d/etc" stop >/dev/null 2>&1 || true; done
@@ -263,6 +269,28 @@ for mode, label in modes:
     lines.append("| %s | %s | %.0f | %.0f / %.0f | %.0f / %.0f | %.2f× | %.2f | %.3f / %.3f | %.2f | %s |" % (
         label, r["messages"], f(d["e2e"]), f(p["accept"]), f(p["e2e"]), f(r["accept"]), f(r["e2e"]),
         f(r["e2e"]) / f(p["e2e"]), f(r["e2e"]) / f(d["e2e"]), ms(p), ms(r), ms(r) / ms(p), r["upstream_connections"]))
+per = lambda r, k: 1000 * f(r[k]) / f(r["messages"])
+lines += [
+    "",
+    "Where the machine's time went in each TLS run: CPU per message of the load generator (`getrusage`),"
+    " of the smart host (the TLS sink's Postfix processes and the smtp-sink behind it) and of the relay,"
+    " and the busy share of the %s cores from the first message until the sink had the last (`/proc/stat`)."
+    " They share one machine, so every millisecond the load generator and the smart host spend is one"
+    " the relay cannot: a relay that cost nothing would reach at most cores ÷ (load generator + smart host)"
+    " per message." % cores,
+    "",
+    "| mode | path | e2e | load generator ms/msg | smart host ms/msg | relay ms/msg | all ms/msg | machine busy | ceiling for a relay that costs nothing | its ratio to Postfix (e2e) |",
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+]
+for mode, _ in modes:
+    for path in ("direct", "postfix", "smartrelay"):
+        r = tb[(path, mode)]
+        lg, sk, rl = per(r, "loadgen_cpu_s"), per(r, "sink_cpu_s"), ms(r)
+        ceiling = "" if path == "direct" else "%.0f" % (int(cores) * 1000 / (lg + sk))
+        vs = "" if path == "direct" else "%.2f×" % (int(cores) * 1000 / (lg + sk) / f(tb[("postfix", mode)]["e2e"]))
+        lines.append("| %s | %s | %.0f | %.3f | %.3f | %.3f | %.3f | %.0f %% | %s | %s |" % (
+            mode, path, f(r["e2e"]), lg, sk, rl if path != "direct" else 0, lg + sk + (rl if path != "direct" else 0),
+            100 * f(r["busy"]), ceiling, vs))
 lines += [
     "",
     "Accept latency at half of each path's TLS accept rate above (`loadgen --starttls --rate`), from the final"
@@ -294,7 +322,7 @@ fig.savefig(png, dpi=110)
 # Rate and CPU per message side by side: plain (5 KiB, 20 sessions) and both TLS modes.
 groups = [("plain\n20 sessions", lambda p: by[(p, 5120, 20)])] + [
     ("TLS\n" + ("20 sessions" if m == "reuse" else "1 msg/conn."), (lambda m: lambda p: tb[(p, m)])(m)) for m, _ in modes]
-fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+fig, (left, right, where) = plt.subplots(1, 3, figsize=(17, 4.5))
 for i, (path, color) in enumerate([("direct", "#999999"), ("postfix", "#d95f02"), ("smartrelay", "#1b9e77")]):
     left.bar([x + (i - 1) * w for x in range(len(groups))], [f(g(path)["e2e"]) for _, g in groups], w, label=path, color=color)
 for i, (path, color) in enumerate([("postfix", "#d95f02"), ("smartrelay", "#1b9e77")]):
@@ -305,6 +333,19 @@ for ax, title, ylabel in [(left, "End-to-end rate", "msg/s"), (right, "CPU per m
     ax.set_title(title + " (5 KiB)")
     ax.set_ylabel(ylabel)
     ax.legend()
+# Where each TLS run's CPU went per message, stacked: what the relay leaves the rest.
+bars = [(m, p) for m, _ in modes for p in ("postfix", "smartrelay")]
+bottom = [0.0] * len(bars)
+for part, key, color in [("load generator", "loadgen_cpu_s", "#7570b3"), ("smart host", "sink_cpu_s", "#999999"),
+                         ("relay", "cpu_s", "#e7298a")]:
+    vals = [per(tb[(p, m)], key) for m, p in bars]
+    where.bar(range(len(bars)), vals, 0.6, bottom=bottom, label=part, color=color)
+    bottom = [b + v for b, v in zip(bottom, vals)]
+where.set_xticks(range(len(bars)))
+where.set_xticklabels(["%s\nTLS %s" % (p, "reused" if m == "reuse" else "1/conn.") for m, p in bars])
+where.set_title("Where the CPU went per message (TLS, 5 KiB)")
+where.set_ylabel("ms of CPU (user + system)")
+where.legend()
 fig.tight_layout()
 fig.savefig(png.replace(".png", "-tls.png"), dpi=110)
 print(open(out).read())

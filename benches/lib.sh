@@ -71,6 +71,7 @@ domains = ["example.test"]
 dir = "$dir/spool"
 [delivery]
 concurrency = "${DELIVERY_CONCURRENCY:-fixed}"
+${DELIVERY_EXTRA:-}
 [routing]
 spf_aware = false
 [dns]
@@ -178,6 +179,7 @@ start_tls_sink() {
   local name=$1 port sinkport
   port=$(free_port); sinkport=$(free_port)
   start_sink "$sinkport" "$LOGS/$name.log"
+  echo "$sinkport" >"$LOGS/$name.sinkport"
   postfix_instance "$LOGS/$name" "$name" "$port" sink.bench "smtpd_proxy_filter = 127.0.0.1:$sinkport
 smtpd_tls_security_level = may
 smtpd_tls_cert_file = $CERTS/sink.pem
@@ -216,6 +218,26 @@ postfix_cpu_s() {
   echo "$total"
 }
 
+
+# The TLS sink NAME: its Postfix and the smtp-sink behind it.
+tls_sink_cpu_s() {
+  local sp pid
+  sp=$(cat "$LOGS/$1.sinkport")
+  pid=$(pgrep -f "^smtp-sink -u nobody -c 127.0.0.1:$sp " | head -1)
+  awk -v a="$(postfix_cpu_s "$LOGS/$1")" -v b="$(cpu_s "${pid:-0}")" 'BEGIN {print a + b}'
+}
+# Runs CMD and writes its user + system CPU seconds (and its children's) to FILE.
+cpu_of() {
+  local file=$1; shift
+  python3 -c 'import resource, subprocess, sys
+code = subprocess.run(sys.argv[2:]).returncode
+u = resource.getrusage(resource.RUSAGE_CHILDREN)
+open(sys.argv[1], "w").write("%.3f\n" % (u.ru_utime + u.ru_stime))
+sys.exit(code)' "$file" "$@"
+}
+# The machine's busy and total jiffies so far, "busy total" (/proc/stat; idle and iowait
+# are not busy).
+machine_jiffies() { awk '/^cpu / {t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t}' /proc/stat; }
 
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 
