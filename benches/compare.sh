@@ -136,20 +136,22 @@ tls_relay() {
     UPSTREAM_CA=$CERTS/ca.pem start_relay "$1" "$2" true
 }
 # Runs one TLS load to PORT, into the TLS sink NAME. Prints "accept e2e loadgen_cpu
-# sink_cpu busy": the rates from the load's first message, the CPU seconds the load
-# generator and the sink spent, and the busy share of the machine's two cores over the run.
+# sink_cpu busy": the rates and the machine's busy share from the load's first message
+# until the sink has the last, and the CPU seconds the load generator and the sink spent.
 run_tls() {
-  local port=$1 name=$2 n=$3 flag=$4 base line t2 k0 k1 m0 m1
+  local port=$1 name=$2 n=$3 flag=$4 base line t2 k0 k1 logger
   base=$(sink_count "$LOGS/$name.log"); base=${base:-0}
-  k0=$(tls_sink_cpu_s "$name"); m0=$(machine_jiffies)
+  k0=$(tls_sink_cpu_s "$name")
+  logger=$(machine_log "$WORK/machine.log")
   line=$(cpu_of "$WORK/loadgen.cpu" "$LOADGEN" "127.0.0.1:$port" "$n" 5120 20 --starttls --ca "$CERTS/ca.pem" $flag)
   wait_sink "$LOGS/$name.log" $((base + n))
   t2=$(now)
-  k1=$(tls_sink_cpu_s "$name"); m1=$(machine_jiffies)
+  k1=$(tls_sink_cpu_s "$name")
+  sleep 0.05; kill "$logger"
   local rate t0
   rate=$(echo "$line" | sed -E 's/.* rate=([0-9]+) .*/\1/')
   t0=$(echo "$line" | sed -E 's/.* started_at=([0-9.]+).*/\1/')
-  python3 -c "import sys; b0, t0, b1, t1 = map(int, sys.argv[1:5]); print('%s %.0f %s %.3f %.3f' % ($rate, $n/($t2-$t0), '$(cat "$WORK/loadgen.cpu")', $k1 - $k0, (b1 - b0) / (t1 - t0)))" $m0 $m1
+  python3 -c "print('%s %.0f %s %.3f %s' % ($rate, $n/($t2-$t0), '$(cat "$WORK/loadgen.cpu")', $k1 - $k0, '$(machine_busy "$WORK/machine.log" "$t0" "$t2")'))"
 }
 tls_lat() {
   local mode=$1 path=$2 port=$3 rate=$4 flag=$5 line

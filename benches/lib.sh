@@ -235,9 +235,27 @@ u = resource.getrusage(resource.RUSAGE_CHILDREN)
 open(sys.argv[1], "w").write("%.3f\n" % (u.ru_utime + u.ru_stime))
 sys.exit(code)' "$file" "$@"
 }
-# The machine's busy and total jiffies so far, "busy total" (/proc/stat; idle and iowait
-# are not busy).
-machine_jiffies() { awk '/^cpu / {t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t}' /proc/stat; }
+# Logs the machine's busy and total jiffies (/proc/stat; idle and iowait are not busy)
+# every 10 ms to FILE as "unix_time busy total", until killed; prints its PID.
+machine_log() {
+  python3 -c 'import sys, time
+out = open(sys.argv[1], "w", buffering=1)
+while True:
+    f = open("/proc/stat").readline().split()[1:]
+    v = [int(x) for x in f]
+    out.write("%.3f %d %d\n" % (time.time(), sum(v) - v[3] - v[4], sum(v)))
+    time.sleep(0.01)' "$1" >/dev/null 2>&1 &
+  echo $!
+}
+# The busy share of the machine between unix times T0 and T1, from machine_log's FILE.
+machine_busy() {
+  python3 -c 'import sys
+t0, t1 = float(sys.argv[2]), float(sys.argv[3])
+rows = [tuple(map(float, l.split())) for l in open(sys.argv[1]) if len(l.split()) == 3]
+a = max((r for r in rows if r[0] <= t0), default=rows[0], key=lambda r: r[0])
+b = min((r for r in rows if r[0] >= t1), default=rows[-1], key=lambda r: r[0])
+print("%.3f" % ((b[1] - a[1]) / max(1.0, b[2] - a[2])))' "$1" "$2" "$3"
+}
 
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 
