@@ -123,9 +123,17 @@ impl Committer {
             }
             self.collect_garbage();
             self.publish_size();
-            let _ = self.compactor.try_send(());
+            self.wake_compactor();
         }
         self.sync_idle();
+    }
+
+    /// Wakes the compactor when it has a pass to make: a thread woken after every batch
+    /// to find nothing took about 4 % of the relay's CPU samples under load.
+    fn wake_compactor(&self) {
+        if lock_index(&self.index).pass_due() {
+            let _ = self.compactor.try_send(());
+        }
     }
 
     fn sync_idle(&mut self) {
@@ -134,7 +142,7 @@ impl Committer {
         }
         self.collect_garbage();
         self.publish_size();
-        let _ = self.compactor.try_send(());
+        self.wake_compactor();
     }
 
     /// Syncs every segment with unsynced appends.

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 
-use super::{lock_index, read_span, Copy, Job, Locations, Span, PASS_BYTES, RECLAIM_FACTOR};
+use super::{lock_index, read_span, Copy, Job, Locations, Span, PASS_BYTES};
 use crate::envelope::QueueId;
 
 /// Picks what to copy forward and reads it, off the commit path.
@@ -14,8 +14,6 @@ pub(super) struct Compactor {
     index: Arc<Mutex<Locations>>,
     jobs: std_mpsc::Sender<Job>,
     stopping: Arc<AtomicBool>,
-    /// The last segment of the run being emptied: once worth it, the whole run goes.
-    target: Option<u64>,
 }
 
 /// A live message chosen for copying, with the files its records are in.
@@ -36,11 +34,10 @@ impl Compactor {
             index,
             jobs,
             stopping,
-            target: None,
         }
     }
 
-    pub(super) fn run(mut self, wake: std_mpsc::Receiver<()>) {
+    pub(super) fn run(self, wake: std_mpsc::Receiver<()>) {
         while wake.recv().is_ok() {
             while !self.stopping.load(Ordering::Relaxed) {
                 let Some(pass) = self.plan() else {
@@ -62,37 +59,21 @@ impl Compactor {
 
     /// The next pass: up to [`PASS_BYTES`] of the oldest segment's live messages, in
     /// file order, while it is in the run being emptied.
-    fn plan(&mut self) -> Option<Vec<Moving>> {
-        let index = lock_index(&self.index);
-        let (&oldest, seg) = index.segments.first_key_value()?;
-        if Some(oldest) == index.current || seg.live == 0 {
-            // Empty: the committer deletes it once its copies are synced.
-            return None;
-        }
-        if self.target.is_none_or(|end| oldest > end) {
-            let (mut live, mut dead) = (0u64, 0u64);
-            let mut end = None;
-            for (&s, sg) in &index.segments {
-                if Some(s) == index.current {
-                    break;
-                }
-                live += sg.live_bytes;
-                dead += sg.len.saturating_sub(sg.live_bytes);
-                if live.saturating_mul(RECLAIM_FACTOR) <= dead {
-                    end = Some(s);
-                    break;
-                }
-            }
-            let end = end?;
+    fn plan(&self) -> Option<Vec<Moving>> {
+        let mut index = lock_index(&self.index);
+        let oldest = index.oldest_to_compact()?;
+        if index.compacting.is_none_or(|end| oldest > end) {
+            let run = index.run_worth_emptying()?;
             tracing::info!(
                 from = oldest,
-                to = end,
-                live_bytes = live,
-                freed_bytes = dead,
+                to = run.end,
+                live_bytes = run.live,
+                freed_bytes = run.dead,
                 "compacting the oldest spool segments"
             );
-            self.target = Some(end);
+            index.compacting = Some(run.end);
         }
+        let seg = index.segments.get(&oldest)?;
         let mut moving: Vec<Moving> = index
             .entries
             .iter()

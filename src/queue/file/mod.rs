@@ -120,6 +120,17 @@ struct Locations {
     entries: HashMap<QueueId, Loc>,
     /// The segment records are appended to: never compacted or deleted.
     current: Option<u64>,
+    /// The last segment of the run the compactor is emptying: once a run is worth it,
+    /// the whole run goes.
+    compacting: Option<u64>,
+}
+
+/// A run of oldest segments worth emptying: its last segment, and its live and dead
+/// octets.
+struct Run {
+    end: u64,
+    live: u64,
+    dead: u64,
 }
 
 struct Segment {
@@ -183,6 +194,38 @@ impl Locations {
             self.release(old, false);
         }
         self.hold(span, false);
+    }
+
+    /// The oldest segment, when it can be compacted: not the open one, and with
+    /// messages still queued in it (an empty one waits for the committer to delete it).
+    fn oldest_to_compact(&self) -> Option<u64> {
+        let (&oldest, seg) = self.segments.first_key_value()?;
+        (Some(oldest) != self.current && seg.live > 0).then_some(oldest)
+    }
+
+    /// The shortest run of oldest segments, the open one excluded, whose dead octets
+    /// are at least [`RECLAIM_FACTOR`] times their live ones.
+    fn run_worth_emptying(&self) -> Option<Run> {
+        let (mut live, mut dead) = (0u64, 0u64);
+        for (&s, sg) in &self.segments {
+            if Some(s) == self.current {
+                return None;
+            }
+            live += sg.live_bytes;
+            dead += sg.len.saturating_sub(sg.live_bytes);
+            if live.saturating_mul(RECLAIM_FACTOR) <= dead {
+                return Some(Run { end: s, live, dead });
+            }
+        }
+        None
+    }
+
+    /// Whether the compactor has a pass to make: the committer wakes it only then,
+    /// since after most batches it has none.
+    fn pass_due(&self) -> bool {
+        self.oldest_to_compact().is_some_and(|oldest| {
+            self.compacting.is_some_and(|end| oldest <= end) || self.run_worth_emptying().is_some()
+        })
     }
 
     fn remove(&mut self, id: &QueueId) -> bool {

@@ -532,3 +532,49 @@ async fn a_message_whose_data_never_reached_the_disk_is_set_aside() {
     assert_eq!(rec.len(), 1);
     assert_ne!(rec[0].envelope.id, holed.id);
 }
+
+/// Segments 1..: (live messages, live octets, octets written); the last one is open.
+fn locations(segs: &[(usize, u64, u64)], compacting: Option<u64>) -> Locations {
+    let file = Arc::new(File::create(tempdir("locations").join("seg")).unwrap());
+    let segments: BTreeMap<u64, Segment> = segs
+        .iter()
+        .zip(1u64..)
+        .map(|(&(live, live_bytes, len), n)| {
+            let file = file.clone();
+            (
+                n,
+                Segment {
+                    file,
+                    live,
+                    live_bytes,
+                    len,
+                },
+            )
+        })
+        .collect();
+    Locations {
+        current: segments.keys().next_back().copied(),
+        segments,
+        entries: HashMap::new(),
+        compacting,
+    }
+}
+
+/// The committer wakes the compactor only when a pass is due: a run of oldest
+/// segments with twice as many dead octets as live, or the rest of a run begun.
+#[test]
+fn a_pass_is_due_only_when_worth_it() {
+    // Mostly live: nothing to gain.
+    assert!(!locations(&[(9, 900, 1000), (1, 10, 10)], None).pass_due());
+    // Two thirds dead in the oldest segment.
+    assert!(locations(&[(1, 300, 1000), (1, 10, 10)], None).pass_due());
+    // Not enough in the first, enough once the second is counted in.
+    assert!(locations(&[(5, 500, 1000), (1, 0, 1000), (1, 10, 10)], None).pass_due());
+    // The open segment is never compacted, however dead.
+    assert!(!locations(&[(1, 10, 1000)], None).pass_due());
+    // An empty oldest segment waits for the committer to delete it.
+    assert!(!locations(&[(0, 0, 1000), (1, 10, 10)], None).pass_due());
+    // A run begun goes on to its end, though the rest of it alone would not qualify.
+    assert!(locations(&[(9, 900, 1000), (1, 10, 10)], Some(1)).pass_due());
+    assert!(!locations(&[(9, 900, 1000), (9, 900, 1000), (1, 10, 10)], Some(0)).pass_due());
+}
