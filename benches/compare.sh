@@ -142,7 +142,7 @@ run_tls() {
   local port=$1 name=$2 n=$3 flag=$4 base line t2 k0 k1 logger
   base=$(sink_count "$LOGS/$name.log"); base=${base:-0}
   k0=$(tls_sink_cpu_s "$name")
-  logger=$(machine_log "$WORK/machine.log")
+  logger=$(machine_log "$LOGS/machine.log")
   line=$(cpu_of "$WORK/loadgen.cpu" "$LOADGEN" "127.0.0.1:$port" "$n" 5120 20 --starttls --ca "$CERTS/ca.pem" $flag)
   wait_sink "$LOGS/$name.log" $((base + n))
   t2=$(now)
@@ -151,7 +151,7 @@ run_tls() {
   local rate t0
   rate=$(echo "$line" | sed -E 's/.* rate=([0-9]+) .*/\1/')
   t0=$(echo "$line" | sed -E 's/.* started_at=([0-9.]+).*/\1/')
-  python3 -c "print('%s %.0f %s %.3f %s' % ($rate, $n/($t2-$t0), '$(cat "$WORK/loadgen.cpu")', $k1 - $k0, '$(machine_busy "$WORK/machine.log" "$t0" "$t2")'))"
+  python3 -c "print('%s %.0f %s %.3f %s' % ($rate, $n/($t2-$t0), '$(cat "$WORK/loadgen.cpu")', $k1 - $k0, '$(machine_busy "$LOGS/machine.log" "$t0" "$t2")'))"
 }
 tls_lat() {
   local mode=$1 path=$2 port=$3 rate=$4 flag=$5 line
