@@ -569,12 +569,13 @@ fn a_pass_is_due_only_when_worth_it() {
     // Two thirds dead in the oldest segment.
     assert!(locations(&[(1, 300, 1000), (1, 10, 10)], None).pass_due());
     // Not enough in the first, enough once the second is counted in.
-    assert!(locations(&[(5, 500, 1000), (1, 0, 1000), (1, 10, 10)], None).pass_due());
+    assert!(locations(&[(5, 500, 1000), (1, 10, 1000), (1, 10, 10)], None).pass_due());
     // The open segment is never compacted, however dead.
     assert!(!locations(&[(1, 10, 1000)], None).pass_due());
     // An empty oldest segment waits for the committer to delete it.
     assert!(!locations(&[(0, 0, 1000), (1, 10, 10)], None).pass_due());
     // A run begun goes on to its end, though the rest of it alone would not qualify.
     assert!(locations(&[(9, 900, 1000), (1, 10, 10)], Some(1)).pass_due());
+    // A run that ended before the oldest segment no longer counts.
     assert!(!locations(&[(9, 900, 1000), (9, 900, 1000), (1, 10, 10)], Some(0)).pass_due());
 }
